@@ -1,0 +1,30 @@
+"""Llama 3 8B (dims as in meta-llama/Meta-Llama-3-8B's config.json).
+
+python scripts/train.py --config configs/llama3_8b.py
+"""
+
+from jaxblock.config import base_config, model_section
+
+
+def get_config():
+    config = base_config()
+    config.hf_checkpoint = "meta-llama/Meta-Llama-3-8B"
+    config.model = model_section(
+        model_type="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_id=128001,
+        param_dtype="bfloat16",
+        dtype="bfloat16",
+    )
+    return config

@@ -1,0 +1,280 @@
+"""Configuration: the frozen `ModelConfig`, HF `config.json` in and out, and config files.
+
+Run configs are Python files whose `get_config()` returns an `ml_collections.ConfigDict`
+(big_vision style). At the module boundary they become frozen dataclasses (`ModelConfig`), which
+are hashable and so can be static arguments of `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Dimensions and numerics of a Llama 3.x / Qwen2.x decoder."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    model_type: str = "llama"  # 'llama' or 'qwen2': decides the HF config class written by save_hf
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_type: str = "default"  # 'default', 'linear' or 'llama3'
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    max_position_embeddings: int = 2048
+    qkv_bias: bool = False  # Qwen2: True
+    o_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    param_dtype: str = "float32"
+    dtype: str = "float32"  # compute dtype; softmax, norms and logits are always float32
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)}: must be >= 1")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} is not a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"model.head_dim={self.head_dim}: RoPE needs an even head dim")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {sorted(_DTYPES)}")
+        if self.model_type not in ("llama", "qwen2"):
+            raise ValueError(f"model.model_type={self.model_type!r}: supported are 'llama' and 'qwen2'")
+        if self.rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"model.rope_type={self.rope_type!r}: supported are default, linear, llama3")
+
+    @property
+    def jnp_dtype(self):
+        return _DTYPES[self.dtype]
+
+    @property
+    def param_jnp_dtype(self):
+        return _DTYPES[self.param_dtype]
+
+    @classmethod
+    def from_dict(cls, d) -> ModelConfig:
+        """From a ConfigDict/dict holding exactly this dataclass's fields (unknown keys are an error)."""
+        d = dict(d)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ValueError(f"model config: unknown keys {unknown} (known: {sorted(fields)})")
+        return cls(**d)
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+
+# ----------------------------------------------------------------------------- HF config.json
+
+
+def from_hf_config(hf: dict[str, Any], *, param_dtype: str = "float32", dtype: str = "float32") -> ModelConfig:
+    """ModelConfig from a transformers `config.json` dict.
+
+    Reads both the current layout (`rope_parameters` holding `rope_theta`) and the one on the hub for
+    Llama 3.x (`rope_scaling` beside a top-level `rope_theta`).
+    """
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "qwen2"):
+        raise ValueError(f"config.json model_type={model_type!r}: jaxblock supports 'llama' and 'qwen2'")
+    if hf.get("mlp_bias"):
+        raise ValueError("config.json mlp_bias=true: not supported (no Llama 3.x or Qwen2.x checkpoint uses it)")
+    if hf.get("use_sliding_window"):
+        raise ValueError("config.json use_sliding_window=true: sliding-window attention is not supported")
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    heads = hf["num_attention_heads"]
+    llama_bias = bool(hf.get("attention_bias", False))
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        model_type=model_type,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+        rope_type=rope_type,
+        rope_factor=float(rope.get("factor", 1.0)),
+        rope_low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+        rope_high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+        rope_original_max_position_embeddings=int(rope.get("original_max_position_embeddings", 8192)),
+        max_position_embeddings=hf.get("max_position_embeddings", 2048),
+        qkv_bias=True if model_type == "qwen2" else llama_bias,
+        o_bias=False if model_type == "qwen2" else llama_bias,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=_first(hf.get("bos_token_id")),
+        eos_token_id=_first(hf.get("eos_token_id")),
+        param_dtype=param_dtype,
+        dtype=dtype,
+    )
+
+
+def _first(x):
+    return x[0] if isinstance(x, list) and x else x
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The transformers config kwargs for `cfg` (current `rope_parameters` layout)."""
+    if cfg.model_type == "qwen2" and (not cfg.qkv_bias or cfg.o_bias):
+        raise ValueError("model_type='qwen2' requires qkv_bias=True and o_bias=False")
+    if cfg.model_type == "llama" and cfg.qkv_bias != cfg.o_bias:
+        raise ValueError("model_type='llama' has one attention_bias flag: qkv_bias and o_bias must agree")
+    rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
+    if cfg.rope_type in ("linear", "llama3"):
+        rope["factor"] = cfg.rope_factor
+    if cfg.rope_type == "llama3":
+        rope.update(
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+        )
+    out = dict(
+        model_type=cfg.model_type,
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters=rope,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        torch_dtype=cfg.param_dtype,
+    )
+    if cfg.model_type == "llama":
+        out["attention_bias"] = cfg.qkv_bias
+    return out
+
+
+# ----------------------------------------------------------------------------- config files
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a Python config file and applies `key.sub=value` overrides.
+
+    An unknown key or a value of the wrong type is a one-line ValueError naming it.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path}: no such file")
+    spec = importlib.util.spec_from_file_location(f"jaxblock_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {path}: the file defines no get_config()")
+    config = module.get_config()
+    for item in overrides:
+        apply_override(config, item)
+    return config
+
+
+def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
+    """Applies one `a.b.c=value` override in place; the value is a Python literal or a bare string."""
+    if "=" not in item:
+        raise ValueError(f"--config.{item}: expected --config.KEY=VALUE")
+    key, raw = item.split("=", 1)
+    *parents, leaf = key.split(".")
+    node = config
+    for i, part in enumerate(parents):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            raise ValueError(f"--config.{key}: unknown config key {'.'.join(parents[: i + 1])!r}")
+        node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
+        known = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+        raise ValueError(f"--config.{key}: unknown config key (known here: {known})")
+    try:
+        value = ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        value = raw  # a bare string such as --config.schedule=random
+    old = node[leaf]
+    if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if old is not None and value is not None and not isinstance(value, type(old)):
+        raise ValueError(f"--config.{key}={raw}: expected {type(old).__name__}, got {type(value).__name__}")
+    try:
+        node[leaf] = value
+    except TypeError as e:  # ConfigDict's own type check, e.g. a FieldReference
+        raise ValueError(f"--config.{key}={raw}: {e}") from None
+
+
+def split_config_args(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """Splits argv into (config path, config overrides, the rest) for thin argparse CLIs."""
+    path, overrides, rest = None, [], []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--config":
+            path = next(it, None)
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("--config."):
+            item = arg[len("--config.") :]
+            if "=" not in item:  # --config.key value
+                item = f"{item}={next(it, '')}"
+            overrides.append(item)
+        else:
+            rest.append(arg)
+    return path, overrides, rest
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The frozen ModelConfig of a run config's `model` section."""
+    return ModelConfig.from_dict(config.model.to_dict())
+
+
+def dump_json(config: ml_collections.ConfigDict) -> str:
+    return json.dumps(config.to_dict(), indent=2, default=str)
+
+
+def model_section(**fields) -> ml_collections.ConfigDict:
+    """A config's `model` section holding every ModelConfig field, so each one can be overridden."""
+    return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**fields)))
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Run settings shared by every shipped config; each config file fills in `model` and overrides."""
+    from jaxblock.sharding import DEFAULT_RULES
+
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.hf_checkpoint = ""  # a local directory or hub repo id; "" = random init from `model`
+    # Mesh axis sizes; one may be -1 (all remaining devices). GPU configs shard weights FSDP.
+    config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
+    config.rules = [list(rule) for rule in DEFAULT_RULES]
+    return config

@@ -1,0 +1,200 @@
+"""Hugging Face checkpoints in and out: `config.json` plus single-file or sharded safetensors.
+
+The name map is explicit and two-way. HF stores Linear weights as [out, in]; jaxblock stores
+kernels as [in, out] with heads split out (q_proj: [D,N,H], o_proj: [N,H,D]) so that the
+einsums in `model.py` read directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from jaxblock.config import ModelConfig, from_hf_config, to_hf_config
+from jaxblock.sharding import Layout
+
+_NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def _name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
+    """(hf name, jaxblock path, hf->jax transform, jax->hf transform) for every tensor."""
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+
+    def heads_in(heads):  # HF [heads*H, D] <-> ours [D, heads, H]
+        return (lambda w: w.T.reshape(d, heads, h), lambda w: w.reshape(d, heads * h).T)
+
+    def bias(heads):  # HF [heads*H] <-> ours [heads, H]
+        return (lambda b: b.reshape(heads, h), lambda b: b.reshape(heads * h))
+
+    out_proj = (lambda w: w.T.reshape(n, h, d), lambda w: w.reshape(n * h, d).T)  # HF [D, N*H]
+    linear = (lambda w: w.T, lambda w: w.T)
+    same = (lambda w: w, lambda w: w)
+
+    entries = [("model.embed_tokens.weight", ("embed_tokens",), *same)]
+    for i in range(cfg.num_layers):
+        hf, ours = f"model.layers.{i}", f"layers_{i}"
+        entries += [
+            (f"{hf}.input_layernorm.weight", (ours, "input_layernorm", "scale"), *same),
+            (f"{hf}.self_attn.q_proj.weight", (ours, "self_attn", "q_proj"), *heads_in(n)),
+            (f"{hf}.self_attn.k_proj.weight", (ours, "self_attn", "k_proj"), *heads_in(k)),
+            (f"{hf}.self_attn.v_proj.weight", (ours, "self_attn", "v_proj"), *heads_in(k)),
+            (f"{hf}.self_attn.o_proj.weight", (ours, "self_attn", "o_proj"), *out_proj),
+            (f"{hf}.post_attention_layernorm.weight", (ours, "post_attention_layernorm", "scale"), *same),
+            (f"{hf}.mlp.gate_proj.weight", (ours, "mlp", "gate_proj"), *linear),
+            (f"{hf}.mlp.up_proj.weight", (ours, "mlp", "up_proj"), *linear),
+            (f"{hf}.mlp.down_proj.weight", (ours, "mlp", "down_proj"), *linear),
+        ]
+        if cfg.qkv_bias:
+            entries += [
+                (f"{hf}.self_attn.q_proj.bias", (ours, "self_attn", "q_bias"), *bias(n)),
+                (f"{hf}.self_attn.k_proj.bias", (ours, "self_attn", "k_bias"), *bias(k)),
+                (f"{hf}.self_attn.v_proj.bias", (ours, "self_attn", "v_bias"), *bias(k)),
+            ]
+        if cfg.o_bias:
+            entries.append((f"{hf}.self_attn.o_proj.bias", (ours, "self_attn", "o_bias"), *same))
+    entries.append(("model.norm.weight", ("norm", "scale"), *same))
+    if not cfg.tie_word_embeddings:
+        entries.append(("lm_head.weight", ("lm_head",), *linear))
+    return entries
+
+
+def _resolve(path_or_repo_id: str) -> str:
+    """A local directory, or a hub repo id downloaded (config and safetensors only) to the HF cache."""
+    if os.path.isdir(path_or_repo_id):
+        return path_or_repo_id
+    if os.path.exists(path_or_repo_id) or path_or_repo_id.startswith((".", "/")):
+        raise ValueError(f"load_hf({path_or_repo_id!r}): not a checkpoint directory")
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"])
+
+
+def _safetensors_files(path: str) -> dict[str, str]:
+    """tensor name -> file, for `model.safetensors` or a sharded `model.safetensors.index.json`."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    with safe_open(single, framework="numpy") as f:
+        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+
+
+def load_hf(
+    path_or_repo_id: str,
+    *,
+    param_dtype: str = "float32",
+    dtype: str = "float32",
+    layout: Layout | None = None,
+) -> tuple[ModelConfig, dict]:
+    """Reads an HF Llama/Qwen2 checkpoint into (ModelConfig, params).
+
+    Args:
+      path_or_repo_id: a local checkpoint directory, or a hub repo id (downloaded to the HF cache).
+      param_dtype, dtype: storage and compute dtypes of the returned config and params.
+      layout: if given, each tensor is placed straight onto the mesh with its sharding, so a model
+        larger than one device's memory loads without a full copy on any device.
+    Returns:
+      The config and a nested dict of jax Arrays in jaxblock's layout.
+    """
+    path = _resolve(path_or_repo_id)
+    config_path = os.path.join(path, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{path}: no config.json")
+    with open(config_path) as f:
+        cfg = from_hf_config(json.load(f), param_dtype=param_dtype, dtype=dtype)
+    files = _safetensors_files(path)
+    shardings = None
+    if layout is not None:
+        from jaxblock import model  # avoid an import cycle at module load
+
+        shardings = layout.tree_shardings(model.logical_axes(cfg))
+
+    params: dict = {}
+    handles: dict[str, object] = {}
+    try:
+        for hf_name, key, to_jax, _ in _name_map(cfg):
+            if hf_name not in files:
+                raise ValueError(f"{path}: checkpoint has no tensor {hf_name!r}")
+            file = files[hf_name]
+            if file not in handles:
+                handles[file] = safe_open(file, framework="numpy").__enter__()
+            array = np.ascontiguousarray(to_jax(handles[file].get_tensor(hf_name)).astype(_NP_DTYPES[param_dtype]))
+            node = params
+            for part in key[:-1]:
+                node = node.setdefault(part, {})
+            sharding = None if shardings is None else _get(shardings, key)
+            node[key[-1]] = jax.device_put(array, sharding)
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+    _check_shapes(cfg, params, path)
+    return cfg, params
+
+
+def _get(tree, key):
+    for part in key:
+        tree = tree[part]
+    return tree
+
+
+def _check_shapes(cfg: ModelConfig, params: dict, where: str) -> None:
+    from jaxblock import model
+
+    expected = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    flat_p = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    if flat_e.keys() != flat_p.keys():
+        missing = sorted(map(jax.tree_util.keystr, flat_e.keys() - flat_p.keys()))
+        extra = sorted(map(jax.tree_util.keystr, flat_p.keys() - flat_e.keys()))
+        raise ValueError(f"{where}: params do not match the config (missing {missing[:3]}, extra {extra[:3]})")
+    for k, e in flat_e.items():
+        if tuple(flat_p[k].shape) != tuple(e.shape):
+            raise ValueError(f"{where}: {jax.tree_util.keystr(k)} has shape {flat_p[k].shape}, config wants {e.shape}")
+
+
+def save_hf(cfg: ModelConfig, params: dict, out_dir: str, *, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Writes `config.json` and safetensors (sharded with an index above `max_shard_bytes`).
+
+    transformers' `AutoModelForCausalLM.from_pretrained(out_dir)` loads the result.
+    """
+    from transformers import AutoConfig
+
+    _check_shapes(cfg, params, "save_hf")
+    os.makedirs(out_dir, exist_ok=True)
+    kw = to_hf_config(cfg)
+    AutoConfig.for_model(kw.pop("model_type"), **kw).save_pretrained(out_dir)
+
+    tensors = {hf: np.ascontiguousarray(to_hf(np.asarray(_get(params, key)))) for hf, key, _, to_hf in _name_map(cfg)}
+    shards: list[dict[str, np.ndarray]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        if shards[-1] and size + t.nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += t.nbytes
+    for stale in ("model.safetensors", "model.safetensors.index.json"):
+        if os.path.exists(os.path.join(out_dir, stale)):
+            os.remove(os.path.join(out_dir, stale))
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.path.join(out_dir, file), metadata={"format": "pt"})
+        weight_map.update({name: file for name in shard})
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())}, "weight_map": weight_map}
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump(index, f, indent=2)
