@@ -71,6 +71,11 @@ class ModelConfig:
                 raise ValueError(f"model.{name}={getattr(self, name)!r}: choose one of {sorted(_DTYPES)}")
         if self.model_type not in ("llama", "qwen2"):
             raise ValueError(f"model.model_type={self.model_type!r}: supported are 'llama' and 'qwen2'")
+        # The HF config classes: Qwen2 has q/k/v biases and no o bias; Llama one flag for all four.
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias):
+            raise ValueError("model.model_type='qwen2' requires model.qkv_bias=True and model.o_bias=False")
+        if self.model_type == "llama" and self.qkv_bias != self.o_bias:
+            raise ValueError("model.model_type='llama' has one attention_bias flag: qkv_bias and o_bias must agree")
         if self.rope_type not in ("default", "linear", "llama3"):
             raise ValueError(f"model.rope_type={self.rope_type!r}: supported are default, linear, llama3")
 
@@ -149,10 +154,6 @@ def _first(x):
 
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """The transformers config kwargs for `cfg` (current `rope_parameters` layout)."""
-    if cfg.model_type == "qwen2" and (not cfg.qkv_bias or cfg.o_bias):
-        raise ValueError("model_type='qwen2' requires qkv_bias=True and o_bias=False")
-    if cfg.model_type == "llama" and cfg.qkv_bias != cfg.o_bias:
-        raise ValueError("model_type='llama' has one attention_bias flag: qkv_bias and o_bias must agree")
     rope: dict[str, Any] = {"rope_type": cfg.rope_type, "rope_theta": cfg.rope_theta}
     if cfg.rope_type in ("linear", "llama3"):
         rope["factor"] = cfg.rope_factor

@@ -1,0 +1,94 @@
+"""Every shipped config loads; full-size models have the published sizes; overrides are strict."""
+
+import argparse
+import glob
+import json
+import os
+
+import jax
+import pytest
+
+from jaxblock import config as config_lib
+from jaxblock import model, runtime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+# Published sizes: Llama 3.2 3B 3.21B, Llama 3 8B 8.03B, Qwen2.5 1.5B 1.54B.
+PUBLISHED = {"llama3_2_3b": 3.21e9, "llama3_8b": 8.03e9, "qwen2_5_1_5b": 1.54e9}
+
+
+def _name(path):
+    return os.path.basename(path)[:-3]
+
+
+def test_the_expected_configs_ship():
+    assert {"tiny", *PUBLISHED} <= {_name(p) for p in CONFIGS}
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=_name)
+def test_config_loads_and_has_the_published_size(path, report):
+    config = config_lib.load_config(path)
+    cfg = config_lib.model_config(config)
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))  # no memory allocated
+    n = model.count_params(shapes)
+    name = _name(path)
+    if name in PUBLISHED:
+        report(f"params {name}: {n / 1e9:.4f}B vs published {PUBLISHED[name] / 1e9:.2f}B")
+        assert abs(n - PUBLISHED[name]) / PUBLISHED[name] <= 0.005
+    else:
+        assert 1e6 <= n <= 2e7, f"{name}: {n} params is not a small CPU model"
+    runtime.make_layout(config, jax.devices()[:1])  # the mesh and rules of the config are valid
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_config_dims_equal_the_real_config_json(name):
+    """The hub config.json (old `rope_scaling` layout) parses to exactly the shipped model section."""
+    with open(os.path.join(ROOT, "tests", "data", "hf_configs", f"{name}.json")) as f:
+        hf = json.load(f)
+    config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    ours = config_lib.model_config(config)
+    assert config_lib.from_hf_config(hf, param_dtype=ours.param_dtype, dtype=ours.dtype) == ours
+
+
+def test_overrides_are_typed_and_nested():
+    path = os.path.join(ROOT, "configs", "tiny.py")
+    config = config_lib.load_config(
+        path, ["model.num_layers=2", "model.rope_theta=20000", "model.dtype=bfloat16", "seed=7", "mesh.data=1"]
+    )
+    assert config.model.num_layers == 2 and config.seed == 7 and config.mesh.data == 1
+    assert config.model.rope_theta == 20000.0 and isinstance(config.model.rope_theta, float)
+    assert config_lib.model_config(config).dtype == "bfloat16"
+    assert config_lib.load_config(path).model.num_layers == 4  # the file itself is untouched
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.num_layer=2", r"--config.model.num_layer: unknown config key \(known here: .*num_layers"),
+        ("optimizer.lr=1", r"--config.optimizer.lr: unknown config key 'optimizer'"),
+        ("model.num_layers=two", r"--config.model.num_layers=two: expected int, got str"),
+        ("model.num_layers", r"expected --config.KEY=VALUE"),
+    ],
+)
+def test_bad_override_is_a_clear_error(override, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"), [override])
+
+
+def test_cli_errors_are_one_line(capsys):
+    parser = argparse.ArgumentParser()
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    cases = {
+        ("--config", tiny, "--config.model.nope=1"): "unknown config key",
+        ("--config", "configs/missing.py"): "no such file",
+        ("--config", tiny, "--config.model.num_kv_heads=3"): "not a multiple of model.num_kv_heads=3",
+        (): "--config FILE is required",
+    }
+    for argv, message in cases.items():
+        with pytest.raises(SystemExit) as exit_info:
+            runtime.parse_args(parser, list(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert message in err[-1] and "Traceback" not in "".join(err)
+    config, _ = runtime.parse_args(parser, ["--config", tiny, "--config.model.num_layers", "3"])
+    assert config.model.num_layers == 3
