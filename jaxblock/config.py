@@ -270,6 +270,7 @@ def model_section(**fields) -> ml_collections.ConfigDict:
 
 def base_config() -> ml_collections.ConfigDict:
     """Run settings shared by every shipped config; each config file fills in `model` and overrides."""
+    from jaxblock.local import OptimizerConfig
     from jaxblock.sharding import DEFAULT_RULES
 
     config = ml_collections.ConfigDict()
@@ -278,4 +279,13 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axis sizes; one may be -1 (all remaining devices). GPU configs shard weights FSDP.
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1})
     config.rules = [list(rule) for rule in DEFAULT_RULES]
+    # Block partition (blocks.llm_block_rules): consecutive layers per block, or half-layers.
+    config.blocks = ml_collections.ConfigDict(
+        {"layers_per_block": 2, "partial": False, "embed_block": False, "head_block": False}
+    )
+    config.local_steps = 10  # K: optimizer steps per round on the client's block
+    config.batch_size = 4  # per client per local step
+    config.seq_len = 512  # every batch is padded to this length: one executable per block
+    config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
+    config.compilation_cache_dir = ""  # a directory for JAX's persistent compilation cache
     return config

@@ -8,15 +8,35 @@ import sys
 import jax
 import ml_collections
 
-from jaxblock import model
+from jaxblock import blocks, model
 from jaxblock.config import ModelConfig, load_config, model_config, split_config_args
 from jaxblock.hf_io import load_hf
+from jaxblock.local import OptimizerConfig
 from jaxblock.sharding import Layout, make_mesh, rules_from_config
 
 
 def make_layout(config: ml_collections.ConfigDict, devices=None) -> Layout:
     """The mesh (`config.mesh`) and logical-axis rules (`config.rules`) of a run config."""
     return Layout(make_mesh(config.mesh.to_dict(), devices), rules_from_config(config.rules))
+
+
+def setup_jax(config: ml_collections.ConfigDict) -> None:
+    """Process-wide JAX settings from the run config (the persistent compilation cache)."""
+    if config.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def make_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> blocks.Partition:
+    """The run's block partition (`config.blocks`), from param shapes alone (no weights loaded)."""
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    rules = blocks.llm_block_rules(cfg.num_layers, **config.blocks.to_dict())
+    return blocks.partition(shapes, rules)
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
+    return OptimizerConfig(**config.optimizer.to_dict())
 
 
 def init_params(cfg: ModelConfig, rng: jax.Array, layout: Layout | None = None) -> dict:
@@ -46,7 +66,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
         parser.error("--config FILE is required (e.g. --config configs/tiny.py)")
     try:
         config = load_config(path, overrides)
-        model_config(config)  # validate the model section now, not deep inside a jit
+        # Validate the sections now, not deep inside a jit.
+        make_partition(config, model_config(config))
+        optimizer_config(config)
     except ValueError as e:
         parser.error(str(e))
     return config, args

@@ -1,0 +1,189 @@
+"""LocalBlockTraining (paper Algorithm 1): K optimizer steps on one block, returning its Delta.
+
+`make_local_train(loss_fn, optimizer)` returns `train(block, frozen, batches) -> (delta, losses)`:
+one jitted `lax.scan` over a `[K, ...]` stack of batches that differentiates the block alone
+(`jax.grad` with respect to the block argument; the frozen leaves are an ordinary argument, not
+constants baked into the executable), with optimizer state created fresh on every call for the
+block's leaves only. Because only the block is differentiated, no gradient is computed for a
+frozen leaf and no backward pass runs through the layers below the block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxblock import model
+from jaxblock.blocks import merge, subtree_like
+from jaxblock.config import ModelConfig
+from jaxblock.sharding import Layout
+
+LossFn = Callable[[dict, dict], jax.Array]  # (params, batch) -> scalar loss
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The local optimizer. Defaults are the paper's AdamW (Trainer defaults: eps 1e-6)."""
+
+    name: str = "adamw"  # 'adamw' or 'sgd'
+    learning_rate: float = 1e-5
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-6
+    weight_decay: float = 0.0
+    momentum: float = 0.0  # sgd only
+    schedule: str = "constant"  # over the K local steps of a round: 'constant', 'linear', 'cosine'
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        if self.name not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer.name={self.name!r}: choose 'adamw' or 'sgd'")
+        if self.schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optimizer.schedule={self.schedule!r}: choose constant, linear or cosine")
+        if self.learning_rate <= 0:
+            raise ValueError(f"optimizer.learning_rate={self.learning_rate}: must be > 0")
+
+
+def make_optimizer(cfg: OptimizerConfig, local_steps: int) -> optax.GradientTransformation:
+    """The optax transformation for `cfg`; schedules run over the `local_steps` of one round."""
+    lr = cfg.learning_rate
+    decay_steps = max(local_steps - cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        schedule = optax.constant_schedule(lr)
+    elif cfg.schedule == "linear":
+        schedule = optax.linear_schedule(lr, 0.0, decay_steps)
+    else:
+        schedule = optax.cosine_decay_schedule(lr, decay_steps)
+    if cfg.warmup_steps:
+        warmup = optax.linear_schedule(0.0, lr, cfg.warmup_steps)
+        schedule = optax.join_schedules([warmup, schedule], [cfg.warmup_steps])
+    if cfg.name == "sgd":
+        return optax.sgd(schedule, momentum=cfg.momentum or None)
+    return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- the LM loss
+
+
+def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy of predicting tokens[:, t+1] from position t, over masked targets.
+
+    Args:
+      logits: [B,T,V] float32.
+      tokens: [B,T] int32, padded to a fixed T.
+      loss_mask: [B,T], 1 where tokens[:, t] is a response token to be predicted (0 on the prompt
+        and on padding).
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B,T-1,V]
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B,T-1]
+    weights = loss_mask[:, 1:].astype(jnp.float32)
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def lm_loss(cfg: ModelConfig, layout: Layout | None = None) -> LossFn:
+    """`loss_fn(params, batch)` for the decoder; batch = {'tokens': [B,T], 'loss_mask': [B,T]}."""
+
+    def loss_fn(params: dict, batch: dict) -> jax.Array:
+        logits = model.forward(cfg, params, batch["tokens"], layout=layout)
+        return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
+
+    return loss_fn
+
+
+# ----------------------------------------------------------------------------- local training
+
+
+def train_step(loss_fn: LossFn, optimizer, block: dict, frozen: dict, opt_state, batch: dict):
+    """One optimizer step on the block: gradient with respect to `block` only.
+
+    Returns (block, opt_state, loss). The block is float32 (a master copy); the model casts it
+    to its compute dtype where it is used.
+    """
+    loss, grads = jax.value_and_grad(lambda blk: loss_fn(merge(blk, frozen), batch))(block)
+    updates, opt_state = optimizer.update(grads, opt_state, block)
+    return optax.apply_updates(block, updates), opt_state, loss
+
+
+def make_local_train(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    *,
+    layout: Layout | None = None,
+    param_shardings: dict | None = None,
+    batch_axes: tuple[str, ...] = ("activation_batch", "activation_length"),
+):
+    """Builds `train(block, frozen, batches) -> (delta, losses)`.
+
+    Args:
+      loss_fn: `(params, batch) -> scalar`, params being `merge(block, frozen)`.
+      optimizer: an optax transformation; its state is initialised fresh on every call.
+      layout, param_shardings: with a mesh, the shardings of the full params tree (e.g.
+        `layout.tree_shardings(model.logical_axes(cfg))`); each call's block and frozen shardings
+        are cut from it, batches are sharded by `batch_axes` after the leading K axis.
+    Returns:
+      `train`, where batches is a pytree of [K, ...] arrays (K = local steps), delta has the
+      block's structure in float32 (block after K steps minus block before) and losses is [K].
+      `train.compilations()` counts executables built so far: one per distinct block structure
+      (and argument shapes/dtypes).
+    """
+    if (layout is None) != (param_shardings is None):
+        raise ValueError("make_local_train: pass both layout and param_shardings, or neither")
+    executables: dict = {}
+    traces = [0]
+
+    def run(block, frozen, batches):
+        traces[0] += 1  # Python side effect: runs once per trace, i.e. once per compilation
+        master = jax.tree.map(lambda x: x.astype(jnp.float32), block)
+        opt_state = optimizer.init(master)
+
+        def step(carry, batch):
+            blk, state = carry
+            blk, state, loss = train_step(loss_fn, optimizer, blk, frozen, state, batch)
+            return (blk, state), loss
+
+        (final, _), losses = jax.lax.scan(step, (master, opt_state), batches)
+        return jax.tree.map(jnp.subtract, final, master), losses
+
+    def train(block: dict, frozen: dict, batches: dict):
+        key = (jax.tree.structure(block), jax.tree.structure(frozen), jax.tree.structure(batches))
+        if key not in executables:
+            if layout is None:
+                executables[key] = jax.jit(run)
+            else:
+                block_sh = subtree_like(param_shardings, block)
+                frozen_sh = subtree_like(param_shardings, frozen)
+                batch_sh = jax.tree.map(lambda x: layout.sharding((None, *batch_axes[: x.ndim - 1])), batches)
+                executables[key] = jax.jit(
+                    run,
+                    in_shardings=(block_sh, frozen_sh, batch_sh),
+                    out_shardings=(block_sh, layout.replicated),
+                )
+        return executables[key](block, frozen, batches)
+
+    train.compilations = lambda: traces[0]
+    return train
+
+
+def step_cost(loss_fn: LossFn, optimizer, block: dict, frozen: dict, batch: dict) -> dict[str, float]:
+    """XLA's static cost of one compiled train step: flops and memory (no timing involved).
+
+    Returns {'flops', 'temp_bytes', 'argument_bytes', 'output_bytes'} for the executable that
+    `train_step` compiles to with these shapes.
+    """
+    master = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), block)
+    opt_state = jax.eval_shape(optimizer.init, master)
+    fn = jax.jit(lambda b, f, s, x: train_step(loss_fn, optimizer, b, f, s, x))
+    compiled = fn.lower(master, frozen, opt_state, batch).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    memory = compiled.memory_analysis()
+    return {
+        "flops": float(cost.get("flops", 0.0)),
+        "temp_bytes": float(getattr(memory, "temp_size_in_bytes", 0)),
+        "argument_bytes": float(getattr(memory, "argument_size_in_bytes", 0)),
+        "output_bytes": float(getattr(memory, "output_size_in_bytes", 0)),
+    }
