@@ -171,8 +171,8 @@ def make_local_train(
 def step_cost(loss_fn: LossFn, optimizer, block: dict, frozen: dict, batch: dict) -> dict[str, float]:
     """XLA's static cost of one compiled train step: flops and memory (no timing involved).
 
-    Returns {'flops', 'temp_bytes', 'argument_bytes', 'output_bytes'} for the executable that
-    `train_step` compiles to with these shapes.
+    Returns {'flops', 'temp_bytes', 'argument_bytes', 'output_bytes', 'opt_state_bytes'} for the
+    executable that `train_step` compiles to with these shapes.
     """
     master = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), block)
     opt_state = jax.eval_shape(optimizer.init, master)
@@ -186,4 +186,5 @@ def step_cost(loss_fn: LossFn, optimizer, block: dict, frozen: dict, batch: dict
         "temp_bytes": float(getattr(memory, "temp_size_in_bytes", 0)),
         "argument_bytes": float(getattr(memory, "argument_size_in_bytes", 0)),
         "output_bytes": float(getattr(memory, "output_size_in_bytes", 0)),
+        "opt_state_bytes": float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))),
     }
