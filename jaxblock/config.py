@@ -288,4 +288,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.seq_len = 512  # every batch is padded to this length: one executable per block
     config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
     config.compilation_cache_dir = ""  # a directory for JAX's persistent compilation cache
+    # Federated run (federated.FedConfig): ParaBlock by default, as in the paper.
+    config.algorithm = "parablock"  # 'parablock', 'fedbcd' or 'fedavg_full'
+    config.rounds = 10
+    config.num_clients = 10
+    config.eta = 1.0  # global learning rate
+    config.staleness = 1  # ParaBlock: rounds an upload takes (the paper's s)
+    config.participation = 1.0  # fraction of clients sampled each round
+    config.aggregation = "uniform"  # or 'samples': weights proportional to client sizes
+    config.schedule = "random"  # random, sequential, reverse, cyclic, gradient
+    config.data = ml_collections.ConfigDict({"source": "synthetic", "examples_per_client": 256, "num_sources": 4})
+    config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
     return config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 import jax
@@ -10,6 +11,7 @@ import ml_collections
 
 from jaxblock import blocks, model
 from jaxblock.config import ModelConfig, load_config, model_config, split_config_args
+from jaxblock.federated import FedConfig
 from jaxblock.hf_io import load_hf
 from jaxblock.local import OptimizerConfig
 from jaxblock.sharding import Layout, make_mesh, rules_from_config
@@ -35,6 +37,11 @@ def make_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> block
     return blocks.partition(shapes, rules)
 
 
+def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
+    """The federated algorithm's settings, from the run config's top-level keys."""
+    return FedConfig(**{f.name: config[f.name] for f in dataclasses.fields(FedConfig)})
+
+
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
     return OptimizerConfig(**config.optimizer.to_dict())
 
@@ -55,6 +62,11 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
     return cfg, init_params(cfg, jax.random.key(config.seed), layout)
 
 
+def config_path(argv: list[str] | None = None) -> str | None:
+    """The `--config FILE` of argv (default: sys.argv)."""
+    return split_config_args(sys.argv[1:] if argv is None else argv)[0]
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """Parses `--config FILE [--config.key=value ...]` plus the parser's own flags.
 
@@ -69,6 +81,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
         # Validate the sections now, not deep inside a jit.
         make_partition(config, model_config(config))
         optimizer_config(config)
+        fed_config(config)
     except ValueError as e:
         parser.error(str(e))
     return config, args
