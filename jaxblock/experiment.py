@@ -44,6 +44,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     runtime.setup_jax(config)
     os.makedirs(workdir, exist_ok=True)
     layout = runtime.make_layout(config)
+    if config.batch_size % layout.ways("activation_batch"):
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split over the {layout.ways('activation_batch')} "
+            f"data-parallel devices of mesh {dict(layout.mesh.shape)}: use a multiple, or change config.mesh"
+        )
     cfg, params = runtime.load_model(config, layout)
     fed = runtime.fed_config(config)
     partition = federated.algorithm_partition(fed, params, runtime.make_partition(config, cfg))

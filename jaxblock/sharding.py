@@ -77,6 +77,12 @@ class Layout:
         """NamedShardings for a tree of logical PartitionSpecs (e.g. `model.logical_axes(cfg)`)."""
         return jax.tree.map(self.sharding, logical_tree, is_leaf=lambda x: isinstance(x, PartitionSpec))
 
+    def ways(self, logical: str) -> int:
+        """Into how many shards the mesh splits a dimension with this logical name."""
+        axes = self.spec((logical,))[0]
+        names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+        return math.prod(self.mesh.shape[a] for a in names)
+
     @property
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, PartitionSpec())
