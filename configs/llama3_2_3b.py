@@ -32,4 +32,8 @@ def get_config():
         param_dtype="bfloat16",
         dtype="bfloat16",
     )
+    # The paper's setup: 10 clients, one block per round, AdamW; ParaBlock's learning rate (MathInstruct, Table 11).
+    config.rounds = 28
+    config.num_clients = 10
+    config.optimizer.learning_rate = 3e-05
     return config

@@ -28,4 +28,8 @@ def get_config():
         param_dtype="bfloat16",
         dtype="bfloat16",
     )
+    # As the paper's setup (10 clients, one block per round, AdamW); Qwen is not in its Table 11.
+    config.rounds = 28
+    config.num_clients = 10
+    config.optimizer.learning_rate = 1e-05
     return config

@@ -27,4 +27,11 @@ def get_config():
         dtype="float32",
     )
     config.mesh = dict(data=-1, fsdp=1, tensor=1)  # pure data parallel: the model is tiny
+    config.rounds = 20
+    config.num_clients = 10
+    config.local_steps = 10
+    config.batch_size = 4
+    config.seq_len = 128
+    config.blocks.layers_per_block = 2
+    config.optimizer.learning_rate = 1e-3
     return config

@@ -31,25 +31,34 @@ def make_batches_fn(clients: list[dict[str, np.ndarray]], batch_size: int, seed:
 
 
 def synthetic_clients(
-    num_clients: int, examples_per_client: int, seq_len: int, vocab_size: int, *, num_sources: int = 4, seed: int = 0
+    num_clients: int,
+    examples_per_client: int,
+    seq_len: int,
+    vocab_size: int,
+    *,
+    num_sources: int = 4,
+    alphabet: int = 32,
+    seed: int = 0,
 ) -> list[dict[str, np.ndarray]]:
     """Learnable token data with non-IID clients (a stand-in until real data is wired in).
 
-    Each source is a sparse Markov chain (every token has 4 likely successors); each client
-    draws its examples from a Dirichlet(0.5) mixture of sources. The first half of every
-    sequence is the prompt and the second half the response (the loss mask).
+    Each source is a sparse Markov chain over `alphabet` tokens (every token has 2 equally likely
+    successors, so the best loss is ln 2); each client draws its examples from a Dirichlet(0.5)
+    mixture of sources. The first half of every sequence is the prompt and the second half the
+    response (the loss mask).
     """
     rng = np.random.default_rng(seed)
     lo = 3  # keep ids 0-2 for pad / bos / eos
-    successors = rng.integers(lo, vocab_size, (num_sources, vocab_size, 4))
+    hi = min(vocab_size, lo + alphabet)
+    successors = rng.integers(lo, hi, (num_sources, vocab_size, 2))
     mix = rng.dirichlet(np.full(num_sources, 0.5), num_clients)
     clients = []
     for c in range(num_clients):
         source = rng.choice(num_sources, examples_per_client, p=mix[c])
         tokens = np.empty((examples_per_client, seq_len), np.int32)
-        tokens[:, 0] = rng.integers(lo, vocab_size, examples_per_client)
+        tokens[:, 0] = rng.integers(lo, hi, examples_per_client)
         for t in range(1, seq_len):
-            pick = rng.integers(0, 4, examples_per_client)
+            pick = rng.integers(0, 2, examples_per_client)
             tokens[:, t] = successors[source, tokens[:, t - 1], pick]
         loss_mask = np.zeros((examples_per_client, seq_len), np.float32)
         loss_mask[:, seq_len // 2 :] = 1.0
