@@ -299,4 +299,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.schedule = "random"  # random, sequential, reverse, cyclic, gradient
     config.data = ml_collections.ConfigDict({"source": "synthetic", "examples_per_client": 256, "num_sources": 4})
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
+    config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'
+    # The communication runtime (scripts/server.py, scripts/client.py, bench_overlap.py).
+    config.comm = ml_collections.ConfigDict(
+        {
+            "store": "memory://",  # a TensorStore kvstore URL: memory://, file:///dir, gs://..., s3://...
+            # A client's link: MB/s (a number, a preset '50MBps'/'100MBps'/'150MBps', or a list with
+            # one value per client); None = unlimited. Latency in ms, likewise.
+            "bandwidth_mbps": None,
+            "latency_ms": None,
+            "timeout_s": 600.0,
+        }
+    )
     return config

@@ -19,10 +19,13 @@ import time
 import jax
 import ml_collections
 import numpy as np
+import optax
 import tqdm
 
-from jaxblock import checkpoint, data, federated, local, model, runtime
+from jaxblock import checkpoint, comm, data, federated, local, model, runtime, transport
+from jaxblock.blocks import Partition
 from jaxblock.config import ModelConfig, dump_json
+from jaxblock.sharding import Layout
 
 
 def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[dict[str, np.ndarray]]:
@@ -39,10 +42,36 @@ def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[dic
     raise ValueError(f"data.source={config.data.source!r}: supported is 'synthetic'")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-    """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary."""
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds from its config, shared by the simulator, the server and the clients."""
+
+    fed: federated.FedConfig
+    cfg: ModelConfig
+    layout: Layout
+    params: dict
+    partition: Partition
+    batches_fn: federated.BatchesFn
+    client_sizes: np.ndarray
+    loss_fn: local.LossFn
+    optimizer: optax.GradientTransformation
+    shardings: dict
+
+    def local_train(self):
+        return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
+
+    def trainer(self) -> federated.Trainer:
+        return federated.Trainer(
+            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes
+        )
+
+    def abstract_params(self) -> dict:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Builds the model, data, partition and optimizer of a run config (validated at the boundary)."""
     runtime.setup_jax(config)
-    os.makedirs(workdir, exist_ok=True)
     layout = runtime.make_layout(config)
     if config.batch_size % layout.ways("activation_batch"):
         raise ValueError(
@@ -53,21 +82,33 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     fed = runtime.fed_config(config)
     partition = federated.algorithm_partition(fed, params, runtime.make_partition(config, cfg))
     clients = client_data(config, cfg)
-    batches_fn = data.make_batches_fn(clients, config.batch_size, seed=config.seed)
-    sizes = np.array([len(c["tokens"]) for c in clients])
-    shardings = layout.tree_shardings(model.logical_axes(cfg))
-    loss_fn = local.lm_loss(cfg, layout)
-    optimizer = local.make_optimizer(runtime.optimizer_config(config), fed.local_steps)
-    trainer = federated.make_trainer(
-        fed, loss_fn, batches_fn, partition, optimizer, client_sizes=sizes, layout=layout, param_shardings=shardings
+    return Setup(
+        fed=fed,
+        cfg=cfg,
+        layout=layout,
+        params=params,
+        partition=partition,
+        batches_fn=data.make_batches_fn(clients, config.batch_size, seed=config.seed),
+        client_sizes=np.array([len(c["tokens"]) for c in clients]),
+        loss_fn=local.lm_loss(cfg, layout),
+        optimizer=local.make_optimizer(runtime.optimizer_config(config), fed.local_steps),
+        shardings=layout.tree_shardings(model.logical_axes(cfg)),
     )
 
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
+    """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary."""
+    os.makedirs(workdir, exist_ok=True)
+    run = setup(config)
+    fed, partition = run.fed, run.partition
+    trainer = run.trainer()
+    loss_fn, batches_fn = run.loss_fn, run.batches_fn
+
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
-    restored = checkpoint.restore(mgr, abstract, partition)
+    restored = checkpoint.restore(mgr, run.abstract_params(), partition)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if restored is None:
-        state, wall_before, final = federated.init_state(fed, params), 0.0, False
+        state, wall_before, final = federated.init_state(fed, run.params), 0.0, False
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(dump_json(config))
     else:
@@ -75,7 +116,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         _check_same_run(meta, fed, workdir)
         wall_before, final = meta["wall_s"], meta["final"]
         print(f"resuming {workdir} from round {state['round']} (checkpoint step {mgr.latest_step()})")
-    del params
+    run.params = None  # the state owns the model from here on
     _truncate_metrics(metrics_path, state["round"])
 
     start = time.perf_counter()
@@ -137,3 +178,63 @@ def _truncate_metrics(path: str, next_round: int) -> None:
         kept = [line for line in f if line.strip() and json.loads(line)["round"] < next_round]
     with open(path, "w") as f:
         f.writelines(kept)
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def comm_config(config: ml_collections.ConfigDict, store: str | None = None) -> comm.CommConfig:
+    return comm.CommConfig(store=store or config.comm.store, timeout_s=float(config.comm.timeout_s))
+
+
+def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None = None) -> dict:
+    """The server process: plans rounds, aggregates clients' uploads, checkpoints after each aggregate.
+
+    Returns the summary; the final model is the workdir's last orbax checkpoint.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    run = setup(config)
+    cc = comm_config(config, store_url)
+    store = transport.Store(cc.store)
+    if store.get_json(transport.plan_key(0)) is not None:
+        raise ValueError(f"--store {cc.store} already holds a run: use an empty store")
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    start = time.perf_counter()
+
+    def save(state):
+        final = state["round"] == run.fed.rounds
+        checkpoint.save(mgr, state, run.fed, wall_s=time.perf_counter() - start, final=final)
+
+    try:
+        params = comm.serve(
+            run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, on_aggregate=save
+        )
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+    summary = {
+        "algorithm": run.fed.algorithm,
+        "rounds": run.fed.rounds,
+        "num_clients": run.fed.num_clients,
+        "wall_s": time.perf_counter() - start,
+        "final_train_loss": train_loss(run.loss_fn, params, run.batches_fn, run.fed.num_clients),
+        "store": cc.store,
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, store_url: str | None = None) -> dict:
+    """A client process: trains its blocks and exchanges deltas; appends to workdir/timeline.jsonl."""
+    run = setup(config)
+    if not 0 <= client_id < run.fed.num_clients:
+        raise ValueError(f"--client-id {client_id}: the run has clients 0..{run.fed.num_clients - 1}")
+    os.makedirs(workdir, exist_ok=True)
+    cc = comm_config(config, store_url)
+    link = transport.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
+    timeline = comm.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    return comm.run_client(
+        client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
+        transport.Store(cc.store), cc, link, on_round=timeline,
+    )  # fmt: skip

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxblock import blocks as blocks_lib
+from jaxblock import transport
 from jaxblock.local import LossFn, make_local_train
 
 ALGORITHMS = ("parablock", "fedbcd", "fedavg_full")
@@ -56,6 +57,7 @@ class FedConfig:
     participation: float = 1.0  # fraction of clients sampled each round (M = ceil(fraction * N))
     aggregation: str = "uniform"  # 'uniform' or 'samples' (weights proportional to client sizes)
     schedule: str = "random"  # which block each round trains, see `choose_block`
+    wire_dtype: str = "float32"  # deltas and aggregates are rounded to this on the wire ('bfloat16')
     seed: int = 0
 
     def __post_init__(self):
@@ -72,6 +74,8 @@ class FedConfig:
             raise ValueError(f"staleness={self.staleness}: ParaBlock needs staleness >= 1 (0 is FedBCD)")
         if not 0 < self.participation <= 1:
             raise ValueError(f"participation={self.participation}: must be in (0, 1]")
+        if self.wire_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"wire_dtype={self.wire_dtype!r}: choose 'float32' or 'bfloat16'")
 
     @property
     def effective_staleness(self) -> int:
@@ -118,8 +122,18 @@ def server_merge(
     params: dict, partition: blocks_lib.Partition, block_id: int, deltas: list[dict], weights: np.ndarray, eta: float
 ) -> dict:
     """[params]_b += eta * sum_i w_i delta_i; every other leaf is returned untouched."""
-    block, rest = partition.split(params, block_id)
+    return apply_aggregate(params, partition, block_id, aggregate_deltas(deltas, weights), eta)
+
+
+def aggregate_deltas(deltas: list[dict], weights: np.ndarray, wire_dtype: str = "float32") -> dict:
+    """sum_i w_i delta_i, rounded to the wire dtype (what the server publishes and applies itself)."""
     aggregate = _weighted_sum(deltas, jnp.asarray(weights, jnp.float32))
+    return aggregate if wire_dtype == "float32" else transport.to_wire(aggregate, wire_dtype)
+
+
+def apply_aggregate(params: dict, partition: blocks_lib.Partition, block_id: int, aggregate: dict, eta: float):
+    """[params]_b += eta * aggregate. The server and every client replica call exactly this."""
+    block, rest = partition.split(params, block_id)
     return blocks_lib.merge(_axpy(block, eta, aggregate), rest)
 
 
@@ -306,13 +320,22 @@ def aggregate(trainer: Trainer, state: dict, round_: int) -> dict:
     entry = state["pending"][round_]
     clients = list(entry["clients"])
     deltas = [entry["deltas"][c] for c in clients]
-    for c, d in zip(clients, deltas, strict=True):
-        if not all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(d)):
-            raise FloatingPointError(f"round {round_}: client {c}'s delta for block {entry['block']} has NaN/Inf")
-    weights = aggregation_weights(trainer.fed, clients, trainer.client_sizes)
-    params = server_merge(state["params"], trainer.partition, entry["block"], deltas, weights, trainer.fed.eta)
+    check_finite(deltas, clients, round_, entry["block"])
+    fed = trainer.fed
+    if fed.wire_dtype != "float32":  # what the server receives
+        deltas = [transport.to_wire(d, fed.wire_dtype) for d in deltas]
+    weights = aggregation_weights(fed, clients, trainer.client_sizes)
+    aggregate_ = aggregate_deltas(deltas, weights, fed.wire_dtype)
+    params = apply_aggregate(state["params"], trainer.partition, entry["block"], aggregate_, fed.eta)
     pending = {r: e for r, e in state["pending"].items() if r != round_}
     return {**state, "params": params, "pending": pending}
+
+
+def check_finite(deltas: list[dict], clients: list[int], round_: int, block: int) -> None:
+    """FloatingPointError naming the first client whose delta has a NaN/Inf."""
+    for c, d in zip(clients, deltas, strict=True):
+        if not all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(d)):
+            raise FloatingPointError(f"round {round_}: client {c}'s delta for block {block} has NaN/Inf")
 
 
 def flush(trainer: Trainer, state: dict) -> dict:

@@ -1,0 +1,247 @@
+"""The communication runtime: a server loop and a client loop that exchange deltas through a Store.
+
+Each runs in its own OS process (`scripts/server.py`, `scripts/client.py`) or, for benchmarks,
+in threads of one process. A client keeps the lean state of `federated.py`: a replica of the
+server model, advanced by applying every aggregate with the very function the server uses
+(`federated.apply_aggregate`), plus its own pending delta. Its model is the replica plus eta x the
+pending delta, so server and clients agree bitwise and the runtime reproduces the one-process
+simulator exactly.
+
+ParaBlock round t on a client: the main thread dispatches LocalBlockTraining for b_t (JAX's
+async dispatch returns at once) while a host thread copies Delta_{t-1}^i off the device, uploads
+it, waits for the aggregate Delta_{t-1} and downloads it; when both are done the client applies
+the aggregate to its replica and drops its own Delta_{t-1}^i (Algorithm 2's correction). FedBCD
+runs the same exchange after the compute, serially. Only block leaves cross the wire.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import numpy as np
+
+from jaxblock import federated, transport
+from jaxblock.blocks import Partition
+from jaxblock.transport import Link, Store
+
+
+@dataclasses.dataclass(frozen=True)
+class CommConfig:
+    store: str = "memory://"
+    timeout_s: float = 600.0  # how long the server waits for a client's update (and clients for the server)
+    poll_s: float = 0.002
+
+
+def _check_supported(fed: federated.FedConfig) -> None:
+    if fed.effective_staleness > 1:
+        raise ValueError(
+            f"staleness={fed.staleness}: the runtime runs s = 1 (ParaBlock) and 0 (FedBCD); use the simulator"
+        )
+    if fed.schedule == "gradient":
+        raise ValueError("schedule='gradient' needs the server to see data: use the simulator")
+
+
+# ----------------------------------------------------------------------------- server
+
+
+def serve(
+    fed: federated.FedConfig,
+    params: dict,
+    partition: Partition,
+    store: Store,
+    comm: CommConfig,
+    *,
+    client_sizes=None,
+    on_aggregate: Callable[[dict], None] | None = None,
+) -> dict:
+    """Publishes each round's plan, aggregates uploads, publishes aggregates; returns theta_T.
+
+    A client that sends nothing within `comm.timeout_s` stops the server with TransportTimeout
+    (after it has written `server/error` so that clients stop too); `on_aggregate(state)` runs
+    after each aggregation (e.g. to checkpoint), so the last good model is saved.
+    """
+    _check_supported(fed)
+    s = fed.effective_staleness
+    state = federated.init_state(fed, params)
+    plans: dict[int, dict] = {}
+
+    def aggregate(r: int) -> None:
+        plan = plans[r]
+        deltas = []
+        try:
+            for c in plan["clients"]:
+                what = f"round {r}: client {c} sent no update"
+                delta, _ = store.wait_fetch(transport.delta_prefix(r, c), comm.timeout_s, what)
+                deltas.append(delta)
+            federated.check_finite(deltas, plan["clients"], r, plan["block"])
+        except (transport.TransportTimeout, FloatingPointError) as e:
+            store.put_json("server/error", {"message": str(e)})
+            raise
+        weights = federated.aggregation_weights(fed, plan["clients"], client_sizes)
+        agg = federated.aggregate_deltas(deltas, weights, fed.wire_dtype)
+        store.publish(transport.aggregate_prefix(r), jax.device_get(agg), fed.wire_dtype)
+        state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
+        state["round"] = r + 1
+        if on_aggregate is not None:
+            on_aggregate(state)
+
+    for t in range(fed.rounds):
+        plans[t] = {
+            "block": federated.choose_block(fed, t, partition.num_blocks),
+            "clients": federated.participants(fed, t),
+        }
+        store.put_json(transport.plan_key(t), plans[t])
+        if t - s >= 0:
+            aggregate(t - s)
+    for r in range(max(fed.rounds - s, 0), fed.rounds):  # the final flush
+        aggregate(r)
+    store.put_json("server/done", {"rounds": fed.rounds})
+    return state["params"]
+
+
+# ----------------------------------------------------------------------------- client
+
+
+@dataclasses.dataclass
+class Exchange:
+    """One round's communication thread result."""
+
+    aggregate: dict
+    bytes_up: int
+    bytes_down: int
+    comm_s: float
+
+
+def _exchange(store: Store, comm: CommConfig, link: Link, client: int, r: int, own: dict | None, wire: str):
+    """Upload own Delta_r (if any), wait for the aggregate of round r, download it; with link delays."""
+    start = time.perf_counter()
+    up = 0
+    if own is not None:
+        host = jax.device_get(own)  # device -> host, here in the communication thread
+        t0 = time.perf_counter()
+        up = store.publish(transport.delta_prefix(r, client), host, wire)
+        link.hold(up, t0)
+    manifest = store.wait_json(
+        f"{transport.aggregate_prefix(r)}/COMMIT", comm.timeout_s, f"round {r}: no aggregate from the server"
+    )
+    t0 = time.perf_counter()
+    agg, down = store.fetch(transport.aggregate_prefix(r), manifest)
+    link.hold(down, t0)
+    return Exchange(agg, up, down, time.perf_counter() - start)
+
+
+def run_client(
+    client: int,
+    fed: federated.FedConfig,
+    params: dict,
+    partition: Partition,
+    local_train: Callable,
+    batches_fn: federated.BatchesFn,
+    store: Store,
+    comm: CommConfig,
+    link: Link,
+    *,
+    on_round: Callable[[dict], None] | None = None,
+) -> dict:
+    """Runs client `client` through every round and the final flush; returns its model replica.
+
+    `on_round(timeline_row)` receives, per round: round, client, block, compute_s, comm_s,
+    exposed_wait_s (time the compute thread sat idle waiting for communication), bytes_up,
+    bytes_down, loss.
+    """
+    _check_supported(fed)
+    parablock = fed.effective_staleness == 1
+    replica = {"params": params, "pending": {}}  # the lean client state (federated.client_params)
+    position = 0
+    blocks: dict[int, int] = {}
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"comm-{client}")
+
+    def own(r):
+        entry = replica["pending"].get(r)
+        return None if entry is None else entry["deltas"][client]
+
+    def absorb(r: int, ex: Exchange) -> None:  # the correction: replica += aggregate, drop own delta
+        replica["params"] = federated.apply_aggregate(replica["params"], partition, blocks[r], ex.aggregate, fed.eta)
+        replica["pending"].pop(r, None)
+
+    try:
+        for t in range(fed.rounds):
+            plan = store.wait_json(transport.plan_key(t), comm.timeout_s, f"round {t}: no plan from the server")
+            blocks[t] = b = plan["block"]
+            start = time.perf_counter()
+            delta = losses = None
+            if client in plan["clients"]:
+                model = federated.client_params(replica, partition, client, fed.eta)
+                block, frozen = partition.split(model, b)
+                batches, position = batches_fn(client, position, fed.local_steps)
+                delta, losses = local_train(block, frozen, batches)  # dispatched; runs asynchronously
+            pending_comm = None
+            if parablock and t > 0:
+                pending_comm = executor.submit(_exchange, store, comm, link, client, t - 1, own(t - 1), fed.wire_dtype)
+            if delta is not None:
+                jax.block_until_ready(delta)
+            compute_end = time.perf_counter()
+            if delta is not None:
+                replica["pending"][t] = {"block": b, "clients": [client], "deltas": {client: delta}}
+            if parablock:
+                ex = pending_comm.result() if pending_comm is not None else None
+                if ex is not None:
+                    absorb(t - 1, ex)
+            else:  # FedBCD: communicate after computing, nothing overlaps
+                ex = _exchange(store, comm, link, client, t, own(t), fed.wire_dtype)
+                absorb(t, ex)
+            end = time.perf_counter()
+            row = {
+                "round": t,
+                "client": client,
+                "block": b,
+                "compute_s": compute_end - start,
+                "comm_s": 0.0 if ex is None else ex.comm_s,
+                "exposed_wait_s": end - compute_end,
+                "bytes_up": 0 if ex is None else ex.bytes_up,
+                "bytes_down": 0 if ex is None else ex.bytes_down,
+                "loss": None if losses is None else float(np.mean(np.asarray(losses))),
+            }
+            if on_round is not None:
+                on_round(row)
+        if parablock and fed.rounds:  # final flush: Algorithm 2 lines 12-13
+            start = time.perf_counter()
+            r = fed.rounds - 1
+            ex = _exchange(store, comm, link, client, r, own(r), fed.wire_dtype)
+            absorb(r, ex)
+            if on_round is not None:
+                on_round(
+                    {"round": "flush", "client": client, "block": blocks[r], "compute_s": 0.0, "comm_s": ex.comm_s,
+                     "exposed_wait_s": time.perf_counter() - start, "bytes_up": ex.bytes_up,
+                     "bytes_down": ex.bytes_down, "loss": None}
+                )  # fmt: skip
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+    return replica["params"]
+
+
+# ----------------------------------------------------------------------------- timelines
+
+
+class TimelineWriter:
+    """Appends timeline rows as JSON lines (safe across threads; one line per write across processes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._lock = threading.Lock()
+
+    def __call__(self, row: dict) -> None:
+        line = json.dumps(row) + "\n"
+        with self._lock:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line.encode())
+            finally:
+                os.close(fd)

@@ -1,0 +1,177 @@
+"""Delta exchange through a TensorStore key-value store, with a modelled network link.
+
+Layout under the store URL (`memory://`, `file:///path/`, and `gs://` / `s3://` passed to
+TensorStore untouched):
+
+    round/<t>/plan                    JSON {block, clients}: what round t trains (server)
+    round/<t>/client/<i>/<leaf>/      zarr3 array per leaf of client i's Delta_t^i
+    round/<t>/client/<i>/COMMIT       JSON manifest, written after every array: the commit marker
+    round/<t>/aggregate/<leaf>/       the aggregated Delta_t, and its COMMIT
+    server/error                      JSON {message}, when the server gives up
+
+A reader waits for a COMMIT before it reads any array, so it never sees half an update. Only the
+trained block's leaves ever cross the wire. Byte counts are the exact payload (array bytes in the
+wire dtype); the link model turns them into wall time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
+# The paper's Figure 2 bandwidths, in MB/s (1 MB = 1e6 bytes).
+LINK_PRESETS = {"50MBps": 50.0, "100MBps": 100.0, "150MBps": 150.0}
+
+
+class TransportTimeout(TimeoutError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    """A client's network link: bandwidth in MB/s (0 = unlimited) and per-transfer latency in ms."""
+
+    bandwidth_mbps: float = 0.0
+    latency_ms: float = 0.0
+
+    def seconds(self, nbytes: int) -> float:
+        transfer = nbytes / (self.bandwidth_mbps * 1e6) if self.bandwidth_mbps > 0 else 0.0
+        return self.latency_ms / 1e3 + transfer
+
+    def hold(self, nbytes: int, started: float) -> None:
+        """Sleeps until the modelled transfer time since `started` has passed."""
+        remaining = started + self.seconds(nbytes) - time.perf_counter()
+        if remaining > 0:
+            time.sleep(remaining)
+
+
+def link_for(client: int, bandwidth_mbps, latency_ms) -> Link:
+    """Client `client`'s link from config values: a number, a preset name, or one per client."""
+
+    def pick(value, name):
+        if value is None:
+            return 0.0
+        if isinstance(value, (list, tuple)):
+            if client >= len(value):
+                raise ValueError(f"comm.{name} lists {len(value)} values; client {client} has none")
+            value = value[client]
+        if isinstance(value, str):
+            if value not in LINK_PRESETS:
+                raise ValueError(f"comm.{name}={value!r}: presets are {', '.join(LINK_PRESETS)}")
+            value = LINK_PRESETS[value]
+        if float(value) < 0:
+            raise ValueError(f"comm.{name}={value}: must be >= 0")
+        return float(value)
+
+    return Link(pick(bandwidth_mbps, "bandwidth_mbps"), pick(latency_ms, "latency_ms"))
+
+
+def _path(path) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _unflatten(paths_and_arrays) -> dict:
+    tree: dict = {}
+    for path, array in paths_and_arrays:
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = array
+    return tree
+
+
+class Store:
+    """A kvstore URL holding zarr3 arrays and JSON markers. Thread-safe; one per process."""
+
+    def __init__(self, url: str):
+        if "://" not in url:
+            raise ValueError(f"--store {url!r}: give a URL such as file:///tmp/run or memory://")
+        self.url = url if url.endswith("/") else url + "/"
+        self.context = ts.Context()  # memory:// stores are shared through one context
+        self.kv = ts.KvStore.open(self.url, context=self.context).result()
+        self._lock = threading.Lock()
+
+    # -- JSON markers
+    def put_json(self, key: str, value) -> None:
+        self.kv.write(key, json.dumps(value).encode()).result()
+
+    def get_json(self, key: str):
+        result = self.kv.read(key).result()
+        return json.loads(result.value) if result.state == "value" else None
+
+    def wait_json(self, key: str, timeout_s: float, what: str, poll_s: float = 0.002):
+        """Polls until `key` exists; TransportTimeout naming `what` after timeout_s."""
+        deadline = time.perf_counter() + timeout_s
+        while True:
+            value = self.get_json(key)
+            if value is not None:
+                return value
+            error = self.get_json("server/error")
+            if error is not None:
+                raise RuntimeError(f"the server stopped: {error['message']}")
+            if time.perf_counter() > deadline:
+                raise TransportTimeout(f"{what}: nothing after {timeout_s:g}s")
+            time.sleep(poll_s)
+
+    # -- arrays
+    def publish(self, prefix: str, tree: dict, wire_dtype: str = "float32") -> int:
+        """Writes every leaf of `tree` as a zarr3 array under `prefix`, then the COMMIT marker.
+
+        Returns the payload bytes (array bytes in the wire dtype).
+        """
+        dtype = WIRE_DTYPES[wire_dtype]
+        leaves = [(_path(p), np.asarray(x).astype(dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        writes = []
+        for path, array in leaves:
+            spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
+            store = ts.open(
+                spec, create=True, delete_existing=True, dtype=ts.dtype(dtype.name), shape=array.shape,
+                context=self.context,
+            ).result()  # fmt: skip
+            writes.append(store.write(array))
+        for w in writes:
+            w.result()
+        nbytes = sum(a.nbytes for _, a in leaves)
+        manifest = {"leaves": [[p, list(a.shape)] for p, a in leaves], "dtype": dtype.name, "bytes": nbytes}
+        self.put_json(f"{prefix}/COMMIT", manifest)
+        return nbytes
+
+    def fetch(self, prefix: str, manifest: dict) -> tuple[dict, int]:
+        """Reads a committed tree (arrays as float32) and its payload bytes."""
+        reads = []
+        for path, _ in manifest["leaves"]:
+            spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
+            reads.append((path, ts.open(spec, open=True, context=self.context).result().read()))
+        tree = _unflatten((path, np.asarray(r.result()).astype(np.float32)) for path, r in reads)
+        return tree, int(manifest["bytes"])
+
+    def wait_fetch(self, prefix: str, timeout_s: float, what: str) -> tuple[dict, int]:
+        return self.fetch(prefix, self.wait_json(f"{prefix}/COMMIT", timeout_s, what))
+
+
+# Keys, in one place.
+def plan_key(t: int) -> str:
+    return f"round/{t}/plan"
+
+
+def delta_prefix(t: int, client: int) -> str:
+    return f"round/{t}/client/{client}"
+
+
+def aggregate_prefix(t: int) -> str:
+    return f"round/{t}/aggregate"
+
+
+def to_wire(tree: dict, wire_dtype: str) -> dict:
+    """The tree as it arrives after a trip over the wire (rounded to the wire dtype, as float32)."""
+    dtype = WIRE_DTYPES[wire_dtype]
+    return jax.tree.map(lambda x: np.asarray(x).astype(dtype).astype(np.float32), tree)

@@ -1,0 +1,25 @@
+"""A ParaBlock / FedBCD client process: trains its block each round, exchanges deltas via the store.
+
+python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0 --workdir runs/client0
+"""
+
+import argparse
+
+from jaxblock import experiment, runtime
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store", default=None, help="kvstore URL shared with the server (default: config.comm.store)")
+    parser.add_argument("--client-id", type=int, required=True)
+    parser.add_argument("--workdir", default="runs/clients", help="timeline.jsonl is appended here")
+    config, args = runtime.parse_args(parser)
+    try:
+        experiment.client(config, args.client_id, args.workdir, args.store)
+    except (ValueError, TimeoutError, RuntimeError) as e:
+        parser.exit(1, f"error: client {args.client_id}: {e}\n")
+    print(f"client {args.client_id}: done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""The TensorStore transport and the server/client runtime, in threads and in separate processes."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore
+from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
+from test_train import ROOT, SMALL, final_params
+
+from jaxblock import blocks, comm, data, federated, local, transport
+
+
+def test_publish_fetch_round_trip_and_exact_bytes():
+    store = transport.Store("memory://")
+    tree = {"layers_0": {"q": np.random.RandomState(0).randn(3, 4).astype(np.float32)}, "norm": np.ones(5, np.float32)}
+    n = store.publish("round/0/client/1", tree)
+    assert n == (12 + 5) * 4
+    back, nbytes = store.wait_fetch("round/0/client/1", 1.0, "test")
+    assert nbytes == n
+    jax.tree.map(np.testing.assert_array_equal, back, tree)
+    n16 = store.publish("round/0/client/2", tree, "bfloat16")
+    assert n16 == (12 + 5) * 2
+    back16, _ = store.wait_fetch("round/0/client/2", 1.0, "test")
+    expected = tree["layers_0"]["q"].astype(ml_dtypes.bfloat16).astype(np.float32)
+    np.testing.assert_array_equal(back16["layers_0"]["q"], expected)
+    assert np.abs(back16["layers_0"]["q"] - tree["layers_0"]["q"]).max() > 0  # really rounded
+
+
+def test_a_reader_never_sees_an_uncommitted_update(tmp_path):
+    store = transport.Store(f"file://{tmp_path}/store")
+    tree = {"w": np.ones((2, 2), np.float32)}
+    store.publish("round/0/client/0", tree)
+    key = "round/0/client/0/COMMIT"  # arrays written, marker not yet: a publish in flight
+    store.kv.delete_range(tensorstore.KvStore.KeyRange(key, key + "\x00")).result()
+    with pytest.raises(transport.TransportTimeout, match="round 0: client 0: nothing after 0.05s"):
+        store.wait_fetch("round/0/client/0", 0.05, "round 0: client 0")
+    # The second process sees the update once committed, through a store of its own.
+    store.publish("round/0/client/0", tree)
+    other = transport.Store(f"file://{tmp_path}/store")
+    np.testing.assert_array_equal(other.wait_fetch("round/0/client/0", 1.0, "x")[0]["w"], tree["w"])
+
+
+def test_link_model():
+    assert transport.Link(100.0, 20.0).seconds(50_000_000) == pytest.approx(0.52)
+    assert transport.Link().seconds(10**9) == 0.0
+    assert transport.link_for(1, ["50MBps", 150.0], 5).bandwidth_mbps == 150.0
+    assert transport.link_for(0, "100MBps", None) == transport.Link(100.0, 0.0)
+    with pytest.raises(ValueError, match="comm.bandwidth_mbps='10MBps': presets are"):
+        transport.link_for(0, "10MBps", 0)
+    with pytest.raises(ValueError, match="lists 1 values; client 1 has none"):
+        transport.link_for(1, [50.0], 0)
+
+
+def _max_diff(a, b) -> float:
+    return max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def run_threads(fed, params, clients, part, optimizer, store_url="memory://", timeout_s=20.0, skip=()):
+    """Server + one thread per client, through one Store; returns (server params, client replicas, timeline)."""
+    store = transport.Store(store_url)
+    cc = comm.CommConfig(store=store_url, timeout_s=timeout_s)
+    batches_fn = data.make_batches_fn(clients, BS)
+    train = local.make_local_train(toy_loss, optimizer)
+    results, rows, errors = {}, [], []
+
+    def client(i):
+        try:
+            results[i] = comm.run_client(
+                i, fed, params, part, train, batches_fn, store, cc, transport.Link(), on_round=rows.append
+            )
+        except Exception as e:  # noqa: BLE001 - surfaced by the test
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(fed.num_clients) if i not in skip]
+    for th in threads:
+        th.start()
+    try:
+        server = comm.serve(fed, params, part, store, cc)
+    finally:
+        for th in threads:
+            th.join()
+    assert not errors, errors
+    return server, results, rows
+
+
+@pytest.mark.parametrize(
+    "algorithm, participation, wire", [("parablock", 1.0, "float32"), ("fedbcd", 1.0, "float32"),
+                                        ("parablock", 0.5, "float32"), ("parablock", 1.0, "bfloat16")]
+)  # fmt: skip
+def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, report):
+    params, clients = toy_params(), toy_clients(4)
+    part = blocks.partition(params, RULES)
+    fed = federated.FedConfig(
+        algorithm=algorithm,
+        rounds=6,
+        num_clients=4,
+        local_steps=3,
+        participation=participation,
+        wire_dtype=wire,
+        seed=4,
+    )
+    optimizer = optax.adamw(0.05, eps=1e-6)
+    server, replicas, rows = run_threads(fed, params, clients, part, optimizer)
+    sim, _ = federated.run(fed, params, toy_loss, data.make_batches_fn(clients, BS), part, optimizer)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(server), jax.device_get(sim["params"]))
+    for replica in replicas.values():  # every client ends with exactly the server's model
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(server))
+    trained = [r for r in rows if r["round"] != "flush" and r["loss"] is not None]
+    assert len(trained) == fed.rounds * fed.clients_per_round
+    up = sum(r["bytes_up"] for r in rows)
+    block_bytes = {b.id: b.params * (4 if wire == "float32" else 2) for b in part.blocks}
+    expected_up = sum(block_bytes[r["block"]] for r in trained)  # exactly one block per trained round
+    assert up == expected_up
+    if wire == "bfloat16":
+        fp32 = federated.run(
+            federated.FedConfig(**{**fed.__dict__, "wire_dtype": "float32"}), params, toy_loss,
+            data.make_batches_fn(clients, BS), part, optimizer,
+        )[0]["params"]  # fmt: skip
+        diff = max(
+            float(np.abs(np.asarray(a) - b).max())
+            for a, b in zip(jax.tree.leaves(sim["params"]), jax.tree.leaves(fp32), strict=True)
+        )
+        report(f"wire bfloat16 vs float32 (toy model, 6 rounds): max |final param diff| = {diff:.2e}, half the bytes")
+        assert 0 < diff < 0.05
+
+
+def test_server_stops_when_a_client_never_answers():
+    params, clients = toy_params(), toy_clients(2)
+    part = blocks.partition(params, RULES)
+    fed = federated.FedConfig(rounds=3, num_clients=2, local_steps=2)
+    with pytest.raises(transport.TransportTimeout, match="round 0: client 1 sent no update: nothing after 0.5s"):
+        run_threads(fed, params, clients, part, optax.sgd(0.1), timeout_s=0.5, skip=(1,))
+
+
+def _cmd(script, *extra):
+    config = ["--config", os.path.join(ROOT, "configs/tiny.py"), *[f"--config.{o}" for o in SMALL]]
+    return [sys.executable, os.path.join(ROOT, "scripts", script), *config, *extra]
+
+
+def _start(script, *extra, quiet=False):
+    """Starts a script as its own OS process with one CPU device, as a user would run it."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    out = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen(_cmd(script, *extra), env=env, cwd=ROOT, stdout=out, stderr=out, text=True)
+
+
+def test_server_and_two_client_processes_equal_the_simulator(tmp_path, report):
+    common = ["--config.num_clients=2", "--config.rounds=3", "--config.comm.timeout_s=120"]
+    store = f"file://{tmp_path}/store"
+    procs = [_start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))]
+    for i in range(2):
+        workdir = str(tmp_path / "clients")
+        procs.append(_start("client.py", *common, "--store", store, "--client-id", str(i), "--workdir", workdir))
+    sim = _start("train.py", *common, "--workdir", str(tmp_path / "sim"), "--no-progress")
+    for p in [*procs, sim]:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    step_a, a = final_params(str(tmp_path / "server"))
+    step_b, b = final_params(str(tmp_path / "sim"))
+    assert step_a == step_b == 3
+    diff = max(
+        float(np.abs(np.asarray(x) - np.asarray(y)).max())
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+    report(f"multi-process: server + 2 client processes vs one-process simulator, max |final param diff| = {diff:.1e}")
+    assert diff <= 1e-6
+    with open(tmp_path / "clients" / "timeline.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert {r["client"] for r in rows} == {0, 1} and len(rows) == 2 * (3 + 1)  # 3 rounds + the flush
+    assert all({"compute_s", "comm_s", "exposed_wait_s", "bytes_up", "bytes_down"} <= r.keys() for r in rows)
+    assert all(r["bytes_up"] > 0 for r in rows if r["round"] not in (0,))
+
+
+def test_a_dead_client_stops_the_server_with_its_checkpoint_intact(tmp_path):
+    common = ["--config.num_clients=2", "--config.rounds=8", "--config.comm.timeout_s=20"]
+    store = f"file://{tmp_path}/store"
+    server = _start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))
+    clients = [
+        _start(
+            "client.py", *common, "--store", store, "--client-id", str(i), "--workdir", str(tmp_path / "c"), quiet=True
+        )
+        for i in range(2)
+    ]
+    ckpt = tmp_path / "server" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt.is_dir() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpt))):
+        assert server.poll() is None
+        time.sleep(0.05)
+    clients[1].kill()  # client 1 dies mid-run
+    _, err = server.communicate(timeout=120)
+    clients[0].kill()
+    assert server.returncode == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: round ") and "client 1 sent no update: nothing after 20s" in last, last
+    mgr = ocp.CheckpointManager(str(ckpt), item_names=("state", "meta"))
+    step = mgr.latest_step()
+    assert 2 <= step < 8
+    state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
