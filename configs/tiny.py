@@ -33,5 +33,5 @@ def get_config():
     config.batch_size = 4
     config.seq_len = 128
     config.blocks.layers_per_block = 2
-    config.optimizer.learning_rate = 1e-3
+    config.optimizer.learning_rate = 5e-4
     return config

@@ -36,7 +36,6 @@ from jaxblock.transport import Link, Store
 class CommConfig:
     store: str = "memory://"
     timeout_s: float = 600.0  # how long the server waits for a client's update (and clients for the server)
-    poll_s: float = 0.002
 
 
 def _check_supported(fed: federated.FedConfig) -> None:
@@ -227,7 +226,85 @@ def run_client(
     return replica["params"]
 
 
+def run_in_threads(
+    fed: federated.FedConfig,
+    params: dict,
+    partition: Partition,
+    local_train: Callable,
+    batches_fn: federated.BatchesFn,
+    store: Store,
+    comm: CommConfig,
+    links: list[Link] | None = None,
+    *,
+    clients: list[int] | None = None,
+    client_sizes=None,
+    on_round: Callable[[dict], None] | None = None,
+) -> tuple[dict, dict[int, dict]]:
+    """The server and each client in threads of this process (benchmarks, tests, one-box runs).
+
+    Returns (the server's theta_T, {client: its final model replica}). The first client error,
+    or the server's, is re-raised.
+    """
+    clients = list(range(fed.num_clients)) if clients is None else clients
+    links = links or [Link()] * fed.num_clients
+    replicas: dict[int, dict] = {}
+    errors: list[BaseException] = []
+
+    def client_main(i: int) -> None:
+        try:
+            replicas[i] = run_client(
+                i, fed, params, partition, local_train, batches_fn, store, comm, links[i], on_round=on_round
+            )
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client_main, args=(i,), name=f"client-{i}") for i in clients]
+    for th in threads:
+        th.start()
+    try:
+        server_params = serve(fed, params, partition, store, comm, client_sizes=client_sizes)
+    finally:
+        for th in threads:
+            th.join()
+    if errors:
+        raise errors[0]
+    return server_params, replicas
+
+
 # ----------------------------------------------------------------------------- timelines
+
+
+def modeled_timeline(
+    fed: federated.FedConfig, partition: Partition, links: list[Link], history: list[dict]
+) -> list[dict]:
+    """Timeline rows of round `history[-1]` for the one-process simulator, one per client.
+
+    Compute is measured (clients run one after another); communication is modelled from the
+    exact bytes each client would send and receive over its link: ParaBlock exchanges round t-1's
+    block during round t (exposed wait = what the compute does not cover), FedBCD exchanges round
+    t's block after computing it (all of it exposed).
+    """
+    m = history[-1]
+    wire = transport.WIRE_DTYPES[fed.wire_dtype].itemsize
+    if fed.effective_staleness == 0:
+        exchanged = m  # FedBCD sends this round's block after computing it
+    else:
+        exchanged = history[-2] if len(history) >= 2 else None  # ParaBlock sends last round's
+    rows = []
+    for c in range(fed.num_clients):
+        compute = m["client_compute_s"].get(c, 0.0)
+        up = down = 0
+        if exchanged is not None:
+            nbytes = partition.blocks[exchanged["block"]].params * wire
+            up = nbytes if c in exchanged["clients"] else 0
+            down = nbytes
+        comm_s = (links[c].seconds(up) if up else 0.0) + (links[c].seconds(down) if down else 0.0)
+        exposed = comm_s if fed.effective_staleness == 0 else max(0.0, comm_s - compute)
+        rows.append(
+            {"round": m["round"], "client": c, "block": m["block"], "compute_s": compute, "comm_s": comm_s,
+             "exposed_wait_s": exposed, "bytes_up": up, "bytes_down": down, "modeled": True}
+        )  # fmt: skip
+    return rows
 
 
 class TimelineWriter:

@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jaxblock import checkpoint, comm, data, federated, local, model, runtime, transport
+from jaxblock import checkpoint, comm, data, federated, local, model, plots, runtime, transport
 from jaxblock.blocks import Partition
 from jaxblock.config import ModelConfig, dump_json
 from jaxblock.sharding import Layout
@@ -117,7 +117,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         wall_before, final = meta["wall_s"], meta["final"]
         print(f"resuming {workdir} from round {state['round']} (checkpoint step {mgr.latest_step()})")
     run.params = None  # the state owns the model from here on
-    _truncate_metrics(metrics_path, state["round"])
+    timeline_path = os.path.join(workdir, "timeline.jsonl")
+    history = _truncate_metrics(metrics_path, state["round"])
+    _truncate_metrics(timeline_path, state["round"])
+    timeline = comm.TimelineWriter(timeline_path)
+    links = [transport.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
 
     start = time.perf_counter()
     bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
@@ -125,6 +129,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         state, metrics = federated.run_round(trainer, state)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        history.append(metrics)
+        for row in comm.modeled_timeline(fed, partition, links, history):
+            timeline(row)
         bar.set_postfix(block=metrics["block"], loss=f"{metrics['loss']:.4f}", s=f"{metrics['seconds']:.1f}")
         bar.update(1)
         if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
@@ -136,6 +143,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     mgr.wait_until_finished()
     wall_s = wall_before + time.perf_counter() - start
 
+    totals = _timeline_totals(timeline_path, fed.num_clients)
+    label = f"{fed.algorithm}\n{_link_label(config.comm.bandwidth_mbps)}"
+    plots.runtime_bars(
+        [{"label": label, "compute_s": totals["compute_s"], "exposed_s": totals["exposed_wait_s"]}],
+        os.path.join(workdir, "runtime.png"),
+        "Per client, whole run: compute vs exposed communication (modeled link)",
+    )
     summary = {
         "algorithm": fed.algorithm,
         "rounds": fed.rounds,
@@ -143,6 +157,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         "staleness": fed.effective_staleness,
         "blocks": partition.num_blocks,
         "wall_s": wall_s,
+        **{f"per_client_{k}": v for k, v in totals.items()},
         "final_train_loss": train_loss(loss_fn, state["params"], batches_fn, fed.num_clients),
         "checkpoint_step": int(mgr.latest_step()),
         "fed": dataclasses.asdict(fed),
@@ -170,14 +185,39 @@ def _check_same_run(meta: dict, fed: federated.FedConfig, workdir: str) -> None:
         )
 
 
-def _truncate_metrics(path: str, next_round: int) -> None:
-    """Keeps the metrics of rounds before `next_round`: a resumed run rewrites the rest."""
+def _truncate_metrics(path: str, next_round: int) -> list[dict]:
+    """Keeps the JSON lines of rounds before `next_round` (a resumed run rewrites the rest); returns them."""
     if not os.path.exists(path):
-        return
+        return []
     with open(path) as f:
         kept = [line for line in f if line.strip() and json.loads(line)["round"] < next_round]
     with open(path, "w") as f:
         f.writelines(kept)
+    return [json.loads(line) for line in kept]
+
+
+def _timeline_totals(path: str, num_clients: int) -> dict:
+    """Whole-run sums per client (averaged over clients) of a timeline.jsonl."""
+    totals = {"compute_s": 0.0, "comm_s": 0.0, "exposed_wait_s": 0.0, "bytes_up": 0.0, "bytes_down": 0.0}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                for k in totals:
+                    totals[k] += row[k]
+    return {k: v / num_clients for k, v in totals.items()}
+
+
+def _link_label(bandwidth) -> str:
+    if bandwidth is None:
+        return "unlimited link"
+    return (
+        f"{bandwidth} link"
+        if isinstance(bandwidth, str)
+        else "per-client links"
+        if isinstance(bandwidth, list)
+        else f"{bandwidth:g} MB/s"
+    )
 
 
 # ----------------------------------------------------------------------------- multi-process

@@ -277,14 +277,16 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     else:
         b = choose_block(fed, t, part.num_blocks)
 
-    deltas, losses = {}, []
+    deltas, losses, compute_s = {}, [], {}
     for c in clients:
+        c0 = time.perf_counter()
         params_c = client_params(state, part, c, fed.eta)
         block, frozen = part.split(params_c, b)
         batches, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
         delta, loss = trainer.local_train(block, frozen, batches)
         deltas[c] = delta
-        losses.append(np.asarray(loss))
+        losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
+        compute_s[c] = time.perf_counter() - c0
         del params_c, block, frozen
 
     pending = dict(state["pending"])
@@ -306,6 +308,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "loss_last_step": float(losses[:, -1].mean()),
         "aggregated_round": aggregated,
         "seconds": time.perf_counter() - start,
+        "client_compute_s": compute_s,
     }
     if fed.schedule == "gradient":
         metrics["schedule_seconds"] = schedule_s

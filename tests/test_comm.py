@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import jax
@@ -68,32 +67,15 @@ def _max_diff(a, b) -> float:
     )
 
 
-def run_threads(fed, params, clients, part, optimizer, store_url="memory://", timeout_s=20.0, skip=()):
-    """Server + one thread per client, through one Store; returns (server params, client replicas, timeline)."""
-    store = transport.Store(store_url)
-    cc = comm.CommConfig(store=store_url, timeout_s=timeout_s)
-    batches_fn = data.make_batches_fn(clients, BS)
-    train = local.make_local_train(toy_loss, optimizer)
-    results, rows, errors = {}, [], []
-
-    def client(i):
-        try:
-            results[i] = comm.run_client(
-                i, fed, params, part, train, batches_fn, store, cc, transport.Link(), on_round=rows.append
-            )
-        except Exception as e:  # noqa: BLE001 - surfaced by the test
-            errors.append(e)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(fed.num_clients) if i not in skip]
-    for th in threads:
-        th.start()
-    try:
-        server = comm.serve(fed, params, part, store, cc)
-    finally:
-        for th in threads:
-            th.join()
-    assert not errors, errors
-    return server, results, rows
+def run_threads(fed, params, clients, part, optimizer, timeout_s=20.0, skip=()):
+    """Server + one thread per client through a memory:// Store; returns (server, replicas, timeline)."""
+    rows = []
+    server, replicas = comm.run_in_threads(
+        fed, params, part, local.make_local_train(toy_loss, optimizer), data.make_batches_fn(clients, BS),
+        transport.Store("memory://"), comm.CommConfig(timeout_s=timeout_s),
+        clients=[i for i in range(fed.num_clients) if i not in skip], on_round=rows.append,
+    )  # fmt: skip
+    return server, replicas, rows
 
 
 @pytest.mark.parametrize(

@@ -65,7 +65,8 @@ def test_overrides_are_typed_and_nested():
     "override, message",
     [
         ("model.num_layer=2", r"--config.model.num_layer: unknown config key \(known here: .*num_layers"),
-        ("optimizer.lr=1", r"--config.optimizer.lr: unknown config key 'optimizer'"),
+        ("optimiser.lr=1", r"--config.optimiser.lr: unknown config key 'optimiser'"),
+        ("optimizer.lr=1", r"--config.optimizer.lr: unknown config key \(known here: .*learning_rate"),
         ("model.num_layers=two", r"--config.model.num_layers=two: expected int, got str"),
         ("model.num_layers", r"expected --config.KEY=VALUE"),
     ],

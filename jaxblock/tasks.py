@@ -1,0 +1,131 @@
+"""The bundled task: MathInstruct-like arithmetic word problems, and plain text to pretrain on.
+
+Everything here is a deterministic function of a seed, so `scripts/make_assets.py` remakes the
+bundled files byte for byte. Sources play the role of MathInstruct's `source` column (the label
+the Dirichlet partition is over). Responses carry a short rationale and end "The answer is N",
+as in MathInstruct/GSM8K-style data. The eval split uses number tuples that no training
+example uses, so exact match measures arithmetic the model carries over, not memorised items.
+The pretraining text states the same kinds of facts as narrative, never in the
+instruction/response format, so a base model knows arithmetic but not the answer format.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+NAMES = ["Ana", "Ben", "Chen", "Dana", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jo", "Kai", "Lea", "Max", "Nia"]
+ITEMS = ["apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles", "cups", "eggs"]
+SOURCES = ("addition", "subtraction", "multiplication", "division", "two_step")
+
+
+def _numbers(source: str, rng: np.random.Generator) -> tuple[int, ...]:
+    if source == "addition":
+        return int(rng.integers(2, 30)), int(rng.integers(2, 30))
+    if source == "subtraction":
+        a = int(rng.integers(10, 40))
+        return a, int(rng.integers(1, a))
+    if source == "multiplication":
+        return int(rng.integers(2, 10)), int(rng.integers(2, 10))
+    if source == "division":
+        b, q = int(rng.integers(2, 10)), int(rng.integers(2, 10))
+        return b * q, b
+    a, b = int(rng.integers(2, 6)), int(rng.integers(2, 6))  # two_step: a packs of b, c eaten
+    return a, b, int(rng.integers(1, a * b))
+
+
+def is_eval_tuple(numbers: tuple[int, ...]) -> bool:
+    """About one number tuple in five is held out for evaluation (a stable hash, not Python's)."""
+    return zlib.crc32(repr(numbers).encode()) % 5 == 0
+
+
+def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tuple[str, str, int]:
+    """(question, response with rationale, answer)."""
+    if source == "addition":
+        a, b = numbers
+        c = a + b
+        return (
+            f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
+            f"{a} + {b} = {c}. The answer is {c}.",
+            c,
+        )
+    if source == "subtraction":
+        a, b = numbers
+        c = a - b
+        return (
+            f"{name} had {a} {item} and gave away {b}. How many {item} are left?",
+            f"{a} - {b} = {c}. The answer is {c}.",
+            c,
+        )
+    if source == "multiplication":
+        a, b = numbers
+        c = a * b
+        return (
+            f"There are {a} boxes with {b} {item} in each box. How many {item} are there?",
+            f"{a} * {b} = {c}. The answer is {c}.",
+            c,
+        )
+    if source == "division":
+        a, b = numbers
+        c = a // b
+        return (
+            f"{a} {item} are shared equally by {b} friends. How many {item} does each friend get?",
+            f"{a} / {b} = {c}. The answer is {c}.",
+            c,
+        )
+    a, b, c = numbers
+    d = a * b
+    e = d - c
+    return (
+        f"{name} buys {a} packs of {b} {item} and uses {c} of them. How many {item} are left?",
+        f"{a} * {b} = {d}. {d} - {c} = {e}. The answer is {e}.",
+        e,
+    )  # fmt: skip
+
+
+def narrative(source: str, numbers: tuple[int, ...], name: str, item: str) -> str:
+    """The same fact as plain text (pretraining), never in the question/answer format."""
+    if source == "addition":
+        a, b = numbers
+        return f"{name} had {a} {item} and got {b} more, so {name} had {a + b} {item}. {a} plus {b} is {a + b}."
+    if source == "subtraction":
+        a, b = numbers
+        return f"{name} had {a} {item} and gave {b} away, so {a - b} {item} were left. {a} minus {b} is {a - b}."
+    if source == "multiplication":
+        a, b = numbers
+        return f"{a} boxes held {b} {item} each, so there were {a * b} {item}. {a} times {b} is {a * b}."
+    if source == "division":
+        a, b = numbers
+        return f"{b} friends shared {a} {item}, so each got {a // b}. {a} divided by {b} is {a // b}."
+    a, b, c = numbers
+    return f"{name} bought {a} packs of {b} {item}, {a * b} in all, and used {c}, so {a * b - c} were left."
+
+
+def make_split(n_per_source: int, *, eval_split: bool, seed: int) -> list[dict]:
+    """Examples {source, instruction, output, answer}; eval_split selects the held-out number tuples."""
+    rng = np.random.default_rng([seed, int(eval_split)])
+    out = []
+    for source in SOURCES:
+        made = 0
+        while made < n_per_source:
+            numbers = _numbers(source, rng)
+            if is_eval_tuple(numbers) != eval_split:
+                continue
+            name, item = NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]
+            question, response, answer = problem(source, numbers, name, item)
+            out.append({"source": source, "instruction": question, "output": response, "answer": answer})
+            made += 1
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+def pretraining_text(n: int, seed: int) -> list[str]:
+    """Narrative sentences over every number tuple (the base model's 'world knowledge')."""
+    rng = np.random.default_rng([seed, 7])
+    lines = []
+    for _ in range(n):
+        source = SOURCES[rng.integers(len(SOURCES))]
+        numbers = _numbers(source, rng)
+        lines.append(narrative(source, numbers, NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]))
+    return lines

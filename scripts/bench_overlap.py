@@ -1,0 +1,121 @@
+"""Measures how much communication ParaBlock hides behind computation, in real wall-clock time.
+
+A server thread and a client thread exchange block deltas through a memory:// TensorStore, with
+the link model set so that one round's communication (upload + download of the block) takes
+about 0.5x, 1x and 2x the round's computation. For each setting, FedBCD and ParaBlock run the
+same rounds, alternating (--repeats runs each); seconds per round is the median over all rounds
+but each run's first (which has no exchange to hide).
+
+    python scripts/bench_overlap.py --json
+    python scripts/bench_overlap.py --config configs/tiny.py --rounds 8 --ratios 0.5,1,2 --plot runs/bench_overlap.png
+
+overlap efficiency = (T_fedbcd - T_parablock) / min(T_comp, T_comm): 1.0 when ParaBlock hides all
+of the shorter of the two. With --json the last line is
+`{"settings": [{"comm_over_comp": r, "comp_s", "comm_s", "fedbcd_s", "parablock_s", "overlap_efficiency"}, ...]}`.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+
+import jax
+import numpy as np
+
+from jaxblock import comm, experiment, plots, runtime, transport
+
+
+def run(setup, train, fed, link, rounds):
+    """Per-round timeline rows of one client (server in a thread beside it), round 0 left out."""
+    rows = []
+    comm.run_in_threads(
+        dataclasses.replace(fed, rounds=rounds), setup.params, setup.partition, train,
+        setup.batches_fn, transport.Store("memory://"), comm.CommConfig(timeout_s=600), [link], on_round=rows.append,
+    )  # fmt: skip
+    return [r for r in rows if r["round"] != "flush" and r["round"] >= 1]  # round 0 has no exchange to hide
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=8, help="rounds per run")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating FedBCD/ParaBlock runs per setting")
+    parser.add_argument("--ratios", default="0.5,1,2", help="target comm/comp ratios")
+    parser.add_argument("--plot", default="runs/bench_overlap.png", help="Figure-2 style PNG ('' = none)")
+    parser.add_argument("--json", action="store_true")
+    argv = sys.argv[1:]
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = ["--config", "configs/tiny.py", *argv]
+    config, args = runtime.parse_args(parser, argv)
+    # One client, and one block spanning every layer, so that every round computes the same thing.
+    config.num_clients = 1
+    config.blocks.layers_per_block = config.model.num_layers
+    setup = experiment.setup(config)
+    fed = dataclasses.replace(setup.fed, schedule="sequential")
+    block_bytes = setup.partition.blocks[0].params * transport.WIRE_DTYPES[fed.wire_dtype].itemsize
+    print(
+        f"model {setup.cfg.num_layers} layers, block = {block_bytes / 1e6:.2f} MB on the wire, K={fed.local_steps}, "
+        f"batch {config.batch_size}x{config.seq_len}, {args.rounds} rounds per run, {jax.devices()[0].platform}"
+    )
+
+    # Calibrate: compute time per round with an unlimited link (FedBCD, nothing to hide).
+    train = setup.local_train()  # one executable for every run
+    calib = run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), transport.Link(), max(args.rounds // 2, 3))
+    comp_s = statistics.median(r["compute_s"] for r in calib)
+    print(f"calibration: compute {comp_s:.3f} s/round")
+
+    settings, bars = [], []
+    for ratio in [float(x) for x in args.ratios.split(",")]:
+        # Two transfers of the block per round (up, down): bandwidth for comm = ratio x compute.
+        link = transport.Link(bandwidth_mbps=2 * block_bytes / (ratio * comp_s) / 1e6)
+        fedbcd, para = [], []
+        for _ in range(args.repeats):  # alternate, so that drift in machine speed hits both alike
+            fedbcd += run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), link, args.rounds)
+            para += run(setup, train, dataclasses.replace(fed, algorithm="parablock", staleness=1), link, args.rounds)
+        t_comp = statistics.median(r["compute_s"] for r in fedbcd)
+        t_comm = statistics.median(r["comm_s"] for r in fedbcd)
+        t_fedbcd = statistics.median(r["compute_s"] + r["exposed_wait_s"] for r in fedbcd)
+        t_para = statistics.median(r["compute_s"] + r["exposed_wait_s"] for r in para)
+        row = {
+            "comm_over_comp": ratio,
+            "bandwidth_mbps": link.bandwidth_mbps,
+            "comp_s": t_comp,
+            "comm_s": t_comm,
+            "measured_comm_over_comp": t_comm / t_comp,
+            "fedbcd_s": t_fedbcd,
+            "parablock_s": t_para,
+            "overlap_efficiency": (t_fedbcd - t_para) / min(t_comp, t_comm),
+            "parablock_over_max": t_para / max(t_comp, t_comm),
+        }
+        settings.append(row)
+        print(
+            f"comm/comp {ratio:>4}: link {link.bandwidth_mbps:7.1f} MB/s  comp {t_comp:.3f}s  comm {t_comm:.3f}s  "
+            f"FedBCD {t_fedbcd:.3f} s/round  ParaBlock {t_para:.3f} s/round  "
+            f"efficiency {row['overlap_efficiency']:.2f}  ParaBlock/max(comp,comm) {row['parablock_over_max']:.2f}",
+            flush=True,
+        )
+        for name, rows in (("FedBCD", fedbcd), ("ParaBlock", para)):
+            bars.append(
+                {
+                    "label": f"{name}\n{link.bandwidth_mbps:.0f} MB/s",
+                    "compute_s": float(np.median([r["compute_s"] for r in rows])),
+                    "exposed_s": float(np.median([r["exposed_wait_s"] for r in rows])),
+                }
+            )
+    if args.plot:
+        os.makedirs(os.path.dirname(args.plot) or ".", exist_ok=True)
+        plots.runtime_bars(
+            bars, args.plot, "Seconds per round: compute vs exposed communication (tiny model, 1 client)"
+        )
+        print(f"plot: {args.plot}")
+    if args.json:
+        print(
+            json.dumps(
+                {"settings": settings, "block_bytes": block_bytes, "rounds": args.rounds, "repeats": args.repeats}
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
