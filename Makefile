@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --config configs/tiny.py
+	$(BIN)/python scripts/demo.py --config configs/tiny.py --workdir runs/demo --fresh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

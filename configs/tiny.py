@@ -1,16 +1,23 @@
-"""Tiny Llama (about 3.4M params) that runs on a laptop CPU in minutes: the embedded default.
+"""The embedded default: the bundled tiny Llama (3.4M params) fine-tuned on the bundled arithmetic task.
 
-python scripts/demo.py --config configs/tiny.py
+    python scripts/train.py --config configs/tiny.py --workdir runs/tiny
+    python scripts/eval.py --workdir runs/tiny
+
+Everything it reads ships in assets/ (remade by scripts/make_assets.py): no hub access.
 """
 
+import os
+
 from jaxblock.config import base_config, model_section
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def get_config():
     config = base_config()
     config.model = model_section(
         model_type="llama",
-        vocab_size=1024,
+        vocab_size=512,
         hidden_size=256,
         intermediate_size=688,
         num_layers=4,
@@ -27,11 +34,18 @@ def get_config():
         dtype="float32",
     )
     config.mesh = dict(data=-1, fsdp=1, tensor=1)  # pure data parallel: the model is tiny
+    config.hf_checkpoint = os.path.join(ASSETS, "tiny_base")  # pretrained by scripts/make_assets.py
+    config.data.source = "mathinstruct"  # MathInstruct's fields: source, instruction, output
+    config.data.path = os.path.join(ASSETS, "data", "math_train.jsonl")
+    config.data.partition = "dirichlet"
+    config.data.alpha = 0.6
+    config.eval.source = "gsm8k"  # GSM8K's fields: question, answer '... #### N'
+    config.eval.path = os.path.join(ASSETS, "data", "math_eval.jsonl")
     config.rounds = 20
     config.num_clients = 10
     config.local_steps = 10
     config.batch_size = 4
-    config.seq_len = 128
+    config.seq_len = 64
     config.blocks.layers_per_block = 2
     config.optimizer.learning_rate = 5e-4
     return config

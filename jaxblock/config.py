@@ -297,7 +297,23 @@ def base_config() -> ml_collections.ConfigDict:
     config.participation = 1.0  # fraction of clients sampled each round
     config.aggregation = "uniform"  # or 'samples': weights proportional to client sizes
     config.schedule = "random"  # random, sequential, reverse, cyclic, gradient
-    config.data = ml_collections.ConfigDict({"source": "synthetic", "examples_per_client": 256, "num_sources": 4})
+    config.data = ml_collections.ConfigDict(
+        {
+            "source": "synthetic",  # 'synthetic', 'mathinstruct', 'alpaca_gpt4'
+            "path": "",  # a local JSON/JSONL file with the dataset's fields ("" = the hub)
+            "sample": 0,  # draw this many examples with the seed (0 = all); the paper: 50,000 of MathInstruct
+            "tokenizer": "",  # default: the tokenizer saved with hf_checkpoint
+            "partition": "dirichlet",  # or 'iid'
+            "alpha": 0.6,  # Dirichlet concentration over the label (MathInstruct: source)
+            "min_client_size": 8,
+            "examples_per_client": 256,  # synthetic only
+            "num_sources": 4,  # synthetic only
+        }
+    )
+    # Held-out evaluation (scripts/eval.py): GSM8K-style exact match and eval loss.
+    config.eval = ml_collections.ConfigDict(
+        {"source": "gsm8k", "path": "", "num_examples": 0, "batch_size": 64, "prompt_len": 64, "max_new_tokens": 32}
+    )
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'
     # The communication runtime (scripts/server.py, scripts/client.py, bench_overlap.py).

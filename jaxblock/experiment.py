@@ -22,24 +22,54 @@ import numpy as np
 import optax
 import tqdm
 
-from jaxblock import checkpoint, comm, data, federated, local, model, plots, runtime, transport
+from jaxblock import checkpoint, comm, data, evaluate, federated, instruct, local, model, plots, runtime, transport
 from jaxblock.blocks import Partition
 from jaxblock.config import ModelConfig, dump_json
+from jaxblock.hf_io import save_hf
 from jaxblock.sharding import Layout
 
 
-def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> list[dict[str, np.ndarray]]:
-    """Each client's examples as fixed-shape arrays, per `config.data.source`."""
-    if config.data.source == "synthetic":
-        return data.synthetic_clients(
-            config.num_clients,
-            config.data.examples_per_client,
-            config.seq_len,
-            cfg.vocab_size,
-            num_sources=config.data.num_sources,
-            seed=config.seed,
+def load_tokenizer(config: ml_collections.ConfigDict):
+    """The run's tokenizer: `data.tokenizer`, else the one saved with `hf_checkpoint`."""
+    from transformers import AutoTokenizer
+
+    path = config.data.tokenizer or config.hf_checkpoint
+    if not path:
+        raise ValueError("data.tokenizer is empty and there is no hf_checkpoint to take a tokenizer from")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Each client's examples as fixed-shape arrays, per `config.data`, and a clients x labels table.
+
+    source 'synthetic' makes token data; 'mathinstruct', 'alpaca_gpt4' load instruction data (the hub,
+    or `data.path`), tokenize it with response-only loss masks and partition it across clients
+    (Dirichlet over the label, or IID).
+    """
+    d = config.data
+    if d.source == "synthetic":
+        clients = data.synthetic_clients(
+            config.num_clients, d.examples_per_client, config.seq_len, cfg.vocab_size,
+            num_sources=d.num_sources, seed=config.seed,
+        )  # fmt: skip
+        return clients, f"synthetic token data: {config.num_clients} clients x {d.examples_per_client} examples"
+    examples = instruct.load_examples(d.source, d.path or None, sample=d.sample, seed=config.seed)
+    tokenizer = load_tokenizer(config)
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {cfg.vocab_size}")
+    arrays = instruct.tokenize(tokenizer, examples, config.seq_len)
+    labels = [e["label"] for e in examples]
+    if d.partition == "dirichlet":
+        parts = instruct.dirichlet_partition(
+            labels, config.num_clients, d.alpha, seed=config.seed, min_size=d.min_client_size
         )
-    raise ValueError(f"data.source={config.data.source!r}: supported is 'synthetic'")
+    elif d.partition == "iid":
+        parts = instruct.iid_partition(len(examples), config.num_clients, seed=config.seed)
+    else:
+        raise ValueError(f"data.partition={d.partition!r}: choose 'dirichlet' or 'iid'")
+    table = f"{len(examples)} examples of {d.source} over {config.num_clients} clients ({d.partition}):\n"
+    table += instruct.partition_table(labels, parts)
+    return [{k: v[np.asarray(idx)] for k, v in arrays.items()} for idx in parts], table
 
 
 @dataclasses.dataclass
@@ -56,13 +86,14 @@ class Setup:
     loss_fn: local.LossFn
     optimizer: optax.GradientTransformation
     shardings: dict
+    partition_table: str
 
     def local_train(self):
         return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
 
-    def trainer(self) -> federated.Trainer:
+    def trainer(self, store: transport.Store | None = None) -> federated.Trainer:
         return federated.Trainer(
-            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes
+            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store
         )
 
     def abstract_params(self) -> dict:
@@ -81,7 +112,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     cfg, params = runtime.load_model(config, layout)
     fed = runtime.fed_config(config)
     partition = federated.algorithm_partition(fed, params, runtime.make_partition(config, cfg))
-    clients = client_data(config, cfg)
+    clients, table = client_data(config, cfg)
     return Setup(
         fed=fed,
         cfg=cfg,
@@ -93,6 +124,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         loss_fn=local.lm_loss(cfg, layout),
         optimizer=local.make_optimizer(runtime.optimizer_config(config), fed.local_steps),
         shardings=layout.tree_shardings(model.logical_axes(cfg)),
+        partition_table=table,
     )
 
 
@@ -101,7 +133,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     os.makedirs(workdir, exist_ok=True)
     run = setup(config)
     fed, partition = run.fed, run.partition
-    trainer = run.trainer()
+    if progress:
+        print(run.partition_table)
+    with open(os.path.join(workdir, "partition.txt"), "w") as f:
+        f.write(run.partition_table + "\n")
+    # The simulator's exchanges go through the configured TensorStore (memory:// by default).
+    trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None)
     loss_fn, batches_fn = run.loss_fn, run.batches_fn
 
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
@@ -278,3 +315,63 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
         client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
         transport.Store(cc.store), cc, link, on_round=timeline,
     )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--workdir {workdir}: no config.json (not a jaxblock run directory)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_model(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, ModelConfig, dict, dict, int]:
+    """(config, model config, base params, the run's server params at `step` (default: latest), step)."""
+    config = read_config(workdir)
+    cfg, base = runtime.load_model(config)
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    try:
+        partition = runtime.make_partition(config, cfg)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base)
+        restored = checkpoint.restore(mgr, abstract, partition, step)
+        if restored is None:
+            raise ValueError(f"--workdir {workdir}: no checkpoint yet")
+        state, meta = restored
+    finally:
+        mgr.close()
+    return config, cfg, base, state["params"], meta["round"]
+
+
+def evaluate_run(workdir: str, step: int | None = None, *, base: bool = True, log=print) -> dict:
+    """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes eval.json."""
+    config, cfg, base_params, params, step = restore_model(workdir, step)
+    tokenizer = load_tokenizer(config)
+    e = config.eval
+    examples = instruct.load_examples(e.source, e.path or None, split="test")
+    if e.num_examples:
+        examples = examples[: e.num_examples]
+    results = {"workdir": workdir, "step": step, "eval_source": e.path or e.source, "n": len(examples)}
+    for name, p in ([("base", base_params)] if base else []) + [("finetuned", params)]:
+        em = evaluate.exact_match(
+            cfg, p, tokenizer, examples, batch_size=e.batch_size, prompt_len=e.prompt_len,
+            max_new_tokens=e.max_new_tokens, desc=f"{name}: exact match",
+        )  # fmt: skip
+        loss = evaluate.eval_loss(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+        results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["samples"]}
+        log(f"{name:>9}: exact match {em['exact_match']:.1%} on {len(examples)}, eval loss {loss:.4f}")
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def export_hf(workdir: str, out_dir: str, step: int | None = None) -> int:
+    """The run's model as an HF checkpoint (safetensors, config.json, tokenizer); returns the step."""
+    config, cfg, _, params, step = restore_model(workdir, step)
+    save_hf(cfg, params, out_dir)
+    load_tokenizer(config).save_pretrained(out_dir)
+    return step

@@ -228,6 +228,7 @@ class Trainer:
     partition: blocks_lib.Partition
     local_train: Callable  # from local.make_local_train
     client_sizes: np.ndarray | None = None
+    store: transport.Store | None = None  # if set, every exchange goes through this TensorStore
 
 
 def make_trainer(
@@ -240,6 +241,7 @@ def make_trainer(
     client_sizes=None,
     layout=None,
     param_shardings=None,
+    store: transport.Store | None = None,
 ) -> Trainer:
     """Binds the problem to the algorithm (see `algorithm_partition` for Fed full FT's partition)."""
     if fed.algorithm == "fedavg_full" and partition.num_blocks != 1:
@@ -248,7 +250,7 @@ def make_trainer(
     sizes = None if client_sizes is None else np.asarray(client_sizes)
     if sizes is not None and len(sizes) != fed.num_clients:
         raise ValueError(f"client_sizes has {len(sizes)} entries for num_clients={fed.num_clients}")
-    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes)
+    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes, store)
 
 
 def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
@@ -325,10 +327,13 @@ def aggregate(trainer: Trainer, state: dict, round_: int) -> dict:
     deltas = [entry["deltas"][c] for c in clients]
     check_finite(deltas, clients, round_, entry["block"])
     fed = trainer.fed
-    if fed.wire_dtype != "float32":  # what the server receives
-        deltas = [transport.to_wire(d, fed.wire_dtype) for d in deltas]
     weights = aggregation_weights(fed, clients, trainer.client_sizes)
-    aggregate_ = aggregate_deltas(deltas, weights, fed.wire_dtype)
+    if trainer.store is not None:
+        aggregate_ = _exchange_through(trainer.store, fed, round_, clients, deltas, weights)
+    else:  # the same rounding, in memory: what the server receives and what it sends back
+        if fed.wire_dtype != "float32":
+            deltas = [transport.to_wire(d, fed.wire_dtype) for d in deltas]
+        aggregate_ = aggregate_deltas(deltas, weights, fed.wire_dtype)
     params = apply_aggregate(state["params"], trainer.partition, entry["block"], aggregate_, fed.eta)
     pending = {r: e for r, e in state["pending"].items() if r != round_}
     return {**state, "params": params, "pending": pending}
@@ -339,6 +344,22 @@ def check_finite(deltas: list[dict], clients: list[int], round_: int, block: int
     for c, d in zip(clients, deltas, strict=True):
         if not all(bool(np.isfinite(np.asarray(x)).all()) for x in jax.tree.leaves(d)):
             raise FloatingPointError(f"round {round_}: client {c}'s delta for block {block} has NaN/Inf")
+
+
+def _exchange_through(store: transport.Store, fed: FedConfig, round_: int, clients, deltas, weights) -> dict:
+    """Round `round_`'s exchange through a real Store: clients publish, the server fetches, aggregates,
+    publishes the aggregate, clients fetch it. The round's keys are deleted afterwards."""
+    for c, d in zip(clients, deltas, strict=True):
+        store.publish(transport.delta_prefix(round_, c), jax.device_get(d), fed.wire_dtype)
+    received = [
+        store.wait_fetch(transport.delta_prefix(round_, c), 60.0, f"round {round_}: client {c}")[0] for c in clients
+    ]
+    store.publish(
+        transport.aggregate_prefix(round_), jax.device_get(aggregate_deltas(received, weights)), fed.wire_dtype
+    )
+    aggregate_, _ = store.wait_fetch(transport.aggregate_prefix(round_), 60.0, f"round {round_}: aggregate")
+    store.delete_round(round_)
+    return aggregate_
 
 
 def flush(trainer: Trainer, state: dict) -> dict:

@@ -3,7 +3,9 @@
 Everything here is a deterministic function of a seed, so `scripts/make_assets.py` remakes the
 bundled files byte for byte. Sources play the role of MathInstruct's `source` column (the label
 the Dirichlet partition is over). Responses carry a short rationale and end "The answer is N",
-as in MathInstruct/GSM8K-style data. The eval split uses number tuples that no training
+as in MathInstruct/GSM8K-style data; the rationale states the arithmetic in the words the
+pretraining text uses ("3 plus 4 is 7"), so fine-tuning teaches the format and where the numbers
+are, and the base model's arithmetic carries over. The eval split uses number tuples that no training
 example uses, so exact match measures arithmetic the model carries over, not memorised items.
 The pretraining text states the same kinds of facts as narrative, never in the
 instruction/response format, so a base model knows arithmetic but not the answer format.
@@ -21,17 +23,19 @@ SOURCES = ("addition", "subtraction", "multiplication", "division", "two_step")
 
 
 def _numbers(source: str, rng: np.random.Generator) -> tuple[int, ...]:
+    # Small ranges (about 500 distinct facts in all), so that a 3M-parameter base model can learn
+    # them in pretraining: held-out problems need facts the base model already knows.
     if source == "addition":
-        return int(rng.integers(2, 30)), int(rng.integers(2, 30))
+        return int(rng.integers(1, 13)), int(rng.integers(1, 13))
     if source == "subtraction":
-        a = int(rng.integers(10, 40))
+        a = int(rng.integers(5, 26))
         return a, int(rng.integers(1, a))
     if source == "multiplication":
         return int(rng.integers(2, 10)), int(rng.integers(2, 10))
     if source == "division":
         b, q = int(rng.integers(2, 10)), int(rng.integers(2, 10))
         return b * q, b
-    a, b = int(rng.integers(2, 6)), int(rng.integers(2, 6))  # two_step: a packs of b, c eaten
+    a, b = int(rng.integers(2, 6)), int(rng.integers(2, 6))  # two_step: a packs of b, c used
     return a, b, int(rng.integers(1, a * b))
 
 
@@ -47,7 +51,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a + b
         return (
             f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-            f"{a} + {b} = {c}. The answer is {c}.",
+            f"{a} plus {b} is {c}. The answer is {c}.",
             c,
         )
     if source == "subtraction":
@@ -55,7 +59,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a - b
         return (
             f"{name} had {a} {item} and gave away {b}. How many {item} are left?",
-            f"{a} - {b} = {c}. The answer is {c}.",
+            f"{a} minus {b} is {c}. The answer is {c}.",
             c,
         )
     if source == "multiplication":
@@ -63,7 +67,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a * b
         return (
             f"There are {a} boxes with {b} {item} in each box. How many {item} are there?",
-            f"{a} * {b} = {c}. The answer is {c}.",
+            f"{a} times {b} is {c}. The answer is {c}.",
             c,
         )
     if source == "division":
@@ -71,7 +75,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a // b
         return (
             f"{a} {item} are shared equally by {b} friends. How many {item} does each friend get?",
-            f"{a} / {b} = {c}. The answer is {c}.",
+            f"{a} divided by {b} is {c}. The answer is {c}.",
             c,
         )
     a, b, c = numbers
@@ -79,7 +83,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
     e = d - c
     return (
         f"{name} buys {a} packs of {b} {item} and uses {c} of them. How many {item} are left?",
-        f"{a} * {b} = {d}. {d} - {c} = {e}. The answer is {e}.",
+        f"{a} times {b} is {d}. {d} minus {c} is {e}. The answer is {e}.",
         e,
     )  # fmt: skip
 

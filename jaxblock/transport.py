@@ -163,6 +163,11 @@ class Store:
         tree = _unflatten((path, np.asarray(r.result()).astype(np.float32)) for path, r in reads)
         return tree, int(manifest["bytes"])
 
+    def delete_round(self, t: int) -> None:
+        """Removes everything under round/<t>/ (the simulator does, once a round is aggregated)."""
+        prefix = f"round/{t}/"
+        self.kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()  # '0' sorts after '/'
+
     def wait_fetch(self, prefix: str, timeout_s: float, what: str) -> tuple[dict, int]:
         return self.fetch(prefix, self.wait_json(f"{prefix}/COMMIT", timeout_s, what))
 

@@ -192,3 +192,17 @@ def test_a_dead_client_stops_the_server_with_its_checkpoint_intact(tmp_path):
     assert 2 <= step < 8
     state = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.parametrize("wire", ["float32", "bfloat16"])
+def test_simulator_through_a_store_equals_the_in_memory_exchange(wire):
+    params, clients = toy_params(), toy_clients(3)
+    part = blocks.partition(params, RULES)
+    fed = federated.FedConfig(rounds=5, num_clients=3, local_steps=2, wire_dtype=wire, seed=1)
+    optimizer = optax.adamw(0.05, eps=1e-6)
+    batches_fn = data.make_batches_fn(clients, BS)
+    in_memory, _ = federated.run(fed, params, toy_loss, batches_fn, part, optimizer)
+    store = transport.Store("memory://")
+    through, _ = federated.run(fed, params, toy_loss, batches_fn, part, optimizer, store=store)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(through["params"]), jax.device_get(in_memory["params"]))
+    assert store.kv.list().result() == []  # every round's keys are removed once aggregated

@@ -104,8 +104,10 @@ def test_killed_run_resumes_to_a_bit_identical_model(tmp_path, report):
     cmd += ["--no-progress"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}  # one CPU device, as a user would run it
     straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-    subprocess.run([*cmd, "--workdir", straight], check=True, env=env, capture_output=True, cwd=ROOT)
-
+    # The uninterrupted reference runs at the same time as the run that gets killed.
+    reference = subprocess.Popen(
+        [*cmd, "--workdir", straight], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     proc = subprocess.Popen([*cmd, "--workdir", killed], env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
     ckpt = os.path.join(killed, "checkpoints")
     deadline = time.time() + 120
@@ -121,6 +123,7 @@ def test_killed_run_resumes_to_a_bit_identical_model(tmp_path, report):
     assert killed_at < rounds
 
     resumed = subprocess.run([*cmd, "--workdir", killed], check=True, env=env, capture_output=True, text=True, cwd=ROOT)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-2000:]
     assert f"resuming {killed} from round" in resumed.stdout
     step_a, params_a = final_params(straight)
     step_b, params_b = final_params(killed)

@@ -1,0 +1,27 @@
+"""Evaluates a run from its orbax checkpoint: GSM8K-style exact match and eval loss, base model too.
+
+    python scripts/eval.py --workdir runs/demo            # latest checkpoint
+    python scripts/eval.py --workdir runs/demo --step 10  # a given step
+
+Writes DIR/eval.json and prints the figures.
+"""
+
+import argparse
+
+from jaxblock import experiment
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--no-base", action="store_true", help="skip the base model")
+    args = parser.parse_args()
+    try:
+        experiment.evaluate_run(args.workdir, args.step, base=not args.no_base)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

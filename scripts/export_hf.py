@@ -1,0 +1,26 @@
+"""Exports a run's model as a Hugging Face checkpoint (safetensors, config.json, tokenizer).
+
+python scripts/export_hf.py --workdir runs/demo --out runs/demo/hf
+python -c "from transformers import pipeline; print(pipeline('text-generation', 'runs/demo/hf')('<|user|>...'))"
+"""
+
+import argparse
+
+from jaxblock import experiment
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--step", type=int, default=None)
+    args = parser.parse_args()
+    try:
+        step = experiment.export_hf(args.workdir, args.out, args.step)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(f"exported step {step} of {args.workdir} to {args.out}")
+
+
+if __name__ == "__main__":
+    main()

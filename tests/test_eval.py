@@ -1,0 +1,69 @@
+"""Evaluation from orbax checkpoints and HF export, on a short run of the bundled tiny config."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import jaxblock
+from jaxblock import config as config_lib
+from jaxblock import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHORT = ["rounds=2", "num_clients=3", "local_steps=2", "batch_size=8", "data.sample=300", "data.min_client_size=8",
+         "eval.num_examples=24", "eval.batch_size=16", "eval.max_new_tokens=16", "checkpoint.max_to_keep=3"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"), SHORT)
+    experiment.train(config, workdir, progress=False)
+    return workdir
+
+
+def test_eval_reports_exact_match_and_loss_for_base_and_finetuned(run_dir, capsys):
+    result = experiment.evaluate_run(run_dir)
+    out = capsys.readouterr().out
+    assert "base: exact match" in out and "finetuned: exact match" in out
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["step"] == 2 and on_disk["n"] == 24
+    for name in ("base", "finetuned"):
+        assert 0.0 <= on_disk[name]["exact_match"] <= 1.0 and np.isfinite(on_disk[name]["eval_loss"])
+        assert on_disk[name]["samples"][0]["gold"] is not None
+    # Two rounds of training change the model: the reference responses get likelier.
+    assert result["finetuned"]["eval_loss"] < result["base"]["eval_loss"]
+
+
+def test_eval_at_an_earlier_step_and_bad_workdirs(run_dir, tmp_path):
+    early = experiment.evaluate_run(run_dir, step=1, base=False)
+    assert early["step"] == 1 and "base" not in early
+    with pytest.raises(ValueError, match="checkpoint step 7 does not exist"):
+        experiment.evaluate_run(run_dir, step=7)
+    with pytest.raises(ValueError, match="no config.json"):
+        experiment.evaluate_run(str(tmp_path))
+
+
+def test_export_loads_and_generates_in_transformers(run_dir, tmp_path, report):
+    out = str(tmp_path / "hf")
+    assert experiment.export_hf(run_dir, out) == 2
+    _, cfg, _, params, _ = experiment.restore_model(run_dir)
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "Ana has 3 pens and gets 4 more. How many pens does Ana have now?"}],
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        diff = np.abs(hf(ids).logits.numpy() - np.asarray(jaxblock.forward(cfg, params, ids.numpy()))).max()
+        generated = hf.generate(ids, max_new_tokens=12, do_sample=False)
+    report(f"export_hf: transformers on the exported fine-tuned model vs jaxblock, max |logits diff| = {diff:.1e}")
+    assert diff <= 1e-4
+    text = tok.decode(generated[0, ids.shape[1] :])
+    assert len(text) > 0

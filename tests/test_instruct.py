@@ -1,0 +1,144 @@
+"""Instruction data: hub-schema loaders on local files, formatting, masks, partitions, bundled assets."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from jaxblock import instruct, tasks
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ASSETS = os.path.join(ROOT, "assets")
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tiny_base"))
+
+
+def test_alpaca_gpt4_schema(tmp_path):
+    rows = [  # vicgalle/alpaca-gpt4's columns: instruction, input, output, text
+        {"instruction": f"Give {k} tips for {topic}.", "input": "" if k % 2 else "Be brief.", "output": f"Tip {k}.", "text": "..."}
+        for k in range(12) for topic in ("sleep", "cooking python code", "travel")
+    ]  # fmt: skip
+    examples = instruct.load_examples("alpaca_gpt4", write_jsonl(tmp_path / "a.jsonl", rows))
+    assert len(examples) == 36
+    assert examples[1]["input"] == "" and examples[0]["input"] == "Be brief."
+    assert {type(e["label"]) for e in examples} == {int} and 1 < len({e["label"] for e in examples}) <= 8
+
+
+def test_mathinstruct_schema_and_sampling(tmp_path):
+    rows = [{"source": f"data/CoT/src{k % 3}.json", "instruction": f"What is {k} + 1?", "output": f"{k} + 1 = {k + 1}. The answer is {k + 1}."} for k in range(50)]  # fmt: skip
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    examples = instruct.load_examples("mathinstruct", path, sample=20, seed=3)
+    assert len(examples) == 20 and examples == instruct.load_examples("mathinstruct", path, sample=20, seed=3)
+    assert examples != instruct.load_examples("mathinstruct", path, sample=20, seed=4)
+    assert {e["label"] for e in examples} <= {"data/CoT/src0.json", "data/CoT/src1.json", "data/CoT/src2.json"}
+    assert all(e["answer"] == float(e["instruction"].split()[2]) + 1 for e in examples)
+
+
+def test_gsm8k_schema(tmp_path):
+    rows = [{"question": "Natalia sold 48 clips in April and half as many in May. How many in all?",
+             "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"}]  # fmt: skip
+    (e,) = instruct.load_examples("gsm8k", write_jsonl(tmp_path / "g.jsonl", rows), split="test")
+    assert e["answer"] == 72.0 and e["output"].endswith("The answer is 72.")
+    with pytest.raises(ValueError, match=r"gsm8k data: missing fields \['answer'\]"):
+        instruct.load_examples("gsm8k", write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}]))
+    with pytest.raises(ValueError, match="no such file"):
+        instruct.load_examples("gsm8k", str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [("3 + 4 = 7. The answer is 7.", 7.0), ("so 12 were left", 12.0), ("The answer is 1,250 apples", 1250.0),
+     ("The answer is 5. Then 9", 5.0), ("no number", None), ("-3 degrees", -3.0)],
+)  # fmt: skip
+def test_extract_answer(text, answer):
+    assert instruct.extract_answer(text) == answer
+
+
+def test_tokenize_masks_exactly_the_response(tokenizer):
+    e = {"instruction": "Ana has 3 pens and gets 4 more. How many pens does Ana have now?", "input": "",
+         "output": "3 + 4 = 7. The answer is 7."}  # fmt: skip
+    arrays = instruct.tokenize(tokenizer, [e, e], 64)
+    assert arrays["tokens"].shape == arrays["loss_mask"].shape == (2, 64)
+    masked = arrays["tokens"][0][arrays["loss_mask"][0] > 0]
+    assert tokenizer.decode(masked) == e["output"] + "<|end|>"
+    prompt = tokenizer.decode(arrays["tokens"][0][: np.argmax(arrays["loss_mask"][0])])
+    assert prompt == "<s><|user|>" + e["instruction"] + "<|end|><|assistant|>"
+    with pytest.raises(ValueError, match="its prompt is .* tokens, seq_len=8"):
+        instruct.tokenize(tokenizer, [e], 8)
+    tokens, mask = instruct.encode_prompts(tokenizer, [e, {**e, "instruction": "Hi?"}], 40)
+    assert mask[0].sum() > mask[1].sum() and not mask[1, 0] and mask[1, -1]  # left-padded
+
+
+def test_alpaca_template_for_base_models():
+    class NoTemplate:
+        chat_template = None
+
+    text = instruct.prompt_text(NoTemplate(), {"instruction": "Sum 2 and 3.", "input": "Use digits."})
+    assert (
+        text.startswith("Below is an instruction")
+        and "### Input:\nUse digits." in text
+        and text.endswith("### Response:\n")
+    )
+
+
+def test_dirichlet_partition():
+    labels = [s for s in tasks.SOURCES for _ in range(100)]
+    parts = instruct.dirichlet_partition(labels, 10, 0.6, seed=0, min_size=8)
+    flat = sorted(i for p in parts for i in p)
+    assert flat == list(range(500)) and min(len(p) for p in parts) >= 8
+    assert parts == instruct.dirichlet_partition(labels, 10, 0.6, seed=0, min_size=8)
+    shares = np.array([[sum(labels[i] == s for i in p) / len(p) for s in tasks.SOURCES] for p in parts])
+    assert shares.max(axis=1).mean() > 0.4  # non-IID: clients are dominated by a few sources
+    iid = instruct.iid_partition(500, 10, seed=0)
+    assert sorted(i for p in iid for i in p) == list(range(500)) and {len(p) for p in iid} == {50}
+    table = instruct.partition_table(labels, parts).splitlines()
+    assert len(table) == 11 and "addition" in table[0] and table[1].split()[-1] == str(len(parts[0]))
+    with pytest.raises(ValueError, match="cannot give 10 clients 60 each"):
+        instruct.dirichlet_partition(labels, 10, 0.6, min_size=60)
+
+
+def test_bundled_data_is_what_the_generator_makes():
+    """scripts/make_assets.py remakes assets/data exactly; eval number tuples never occur in training."""
+    with open(os.path.join(ASSETS, "data", "math_train.jsonl")) as f:
+        train = [json.loads(line) for line in f]
+    made = tasks.make_split(800, eval_split=False, seed=0)
+    assert train == [{"source": e["source"], "instruction": e["instruction"], "output": e["output"]} for e in made]
+    evals = instruct.load_examples("gsm8k", os.path.join(ASSETS, "data", "math_eval.jsonl"), split="test")
+    assert len(evals) == 200 and len({e["instruction"] for e in evals}) > 150
+    made_eval = tasks.make_split(40, eval_split=True, seed=0)
+    assert [e["answer"] for e in evals] == [float(e["answer"]) for e in made_eval]
+    assert all(
+        tasks.is_eval_tuple(tuple(int(x) for x in e["instruction"].split() if x.isdigit())) for e in made_eval[:50]
+    )
+    assert not any(
+        tasks.is_eval_tuple(tuple(int(x) for x in e["instruction"].split() if x.isdigit())) for e in made[:200]
+    )
+
+
+def test_bundled_base_model_was_pretrained(tokenizer):
+    """The base model knows the narrative text far better than a random init, and its tokenizer chats."""
+    import jax
+
+    import jaxblock
+    from jaxblock import assets, local, model
+
+    cfg, params = jaxblock.load_hf(os.path.join(ASSETS, "tiny_base"))
+    assert cfg.vocab_size == len(tokenizer) and tokenizer.chat_template
+    rows = assets.pack(tokenizer, tasks.pretraining_text(200, seed=99), 64)[:16]
+    batch = {"tokens": rows, "loss_mask": np.ones(rows.shape, np.float32)}
+    loss = float(local.lm_loss(cfg)(params, batch))
+    random_loss = float(local.lm_loss(cfg)(model.init(cfg, jax.random.key(1)), batch))
+    assert loss < 0.5 * random_loss, (loss, random_loss)
