@@ -43,9 +43,9 @@ def get_config():
     config.eval.path = os.path.join(ASSETS, "data", "math_eval.jsonl")
     config.rounds = 20
     config.num_clients = 10
-    config.local_steps = 10
+    config.local_steps = 20
     config.batch_size = 4
     config.seq_len = 64
     config.blocks.layers_per_block = 2
-    config.optimizer.learning_rate = 5e-4
+    config.optimizer.learning_rate = 2e-3
     return config

@@ -97,7 +97,12 @@ class Setup:
         )
 
     def abstract_params(self) -> dict:
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), self.params)
+        return abstract(self.params)
+
+
+def abstract(params: dict) -> dict:
+    """ShapeDtypeStructs, shardings included: an orbax restore target for arrays like these."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
@@ -248,13 +253,11 @@ def _timeline_totals(path: str, num_clients: int) -> dict:
 def _link_label(bandwidth) -> str:
     if bandwidth is None:
         return "unlimited link"
-    return (
-        f"{bandwidth} link"
-        if isinstance(bandwidth, str)
-        else "per-client links"
-        if isinstance(bandwidth, list)
-        else f"{bandwidth:g} MB/s"
-    )
+    if isinstance(bandwidth, str):
+        return f"{bandwidth} link"
+    if isinstance(bandwidth, list):
+        return "per-client links"
+    return f"{bandwidth:g} MB/s"
 
 
 # ----------------------------------------------------------------------------- multi-process
@@ -337,8 +340,7 @@ def restore_model(
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     try:
         partition = runtime.make_partition(config, cfg)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), base)
-        restored = checkpoint.restore(mgr, abstract, partition, step)
+        restored = checkpoint.restore(mgr, abstract(base), partition, step)
         if restored is None:
             raise ValueError(f"--workdir {workdir}: no checkpoint yet")
         state, meta = restored

@@ -15,8 +15,9 @@ from jaxblock import config as config_lib
 from jaxblock import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The tiny config, shrunk so that a run takes seconds.
+# The tiny config, shrunk so that a run takes seconds: random init, synthetic token data.
 SMALL = [
+    "hf_checkpoint=", "data.source=synthetic",
     "model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
     "model.head_dim=16", "blocks.layers_per_block=1", "seq_len=32", "batch_size=8", "num_clients=3",
     "local_steps=2", "data.examples_per_client=16", "optimizer.learning_rate=0.003",
