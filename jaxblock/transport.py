@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import time
 
 import jax
@@ -90,7 +89,7 @@ def _unflatten(paths_and_arrays) -> dict:
 
 
 class Store:
-    """A kvstore URL holding zarr3 arrays and JSON markers. Thread-safe; one per process."""
+    """A kvstore URL holding zarr3 arrays and JSON markers; TensorStore makes it safe to share across threads."""
 
     def __init__(self, url: str):
         if "://" not in url:
@@ -98,7 +97,6 @@ class Store:
         self.url = url if url.endswith("/") else url + "/"
         self.context = ts.Context()  # memory:// stores are shared through one context
         self.kv = ts.KvStore.open(self.url, context=self.context).result()
-        self._lock = threading.Lock()
 
     # -- JSON markers
     def put_json(self, key: str, value) -> None:
