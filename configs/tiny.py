@@ -1,4 +1,4 @@
-"""The embedded default: the bundled tiny Llama (3.4M params) fine-tuned on the bundled arithmetic task.
+"""The embedded default: the bundled tiny Llama (3.4M params, 8 layers) fine-tuned on the bundled arithmetic task.
 
     python scripts/train.py --config configs/tiny.py --workdir runs/tiny
     python scripts/eval.py --workdir runs/tiny
@@ -18,12 +18,12 @@ def get_config():
     config.model = model_section(
         model_type="llama",
         vocab_size=512,
-        hidden_size=256,
-        intermediate_size=688,
-        num_layers=4,
+        hidden_size=192,
+        intermediate_size=512,
+        num_layers=8,
         num_heads=4,
         num_kv_heads=2,
-        head_dim=64,
+        head_dim=48,
         rms_norm_eps=1e-5,
         rope_theta=10000.0,
         max_position_embeddings=512,
@@ -46,6 +46,6 @@ def get_config():
     config.local_steps = 20
     config.batch_size = 4
     config.seq_len = 64
-    config.blocks.layers_per_block = 2
+    config.blocks.layers_per_block = 2  # 4 blocks
     config.optimizer.learning_rate = 2e-3
     return config

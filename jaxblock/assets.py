@@ -2,7 +2,8 @@
 
 `scripts/make_assets.py` calls `build(out_dir)`; every step is seeded, so the files are remade
 identically on a CPU. The base model is pretrained here, with jaxblock's own model and train
-step, on narrative text (`tasks.pretraining_text`) that never uses the instruction format.
+step, on stories and lists of arithmetic facts (`tasks.pretraining_text`) that never use the
+instruction format; `tiny_base/pretraining.json` records how many held-out facts it knows.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 
 def base_model_config(vocab_size: int, bos: int, eos: int) -> ModelConfig:
     return ModelConfig(
-        vocab_size=vocab_size, hidden_size=256, intermediate_size=688, num_layers=4, num_heads=4, num_kv_heads=2,
-        head_dim=64, max_position_embeddings=512, bos_token_id=bos, eos_token_id=eos,
+        vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_layers=8, num_heads=4, num_kv_heads=2,
+        head_dim=48, max_position_embeddings=512, bos_token_id=bos, eos_token_id=eos,
     )  # fmt: skip
 
 
@@ -82,9 +83,30 @@ def pretrain(cfg: ModelConfig, rows: np.ndarray, *, steps: int, batch_size: int,
     return params
 
 
+def fact_probe(cfg: ModelConfig, params: dict, tokenizer) -> dict:
+    """How much held-out arithmetic a model knows: teacher-forced 'We know 7 plus 5 is 12.' over every
+    number tuple of the eval split; a fact counts when every answer token is the argmax. Per source and 'all'."""
+    rows, spans, labels = [], [], []
+    for source in tasks.SOURCES:
+        for numbers in filter(tasks.is_eval_tuple, tasks.tuples(source)):
+            stated, c = tasks.fact(source, numbers)
+            prefix = tokenizer(f"We know {stated}")["input_ids"]
+            full = tokenizer(f"We know {stated} {c}.")["input_ids"]
+            rows.append(full)
+            spans.append((len(prefix), len(full) - 1))  # answer tokens: full[len(prefix) : -1]
+            labels.append(source)
+    tokens = np.full((len(rows), max(map(len, rows))), tokenizer.pad_token_id, np.int32)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    predicted = np.asarray(jnp.argmax(model.forward(cfg, params, jnp.asarray(tokens)), -1))
+    known = np.array([np.array_equal(predicted[i, a - 1 : b - 1], tokens[i, a:b]) for i, (a, b) in enumerate(spans)])
+    out = {s: float(known[[lab == s for lab in labels]].mean()) for s in tasks.SOURCES}
+    return {**out, "all": float(known.mean())}
+
+
 def build(
-    out_dir: str, *, seed: int = 0, pretrain_steps: int = 1500, train_per_source: int = 800, eval_per_source: int = 40
-):
+    out_dir: str, *, seed: int = 0, pretrain_steps: int = 2000, train_per_source: int = 800, eval_per_source: int = 40
+):  # fmt: skip
     """Writes data/{math_train.jsonl, math_eval.jsonl, pretrain.txt} and tiny_base/ under out_dir."""
     data_dir, model_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "tiny_base")
     os.makedirs(data_dir, exist_ok=True)
@@ -106,4 +128,11 @@ def build(
     params = pretrain(cfg, rows, steps=pretrain_steps, batch_size=32, lr=3e-3, seed=seed)
     save_hf(cfg, params, model_dir)
     tokenizer.save_pretrained(model_dir)
-    return {"train": len(train), "eval": len(evals), "pretrain_rows": len(rows), "params": model.count_params(params)}
+    info = {
+        "train_examples": len(train), "eval_examples": len(evals), "pretrain_rows": len(rows),
+        "pretrain_steps": pretrain_steps, "params": model.count_params(params),
+        "held_out_facts_known": fact_probe(cfg, params, tokenizer),
+    }  # fmt: skip
+    with open(os.path.join(model_dir, "pretraining.json"), "w") as f:  # what the base model knows, for a person
+        json.dump(info, f, indent=2)
+    return info

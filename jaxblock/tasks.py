@@ -39,6 +39,19 @@ def _numbers(source: str, rng: np.random.Generator) -> tuple[int, ...]:
     return a, b, int(rng.integers(1, a * b))
 
 
+def tuples(source: str) -> list[tuple[int, ...]]:
+    """Every number tuple `_numbers` can draw for a source, in order."""
+    if source == "addition":
+        return [(a, b) for a in range(1, 13) for b in range(1, 13)]
+    if source == "subtraction":
+        return [(a, b) for a in range(5, 26) for b in range(1, a)]
+    if source == "multiplication":
+        return [(a, b) for a in range(2, 10) for b in range(2, 10)]
+    if source == "division":
+        return [(b * q, b) for b in range(2, 10) for q in range(2, 10)]
+    return [(a, b, c) for a in range(2, 6) for b in range(2, 6) for c in range(1, a * b)]
+
+
 def is_eval_tuple(numbers: tuple[int, ...]) -> bool:
     """About one number tuple in five is held out for evaluation (a stable hash, not Python's)."""
     return zlib.crc32(repr(numbers).encode()) % 5 == 0
@@ -51,7 +64,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a + b
         return (
             f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-            f"{a} plus {b} is {c}. The answer is {c}.",
+            f"Adding, {a} plus {b} is {c}. The answer is {c}.",
             c,
         )
     if source == "subtraction":
@@ -59,7 +72,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a - b
         return (
             f"{name} had {a} {item} and gave away {b}. How many {item} are left?",
-            f"{a} minus {b} is {c}. The answer is {c}.",
+            f"Taking away, {a} minus {b} is {c}. The answer is {c}.",
             c,
         )
     if source == "multiplication":
@@ -67,7 +80,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a * b
         return (
             f"There are {a} boxes with {b} {item} in each box. How many {item} are there?",
-            f"{a} times {b} is {c}. The answer is {c}.",
+            f"Multiplying, {a} times {b} is {c}. The answer is {c}.",
             c,
         )
     if source == "division":
@@ -75,7 +88,7 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
         c = a // b
         return (
             f"{a} {item} are shared equally by {b} friends. How many {item} does each friend get?",
-            f"{a} divided by {b} is {c}. The answer is {c}.",
+            f"Sharing, {a} divided by {b} is {c}. The answer is {c}.",
             c,
         )
     a, b, c = numbers
@@ -83,27 +96,48 @@ def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tupl
     e = d - c
     return (
         f"{name} buys {a} packs of {b} {item} and uses {c} of them. How many {item} are left?",
-        f"{a} times {b} is {d}. {d} minus {c} is {e}. The answer is {e}.",
+        f"First, {a} times {b} is {d}. Then {d} minus {c} is {e}. The answer is {e}.",
         e,
     )  # fmt: skip
 
 
-def narrative(source: str, numbers: tuple[int, ...], name: str, item: str) -> str:
-    """The same fact as plain text (pretraining), never in the question/answer format."""
+def fact(source: str, numbers: tuple[int, ...]) -> tuple[str, int]:
+    """The arithmetic behind a problem as a bare statement: ('7 plus 5 is', 12)."""
     if source == "addition":
         a, b = numbers
-        return f"{name} had {a} {item} and got {b} more, so {name} had {a + b} {item}. {a} plus {b} is {a + b}."
+        return f"{a} plus {b} is", a + b
     if source == "subtraction":
         a, b = numbers
-        return f"{name} had {a} {item} and gave {b} away, so {a - b} {item} were left. {a} minus {b} is {a - b}."
+        return f"{a} minus {b} is", a - b
     if source == "multiplication":
         a, b = numbers
-        return f"{a} boxes held {b} {item} each, so there were {a * b} {item}. {a} times {b} is {a * b}."
+        return f"{a} times {b} is", a * b
     if source == "division":
         a, b = numbers
-        return f"{b} friends shared {a} {item}, so each got {a // b}. {a} divided by {b} is {a // b}."
+        return f"{a} divided by {b} is", a // b
     a, b, c = numbers
-    return f"{name} bought {a} packs of {b} {item}, {a * b} in all, and used {c}, so {a * b - c} were left."
+    return f"{a} times {b} is {a * b}, and {a * b} minus {c} is", a * b - c
+
+
+def narrative(source: str, numbers: tuple[int, ...], name: str, item: str) -> str:
+    """The same fact as a story (pretraining), never in the question/answer format."""
+    stated, c = fact(source, numbers)
+    if source == "addition":
+        a, b = numbers
+        story = f"{name} had {a} {item} and got {b} more, so {name} had {c} {item}."
+    elif source == "subtraction":
+        a, b = numbers
+        story = f"{name} had {a} {item} and gave {b} away, so {c} {item} were left."
+    elif source == "multiplication":
+        a, b = numbers
+        story = f"{a} boxes held {b} {item} each, so there were {c} {item}."
+    elif source == "division":
+        a, b = numbers
+        story = f"{b} friends shared {a} {item}, so each got {c}."
+    else:
+        a, b, used = numbers
+        story = f"{name} bought {a} packs of {b} {item}, {a * b} in all, and used {used}, so {c} were left."
+    return f"{story} We know {stated} {c}."
 
 
 def make_split(n_per_source: int, *, eval_split: bool, seed: int) -> list[dict]:
@@ -125,11 +159,21 @@ def make_split(n_per_source: int, *, eval_split: bool, seed: int) -> list[dict]:
 
 
 def pretraining_text(n: int, seed: int) -> list[str]:
-    """Narrative sentences over every number tuple (the base model's 'world knowledge')."""
+    """The base model's 'world knowledge' over every number tuple, eval tuples included: half
+    stories, half lists of bare facts ('7 plus 5 is 12. 4 times 3 is 12. ...'), which pack many
+    facts into few tokens. None of it uses the question/answer format."""
     rng = np.random.default_rng([seed, 7])
     lines = []
-    for _ in range(n):
-        source = SOURCES[rng.integers(len(SOURCES))]
-        numbers = _numbers(source, rng)
-        lines.append(narrative(source, numbers, NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]))
+    for i in range(n):
+        if i % 2:
+            facts = []
+            for _ in range(6):
+                source = SOURCES[rng.integers(len(SOURCES))]
+                stated, c = fact(source, _numbers(source, rng))
+                facts.append(f"{stated} {c}.")
+            lines.append(" ".join(facts))
+        else:
+            source = SOURCES[rng.integers(len(SOURCES))]
+            numbers = _numbers(source, rng)
+            lines.append(narrative(source, numbers, NAMES[rng.integers(len(NAMES))], ITEMS[rng.integers(len(ITEMS))]))
     return lines

@@ -58,7 +58,7 @@ def test_overrides_are_typed_and_nested():
     assert config.model.num_layers == 2 and config.seed == 7 and config.mesh.data == 1
     assert config.model.rope_theta == 20000.0 and isinstance(config.model.rope_theta, float)
     assert config_lib.model_config(config).dtype == "bfloat16"
-    assert config_lib.load_config(path).model.num_layers == 4  # the file itself is untouched
+    assert config_lib.load_config(path).model.num_layers == 8  # the file itself is untouched
 
 
 @pytest.mark.parametrize(

@@ -129,8 +129,9 @@ def test_bundled_data_is_what_the_generator_makes():
     assert not any(tasks.is_eval_tuple(numbers(e)) for e in made)
 
 
-def test_bundled_base_model_was_pretrained(tokenizer):
-    """The base model knows the narrative text far better than a random init, and its tokenizer chats."""
+def test_bundled_base_model_was_pretrained(tokenizer, report):
+    """The base model knows the pretraining text far better than a random init, knows most held-out
+    arithmetic facts (what fine-tuning must carry over), and its tokenizer chats."""
     import jax
 
     import jaxblock
@@ -143,3 +144,25 @@ def test_bundled_base_model_was_pretrained(tokenizer):
     loss = float(local.lm_loss(cfg)(params, batch))
     random_loss = float(local.lm_loss(cfg)(model.init(cfg, jax.random.key(1)), batch))
     assert loss < 0.5 * random_loss, (loss, random_loss)
+    known = assets.fact_probe(cfg, params, tokenizer)
+    report(
+        f"bundled base model: held-out facts known {known['all']:.1%} "
+        + str({k: round(v, 2) for k, v in known.items()})
+    )
+    assert known["all"] >= 0.6, known
+    assert assets.fact_probe(cfg, model.init(cfg, jax.random.key(1)), tokenizer)["all"] < 0.05
+
+
+def test_rationale_tokens_match_the_pretraining_text(tokenizer):
+    """The response states its arithmetic with the very tokens the base model learnt the fact in
+    (' 7 plus 5 is 12'), not a variant (a response starting '7' would use a different token), within seq_len."""
+    for e in tasks.make_split(5, eval_split=False, seed=0):
+        numbers = tuple(int(x) for x in re.findall(r"\d+", e["instruction"]))
+        stated, answer = tasks.fact(e["source"], numbers)
+        skip = len(tokenizer("We know", add_special_tokens=False)["input_ids"])  # words tokenize independently
+        example = {"instruction": e["instruction"], "input": "", "output": e["output"]}
+        batch = instruct.tokenize(tokenizer, [example], seq_len=64)  # what training sees
+        response = batch["tokens"][0][batch["loss_mask"][0] > 0].tolist()
+        for part in f"{stated} {answer}".split(", and "):  # two_step states two facts
+            known = tokenizer(f"We know {part}", add_special_tokens=False)["input_ids"][skip:]
+            assert any(response[i : i + len(known)] == known for i in range(len(response))), (e, part)
