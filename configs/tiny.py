@@ -41,11 +41,17 @@ def get_config():
     config.data.alpha = 0.6
     config.eval.source = "gsm8k"  # GSM8K's fields: question, answer '... #### N'
     config.eval.path = os.path.join(ASSETS, "data", "math_eval.jsonl")
-    config.rounds = 20
+    config.eval.prompt_len = 32  # the longest bundled prompt is 23 tokens
+    config.eval.max_new_tokens = 24  # the longest response is 21
+    config.rounds = 50
     config.num_clients = 10
-    config.local_steps = 20
+    config.local_steps = 10
     config.batch_size = 4
-    config.seq_len = 64
-    config.blocks.layers_per_block = 2  # 4 blocks
+    config.seq_len = 48  # the longest bundled example is 44 tokens
+    config.blocks.layers_per_block = 2  # 4 blocks of layers
+    # ... and a 5th: the final norm and LM head. The bundled base never saw the response's words
+    # ("The answer is") in pretraining, so their head rows are untrained and a frozen head cannot
+    # say them (a hub LLM has seen every token; its configs keep the head frozen).
+    config.blocks.head_block = True
     config.optimizer.learning_rate = 2e-3
     return config

@@ -105,9 +105,9 @@ def fact_probe(cfg: ModelConfig, params: dict, tokenizer) -> dict:
 
 
 def build(
-    out_dir: str, *, seed: int = 0, pretrain_steps: int = 2000, train_per_source: int = 800, eval_per_source: int = 40
+    out_dir: str, *, seed: int = 0, pretrain_steps: int = 1500, train_per_source: int = 800, eval_per_source: int = 40
 ):  # fmt: skip
-    """Writes data/{math_train.jsonl, math_eval.jsonl, pretrain.txt} and tiny_base/ under out_dir."""
+    """Writes data/{math_train.jsonl, math_eval.jsonl} and tiny_base/ (with pretraining.json) under out_dir."""
     data_dir, model_dir = os.path.join(out_dir, "data"), os.path.join(out_dir, "tiny_base")
     os.makedirs(data_dir, exist_ok=True)
     train = tasks.make_split(train_per_source, eval_split=False, seed=seed)

@@ -24,11 +24,12 @@ def exact_match(
 ) -> dict:
     """Greedy, batched, KV-cache decoding; the answer is the number after 'The answer is', else the last number.
 
-    Returns {'exact_match': fraction, 'n', 'samples': the first few (prompt, output, answer, gold)}.
+    Returns {'exact_match': fraction, 'n', 'samples': the first few records, 'records': one per example
+    (question, output, answer, gold, correct)}.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    correct, samples = 0, []
+    records = []
     for start in tqdm.trange(0, len(examples), batch_size, desc=desc, leave=False):
         chunk = examples[start : start + batch_size]
         n = len(chunk)
@@ -41,10 +42,16 @@ def exact_match(
             text = tokenizer.decode(row, skip_special_tokens=True)
             answer = instruct.extract_answer(text)
             ok = answer is not None and e["answer"] is not None and abs(answer - float(e["answer"])) < 1e-6
-            correct += ok
-            if len(samples) < 5:
-                samples.append({"question": e["instruction"], "output": text, "answer": answer, "gold": e["answer"]})
-    return {"exact_match": correct / max(len(examples), 1), "n": len(examples), "samples": samples}
+            records.append(
+                {"question": e["instruction"], "output": text, "answer": answer, "gold": e["answer"], "correct": ok}
+            )
+    correct = sum(r["correct"] for r in records)
+    return {
+        "exact_match": correct / max(len(examples), 1),
+        "n": len(examples),
+        "samples": records[:5],
+        "records": records,
+    }
 
 
 def eval_loss(cfg: ModelConfig, params: dict, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int = 64):

@@ -210,10 +210,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     return summary
 
 
-def train_loss(loss_fn, params: dict, batches_fn, num_clients: int) -> float:
-    """Mean loss of `params` on every client's first batch: the same fixed set for every algorithm."""
+def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches: int = 8) -> float:
+    """Mean loss of `params` on every client's first `num_batches` batches: the same fixed set for
+    every algorithm (8 batches: a few hundred examples in all, so one odd batch cannot swing it)."""
     fn = jax.jit(loss_fn)
-    losses = [float(fn(params, jax.tree.map(lambda x: x[0], batches_fn(c, 0, 1)[0]))) for c in range(num_clients)]
+    losses = []
+    for c in range(num_clients):
+        batches = batches_fn(c, 0, num_batches)[0]
+        losses += [float(fn(params, jax.tree.map(lambda x: x[i], batches))) for i in range(num_batches)]  # noqa: B023
     return float(np.mean(losses))
 
 
@@ -350,7 +354,8 @@ def restore_model(
 
 
 def evaluate_run(workdir: str, step: int | None = None, *, base: bool = True, log=print) -> dict:
-    """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes eval.json."""
+    """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes
+    eval.json and predictions_{base,finetuned}.jsonl (every question, output, extracted and gold answer)."""
     config, cfg, base_params, params, step = restore_model(workdir, step)
     tokenizer = load_tokenizer(config)
     e = config.eval
@@ -365,6 +370,8 @@ def evaluate_run(workdir: str, step: int | None = None, *, base: bool = True, lo
         )  # fmt: skip
         loss = evaluate.eval_loss(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
         results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["samples"]}
+        with open(os.path.join(workdir, f"predictions_{name}.jsonl"), "w") as f:  # every answer, to read
+            f.writelines(json.dumps(r) + "\n" for r in em["records"])
         log(f"{name:>9}: exact match {em['exact_match']:.1%} on {len(examples)}, eval loss {loss:.4f}")
     with open(os.path.join(workdir, "eval.json"), "w") as f:
         json.dump(results, f, indent=2)

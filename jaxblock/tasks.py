@@ -4,10 +4,10 @@ Everything here is a deterministic function of a seed, so `scripts/make_assets.p
 bundled files byte for byte. Sources play the role of MathInstruct's `source` column (the label
 the Dirichlet partition is over). Responses carry a short rationale and end "The answer is N",
 as in MathInstruct/GSM8K-style data; the rationale states the arithmetic in the words the
-pretraining text uses ("3 plus 4 is 7"), so fine-tuning teaches the format and where the numbers
-are, and the base model's arithmetic carries over. The eval split uses number tuples that no training
+pretraining text uses ("We know 3 plus 4 is 7."), so fine-tuning teaches the format and where
+the numbers are, and the base model's arithmetic carries over. The eval split uses number tuples that no training
 example uses, so exact match measures arithmetic the model carries over, not memorised items.
-The pretraining text states the same kinds of facts as narrative, never in the
+The pretraining text states the same kinds of facts in stories and fact lists, never in the
 instruction/response format, so a base model knows arithmetic but not the answer format.
 """
 
@@ -57,48 +57,22 @@ def is_eval_tuple(numbers: tuple[int, ...]) -> bool:
     return zlib.crc32(repr(numbers).encode()) % 5 == 0
 
 
+QUESTIONS = {  # none starts with a number: a message-initial `81` is another token than the ` 81` to copy
+    "addition": "{name} has {0} {item} and gets {1} more. How many {item} does {name} have now?",
+    "subtraction": "{name} had {0} {item} and gave away {1}. How many {item} are left?",
+    "multiplication": "There are {0} boxes with {1} {item} in each box. How many {item} are there?",
+    "division": "There are {0} {item} shared equally by {1} friends. How many {item} does each friend get?",
+    "two_step": "{name} buys {0} packs of {1} {item} and uses {2} of them. How many {item} are left?",
+}
+
+
 def problem(source: str, numbers: tuple[int, ...], name: str, item: str) -> tuple[str, str, int]:
-    """(question, response with rationale, answer)."""
-    if source == "addition":
-        a, b = numbers
-        c = a + b
-        return (
-            f"{name} has {a} {item} and gets {b} more. How many {item} does {name} have now?",
-            f"Adding, {a} plus {b} is {c}. The answer is {c}.",
-            c,
-        )
-    if source == "subtraction":
-        a, b = numbers
-        c = a - b
-        return (
-            f"{name} had {a} {item} and gave away {b}. How many {item} are left?",
-            f"Taking away, {a} minus {b} is {c}. The answer is {c}.",
-            c,
-        )
-    if source == "multiplication":
-        a, b = numbers
-        c = a * b
-        return (
-            f"There are {a} boxes with {b} {item} in each box. How many {item} are there?",
-            f"Multiplying, {a} times {b} is {c}. The answer is {c}.",
-            c,
-        )
-    if source == "division":
-        a, b = numbers
-        c = a // b
-        return (
-            f"{a} {item} are shared equally by {b} friends. How many {item} does each friend get?",
-            f"Sharing, {a} divided by {b} is {c}. The answer is {c}.",
-            c,
-        )
-    a, b, c = numbers
-    d = a * b
-    e = d - c
-    return (
-        f"{name} buys {a} packs of {b} {item} and uses {c} of them. How many {item} are left?",
-        f"First, {a} times {b} is {d}. Then {d} minus {c} is {e}. The answer is {e}.",
-        e,
-    )  # fmt: skip
+    """(question, response with rationale, answer). The rationale is the fact in the words of the
+    pretraining text ('We know 7 plus 5 is 12.'), so fine-tuning teaches the format and reuses what
+    the base model knows."""
+    stated, answer = fact(source, numbers)
+    question = QUESTIONS[source].format(*numbers, name=name, item=item)
+    return question, f"We know {stated} {answer}. The answer is {answer}.", answer
 
 
 def fact(source: str, numbers: tuple[int, ...]) -> tuple[str, int]:

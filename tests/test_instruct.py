@@ -153,10 +153,28 @@ def test_bundled_base_model_was_pretrained(tokenizer, report):
     assert assets.fact_probe(cfg, model.init(cfg, jax.random.key(1)), tokenizer)["all"] < 0.05
 
 
+def test_tiny_config_fits_every_bundled_example(tokenizer):
+    """configs/tiny.py's seq_len cuts no response and its eval lengths cut no prompt or answer."""
+    from jaxblock import config as config_lib
+
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    examples = instruct.load_examples("mathinstruct", config.data.path)
+    batch = instruct.tokenize(tokenizer, examples, config.seq_len)
+    last = batch["loss_mask"].shape[1] - 1 - np.argmax(batch["loss_mask"][:, ::-1], axis=1)
+    assert (batch["tokens"][np.arange(len(examples)), last] == tokenizer.eos_token_id).all()  # response complete
+    evals = instruct.load_examples("gsm8k", config.eval.path, split="test")
+    prompts = [len(tokenizer(instruct.prompt_text(tokenizer, e))["input_ids"]) for e in evals]
+    responses = [
+        len(tokenizer(instruct.response_text(tokenizer, e), add_special_tokens=False)["input_ids"]) for e in evals
+    ]
+    assert max(prompts) <= config.eval.prompt_len and max(responses) <= config.eval.max_new_tokens
+
+
 def test_rationale_tokens_match_the_pretraining_text(tokenizer):
     """The response states its arithmetic with the very tokens the base model learnt the fact in
     (' 7 plus 5 is 12'), not a variant (a response starting '7' would use a different token), within seq_len."""
     for e in tasks.make_split(5, eval_split=False, seed=0):
+        assert not e["instruction"][0].isdigit()  # a message-initial '81' is not the ' 81' to copy
         numbers = tuple(int(x) for x in re.findall(r"\d+", e["instruction"]))
         stated, answer = tasks.fact(e["source"], numbers)
         skip = len(tokenizer("We know", add_special_tokens=False)["input_ids"])  # words tokenize independently
