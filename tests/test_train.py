@@ -20,7 +20,7 @@ SMALL = [
     "hf_checkpoint=", "data.source=synthetic",
     "model.vocab_size=256", "model.hidden_size=64", "model.intermediate_size=128", "model.num_layers=2",
     "model.head_dim=16", "blocks.layers_per_block=1", "seq_len=32", "batch_size=8", "num_clients=3",
-    "local_steps=2", "data.examples_per_client=16", "optimizer.learning_rate=0.003",
+    "local_steps=2", "data.examples_per_client=16", "optimizer.learning_rate=0.003", "blocks.head_block=False",
 ]  # fmt: skip
 
 
@@ -47,6 +47,7 @@ def test_train_writes_metrics_summary_and_checkpoints(tmp_path):
     summary = experiment.train(small_config("rounds=4", "checkpoint.max_to_keep=2"), workdir, progress=False)
     metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [m["round"] for m in metrics] == [0, 1, 2, 3]
+    assert summary["blocks"] == 2  # one-layer blocks, head frozen
     assert all({"round", "block", "loss", "seconds"} <= m.keys() and 0 <= m["block"] < 2 for m in metrics)
     assert metrics[-1]["aggregated_round"] == 2  # staleness 1: round 3's deltas wait for the flush
     with open(os.path.join(workdir, "summary.json")) as f:
