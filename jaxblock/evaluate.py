@@ -24,8 +24,7 @@ def exact_match(
 ) -> dict:
     """Greedy, batched, KV-cache decoding; the answer is the number after 'The answer is', else the last number.
 
-    Returns {'exact_match': fraction, 'n', 'samples': the first few records, 'records': one per example
-    (question, output, answer, gold, correct)}.
+    Returns {'exact_match': fraction, 'n', 'records': one per example (question, output, answer, gold, correct)}.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -46,12 +45,7 @@ def exact_match(
                 {"question": e["instruction"], "output": text, "answer": answer, "gold": e["answer"], "correct": ok}
             )
     correct = sum(r["correct"] for r in records)
-    return {
-        "exact_match": correct / max(len(examples), 1),
-        "n": len(examples),
-        "samples": records[:5],
-        "records": records,
-    }
+    return {"exact_match": correct / max(len(examples), 1), "n": len(examples), "records": records}
 
 
 def eval_loss(cfg: ModelConfig, params: dict, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int = 64):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 import time
 
@@ -217,7 +218,7 @@ def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches:
     losses = []
     for c in range(num_clients):
         batches = batches_fn(c, 0, num_batches)[0]
-        losses += [float(fn(params, jax.tree.map(lambda x: x[i], batches))) for i in range(num_batches)]  # noqa: B023
+        losses += [float(fn(params, jax.tree.map(operator.itemgetter(i), batches))) for i in range(num_batches)]
     return float(np.mean(losses))
 
 
@@ -369,7 +370,7 @@ def evaluate_run(workdir: str, step: int | None = None, *, base: bool = True, lo
             max_new_tokens=e.max_new_tokens, desc=f"{name}: exact match",
         )  # fmt: skip
         loss = evaluate.eval_loss(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
-        results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["samples"]}
+        results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["records"][:5]}
         with open(os.path.join(workdir, f"predictions_{name}.jsonl"), "w") as f:  # every answer, to read
             f.writelines(json.dumps(r) + "\n" for r in em["records"])
         log(f"{name:>9}: exact match {em['exact_match']:.1%} on {len(examples)}, eval loss {loss:.4f}")

@@ -126,6 +126,9 @@ def test_bundled_data_is_what_the_generator_makes():
         return tuple(int(x) for x in re.findall(r"\d+", e["instruction"]))
 
     assert all(tasks.is_eval_tuple(numbers(e)) for e in made_eval)
+    rng = np.random.default_rng(0)  # tasks.tuples (the fact probe's list) covers exactly what _numbers draws
+    for source in tasks.SOURCES:
+        assert {tasks._numbers(source, rng) for _ in range(20_000)} == set(tasks.tuples(source)), source
     assert not any(tasks.is_eval_tuple(numbers(e)) for e in made)
 
 
@@ -173,11 +176,11 @@ def test_tiny_config_fits_every_bundled_example(tokenizer):
 def test_rationale_tokens_match_the_pretraining_text(tokenizer):
     """The response states its arithmetic with the very tokens the base model learnt the fact in
     (' 7 plus 5 is 12'), not a variant (a response starting '7' would use a different token), within seq_len."""
+    skip = len(tokenizer("We know", add_special_tokens=False)["input_ids"])  # words tokenize independently
     for e in tasks.make_split(5, eval_split=False, seed=0):
         assert not e["instruction"][0].isdigit()  # a message-initial '81' is not the ' 81' to copy
         numbers = tuple(int(x) for x in re.findall(r"\d+", e["instruction"]))
         stated, answer = tasks.fact(e["source"], numbers)
-        skip = len(tokenizer("We know", add_special_tokens=False)["input_ids"])  # words tokenize independently
         example = {"instruction": e["instruction"], "input": "", "output": e["output"]}
         batch = instruct.tokenize(tokenizer, [example], seq_len=64)  # what training sees
         response = batch["tokens"][0][batch["loss_mask"][0] > 0].tolist()
