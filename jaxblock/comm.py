@@ -180,7 +180,8 @@ def run_client(
                 model = federated.client_params(replica, partition, client, fed.eta)
                 block, frozen = partition.split(model, b)
                 batches, position = batches_fn(client, position, fed.local_steps)
-                delta, losses = local_train(block, frozen, batches)  # dispatched; runs asynchronously
+                lr_scale = federated.lr_factor(fed, t)
+                delta, losses = local_train(block, frozen, batches, lr_scale)  # dispatched; runs asynchronously
             pending_comm = None
             if parablock and t > 0:
                 pending_comm = executor.submit(_exchange, store, comm, link, client, t - 1, own(t - 1), fed.wire_dtype)

@@ -297,6 +297,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.participation = 1.0  # fraction of clients sampled each round
     config.aggregation = "uniform"  # or 'samples': weights proportional to client sizes
     config.schedule = "random"  # random, sequential, reverse, cyclic, gradient
+    # The local learning rate across rounds (optimizer.schedule runs within a round): 'none',
+    # 'linear' or 'cosine', from optimizer.learning_rate at round 0 towards lr_decay_alpha x it at round T.
+    config.lr_decay = "none"
+    config.lr_decay_alpha = 0.0
     config.data = ml_collections.ConfigDict(
         {
             "source": "synthetic",  # 'synthetic', 'mathinstruct', 'alpaca_gpt4'

@@ -33,6 +33,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from jaxblock import blocks as blocks_lib
 from jaxblock import transport
@@ -40,6 +41,7 @@ from jaxblock.local import LossFn, make_local_train
 
 ALGORITHMS = ("parablock", "fedbcd", "fedavg_full")
 SCHEDULES = ("random", "sequential", "reverse", "cyclic", "gradient")
+LR_DECAYS = ("none", "linear", "cosine")
 
 # batches_fn(client, position, k) -> (pytree of [k, ...] arrays, next position): the client's next
 # k batches from a data position; pure, so that a resumed run sees exactly the same data.
@@ -58,6 +60,9 @@ class FedConfig:
     aggregation: str = "uniform"  # 'uniform' or 'samples' (weights proportional to client sizes)
     schedule: str = "random"  # which block each round trains, see `choose_block`
     wire_dtype: str = "float32"  # deltas and aggregates are rounded to this on the wire ('bfloat16')
+    # The local learning rate across rounds: round t trains with eta_l * lr_factor(fed, t), see there.
+    lr_decay: str = "none"  # 'none', 'linear' or 'cosine'
+    lr_decay_alpha: float = 0.0  # the factor that the decay reaches at t = T
     seed: int = 0
 
     def __post_init__(self):
@@ -74,6 +79,10 @@ class FedConfig:
             raise ValueError(f"staleness={self.staleness}: ParaBlock needs staleness >= 1 (0 is FedBCD)")
         if not 0 < self.participation <= 1:
             raise ValueError(f"participation={self.participation}: must be in (0, 1]")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay={self.lr_decay!r}: choose one of {', '.join(LR_DECAYS)}")
+        if not 0 <= self.lr_decay_alpha <= 1:
+            raise ValueError(f"lr_decay_alpha={self.lr_decay_alpha}: must be in [0, 1]")
         if self.wire_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"wire_dtype={self.wire_dtype!r}: choose 'float32' or 'bfloat16'")
 
@@ -193,6 +202,17 @@ def _grad_fn(loss_fn):  # one executable per loss function, reused every round
     return jax.jit(jax.grad(loss_fn))
 
 
+def lr_factor(fed: FedConfig, round_: int) -> float:
+    """The local learning rate's multiplier in round t: 1 at t = 0, decaying (linearly, or as a half
+    cosine as in OpenFedLLM's round-wise schedule) towards `lr_decay_alpha` at t = T. The optimizer's
+    own `schedule` runs within each round on top of it."""
+    if fed.lr_decay == "linear":
+        return float(optax.linear_schedule(1.0, fed.lr_decay_alpha, fed.rounds)(round_))
+    if fed.lr_decay == "cosine":
+        return float(optax.cosine_decay_schedule(1.0, fed.rounds, fed.lr_decay_alpha)(round_))
+    return 1.0
+
+
 def participants(fed: FedConfig, round_: int) -> list[int]:
     """The M clients that train in this round (seeded; everyone at participation 1)."""
     if fed.clients_per_round == fed.num_clients:
@@ -280,12 +300,13 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         b = choose_block(fed, t, part.num_blocks)
 
     deltas, losses, compute_s = {}, [], {}
+    lr_scale = lr_factor(fed, t)
     for c in clients:
         c0 = time.perf_counter()
         params_c = client_params(state, part, c, fed.eta)
         block, frozen = part.split(params_c, b)
         batches, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
-        delta, loss = trainer.local_train(block, frozen, batches)
+        delta, loss = trainer.local_train(block, frozen, batches, lr_scale)
         deltas[c] = delta
         losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
         compute_s[c] = time.perf_counter() - c0
@@ -309,6 +330,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "loss_first_step": float(losses[:, 0].mean()),
         "loss_last_step": float(losses[:, -1].mean()),
         "aggregated_round": aggregated,
+        "lr_factor": lr_scale,
         "seconds": time.perf_counter() - start,
         "client_compute_s": compute_s,
     }

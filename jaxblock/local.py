@@ -97,14 +97,16 @@ def lm_loss(cfg: ModelConfig, layout: Layout | None = None) -> LossFn:
 # ----------------------------------------------------------------------------- local training
 
 
-def train_step(loss_fn: LossFn, optimizer, block: dict, frozen: dict, opt_state, batch: dict):
+def train_step(loss_fn: LossFn, optimizer, block: dict, frozen: dict, opt_state, batch: dict, lr_scale=1.0):
     """One optimizer step on the block: gradient with respect to `block` only.
 
     Returns (block, opt_state, loss). The block is float32 (a master copy); the model casts it
-    to its compute dtype where it is used.
+    to its compute dtype where it is used. `lr_scale` multiplies the step (for AdamW and SGD,
+    exactly a learning rate times lr_scale): the federated run's decay across rounds.
     """
     loss, grads = jax.value_and_grad(lambda blk: loss_fn(merge(blk, frozen), batch))(block)
     updates, opt_state = optimizer.update(grads, opt_state, block)
+    updates = jax.tree.map(lambda u: u * lr_scale, updates)
     return optax.apply_updates(block, updates), opt_state, loss
 
 
@@ -116,7 +118,7 @@ def make_local_train(
     param_shardings: dict | None = None,
     batch_axes: tuple[str, ...] = ("activation_batch", "activation_length"),
 ):
-    """Builds `train(block, frozen, batches) -> (delta, losses)`.
+    """Builds `train(block, frozen, batches, lr_scale=1.0) -> (delta, losses)`.
 
     Args:
       loss_fn: `(params, batch) -> scalar`, params being `merge(block, frozen)`.
@@ -125,8 +127,9 @@ def make_local_train(
         `layout.tree_shardings(model.logical_axes(cfg))`); each call's block and frozen shardings
         are cut from it, batches are sharded by `batch_axes` after the leading K axis.
     Returns:
-      `train`, where batches is a pytree of [K, ...] arrays (K = local steps), delta has the
-      block's structure in float32 (block after K steps minus block before) and losses is [K].
+      `train`, where batches is a pytree of [K, ...] arrays (K = local steps), lr_scale multiplies
+      every step (a traced scalar: a new value does not recompile), delta has the block's
+      structure in float32 (block after K steps minus block before) and losses is [K].
       `train.compilations()` counts executables built so far: one per distinct block structure
       (and argument shapes/dtypes).
     """
@@ -135,20 +138,20 @@ def make_local_train(
     executables: dict = {}
     traces = [0]
 
-    def run(block, frozen, batches):
+    def run(block, frozen, batches, lr_scale):
         traces[0] += 1  # Python side effect: runs once per trace, i.e. once per compilation
         master = jax.tree.map(lambda x: x.astype(jnp.float32), block)
         opt_state = optimizer.init(master)
 
         def step(carry, batch):
             blk, state = carry
-            blk, state, loss = train_step(loss_fn, optimizer, blk, frozen, state, batch)
+            blk, state, loss = train_step(loss_fn, optimizer, blk, frozen, state, batch, lr_scale)
             return (blk, state), loss
 
         (final, _), losses = jax.lax.scan(step, (master, opt_state), batches)
         return jax.tree.map(jnp.subtract, final, master), losses
 
-    def train(block: dict, frozen: dict, batches: dict):
+    def train(block: dict, frozen: dict, batches: dict, lr_scale: float = 1.0):
         key = (jax.tree.structure(block), jax.tree.structure(frozen), jax.tree.structure(batches))
         if key not in executables:
             if layout is None:
@@ -159,10 +162,10 @@ def make_local_train(
                 batch_sh = jax.tree.map(lambda x: layout.sharding((None, *batch_axes[: x.ndim - 1])), batches)
                 executables[key] = jax.jit(
                     run,
-                    in_shardings=(block_sh, frozen_sh, batch_sh),
+                    in_shardings=(block_sh, frozen_sh, batch_sh, layout.replicated),
                     out_shardings=(block_sh, layout.replicated),
                 )
-        return executables[key](block, frozen, batches)
+        return executables[key](block, frozen, batches, jnp.float32(lr_scale))
 
     train.compilations = lambda: traces[0]
     return train

@@ -79,10 +79,12 @@ def run_threads(fed, params, clients, part, optimizer, timeout_s=20.0, skip=()):
 
 
 @pytest.mark.parametrize(
-    "algorithm, participation, wire", [("parablock", 1.0, "float32"), ("fedbcd", 1.0, "float32"),
-                                        ("parablock", 0.5, "float32"), ("parablock", 1.0, "bfloat16")]
+    "algorithm, participation, wire, lr_decay", [("parablock", 1.0, "float32", "none"),
+                                                  ("fedbcd", 1.0, "float32", "linear"),
+                                                  ("parablock", 0.5, "float32", "cosine"),
+                                                  ("parablock", 1.0, "bfloat16", "none")]
 )  # fmt: skip
-def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, report):
+def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, report):
     params, clients = toy_params(), toy_clients(4)
     part = blocks.partition(params, RULES)
     fed = federated.FedConfig(
@@ -92,6 +94,7 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, r
         local_steps=3,
         participation=participation,
         wire_dtype=wire,
+        lr_decay=lr_decay,
         seed=4,
     )
     optimizer = optax.adamw(0.05, eps=1e-6)

@@ -51,6 +51,16 @@ def toy_clients(n=N, examples=24, seed=1):
 BLOCK_KEY = {0: ("a", "w"), 1: ("b", "w"), 2: ("c", "bias")}
 
 
+def numpy_lr(fed, t):
+    """LR in round t under fed.lr_decay, written out (OpenFedLLM's cosine_learning_rate, and linear)."""
+    lo, progress = LR * fed.lr_decay_alpha, t / fed.rounds
+    if fed.lr_decay == "cosine":
+        return lo + 0.5 * (LR - lo) * (1 + math.cos(math.pi * progress))
+    if fed.lr_decay == "linear":
+        return LR - (LR - lo) * progress
+    return LR
+
+
 def numpy_algorithm2(fed, theta0, batches_fn, schedule, participants_of):
     """ParaBlock (Algorithm 2) with staleness s, explicit client copies, local SGD; float64.
 
@@ -75,12 +85,13 @@ def numpy_algorithm2(fed, theta0, batches_fn, schedule, participants_of):
 
     for t in range(fed.rounds):
         k1, k2 = BLOCK_KEY[schedule[t]]
+        lr = numpy_lr(fed, t)
         for i in participants_of[t]:  # compute thread: LocalBlockTraining with SGD
             local_model = cp(clients[i])
             batches, positions[i] = batches_fn(i, positions[i], fed.local_steps)
             for k in range(fed.local_steps):
                 g = toy_grads(local_model, batches["x"][k].astype(np.float64), batches["y"][k].astype(np.float64))
-                local_model[k1][k2] -= LR * g[k1][k2]
+                local_model[k1][k2] -= lr * g[k1][k2]
             own[(t, i)] = local_model[k1][k2] - clients[i][k1][k2]
         for i in participants_of[t]:  # the client applies its own delta at once
             clients[i][k1][k2] += eta * own[(t, i)]
@@ -116,12 +127,16 @@ def _close(a, b, tol=1e-6):
     jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x, np.float64), y, atol=tol, rtol=tol), a, b)
 
 
-@pytest.mark.parametrize("staleness, participation", [(1, 1.0), (2, 1.0), (3, 1.0), (1, 0.5)])
-def test_parablock_equals_numpy_algorithm2(staleness, participation):
+@pytest.mark.parametrize(
+    "staleness, participation, lr_decay",
+    [(1, 1.0, "none"), (2, 1.0, "none"), (3, 1.0, "none"), (1, 0.5, "none"), (1, 1.0, "cosine"), (2, 0.5, "linear")],
+)
+def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay):
     """(b) server trajectory and (a)-style client models equal an explicit NumPy Algorithm 2."""
     fed = federated.FedConfig(
-        rounds=8, num_clients=N, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3
-    )
+        rounds=8, num_clients=N, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3,
+        lr_decay=lr_decay, lr_decay_alpha=0.1 if lr_decay == "linear" else 0.0,
+    )  # fmt: skip
     params, clients = toy_params(), toy_clients()
     servers, client_models, final, schedule, parts, _, batches_fn = run_core(fed, params, clients)
     assert any(a == b for a, b in zip(schedule, schedule[1:], strict=False)), "want a b_t == b_{t-1} case"
@@ -286,6 +301,10 @@ def test_config_errors():
         federated.FedConfig(algorithm="fedsgd")
     with pytest.raises(ValueError, match="participation=0"):
         federated.FedConfig(participation=0)
+    with pytest.raises(ValueError, match="lr_decay='exp': choose one of none, linear, cosine"):
+        federated.FedConfig(lr_decay="exp")
+    with pytest.raises(ValueError, match="lr_decay_alpha=2"):
+        federated.FedConfig(lr_decay_alpha=2)
 
 
 def _live_bytes():

@@ -113,7 +113,29 @@ def test_one_compilation_per_block_structure(setup):
     assert train.compilations() == 2
     shifted = jax.tree.map(lambda x: x + 0.5, params)  # new values, same structure: no recompile
     train(*part.split(shifted, 0), _batches(9))
+    train(*part.split(shifted, 1), _batches(9), 0.3)  # nor a new lr_scale (the decay across rounds)
     assert train.compilations() == 2
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_lr_scale_is_the_learning_rate_times_it(setup, name):
+    """The round-wise decay scales each step: AdamW (weight decay too) and SGD at lr x 0.25."""
+    params, part = setup
+    block, frozen = part.split(params, 1)
+    lr, scale = 1e-2, 0.25
+    make = lambda lr: local.make_optimizer(  # noqa: E731
+        local.OptimizerConfig(name, lr, weight_decay=0.1 if name == "adamw" else 0.0, momentum=0.9), K
+    )
+    scaled, losses = local.make_local_train(local.lm_loss(CFG), make(lr))(block, frozen, _batches(), scale)
+    direct, direct_losses = local.make_local_train(local.lm_loss(CFG), make(lr * scale))(block, frozen, _batches())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), scaled, direct)
+    np.testing.assert_allclose(losses, direct_losses, rtol=1e-6)
+    full, _ = local.make_local_train(local.lm_loss(CFG), make(lr))(block, frozen, _batches())
+    ratio = (
+        np.abs(np.asarray(full["layers_1"]["mlp"]["up_proj"])).mean()
+        / np.abs(np.asarray(scaled["layers_1"]["mlp"]["up_proj"])).mean()
+    )
+    assert 3 < ratio < 5, ratio  # not a no-op: a quarter of the step (~4x smaller for the first steps)
 
 
 def test_optimizer_state_and_outputs_cover_the_block_alone(setup):
