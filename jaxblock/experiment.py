@@ -223,7 +223,8 @@ def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches:
 
 
 def _check_same_run(meta: dict, fed: federated.FedConfig, workdir: str) -> None:
-    saved = meta["fed"]
+    # A key the checkpoint lacks was added to FedConfig after it was written: that run had its default.
+    saved = {**dataclasses.asdict(federated.FedConfig()), **meta["fed"]}
     diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(fed).items() if saved.get(k) != v}
     if diff:
         k, (was, now) = next(iter(diff.items()))

@@ -1,5 +1,6 @@
 """scripts/train.py end to end: workdir contents, resume after a real kill, bad input."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxblock import config as config_lib
-from jaxblock import experiment
+from jaxblock import experiment, federated
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config, shrunk so that a run takes seconds: random init, synthetic token data.
@@ -78,6 +79,15 @@ def test_resuming_with_a_different_config_is_a_clear_error_and_keeps_the_checkpo
         experiment.train(small_config("rounds=2", "algorithm=fedbcd"), workdir, progress=False)
     after = {d: os.path.getmtime(os.path.join(workdir, "checkpoints", d)) for d in os.listdir(workdir + "/checkpoints")}
     assert before == after
+
+
+def test_a_checkpoint_older_than_a_fedconfig_key_resumes_as_its_default():
+    """meta['fed'] of a run saved before lr_decay existed: equal to the default, any other value differs."""
+    fed = federated.FedConfig()
+    saved = {k: v for k, v in dataclasses.asdict(fed).items() if k not in ("lr_decay", "lr_decay_alpha")}
+    experiment._check_same_run({"fed": saved}, fed, "w")  # no error: the old run had no decay
+    with pytest.raises(ValueError, match=r"holds a run with lr_decay='none', not 'cosine'"):
+        experiment._check_same_run({"fed": saved}, dataclasses.replace(fed, lr_decay="cosine"), "w")
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error(tmp_path):
