@@ -18,14 +18,9 @@ from jaxblock import experiment, runtime
 ALGORITHMS = ("parablock", "fedbcd")
 
 
-def first_round_below(metrics_path: str, level: float) -> int | None:
-    """The first round whose mean local training loss is below `level` (None if none is)."""
-    with open(metrics_path) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["loss"] < level:
-                return row["round"]
-    return None
+def first_round_below(rows: list[dict], level: float) -> int | None:
+    """The first round whose mean local training loss (metrics.jsonl rows) is below `level`, or None."""
+    return next((row["round"] for row in rows if row["loss"] < level), None)
 
 
 def main():
@@ -50,8 +45,10 @@ def main():
     for algorithm in ALGORITHMS:
         r = results[algorithm]
         em = "-" if r["em"] is None else f"{r['em']:.1%}"
-        below = [first_round_below(os.path.join(args.workdir, algorithm, "metrics.jsonl"), lv) for lv in levels]
-        below = ("   " + " / ".join(map(str, below))) if levels else ""
+        with open(os.path.join(args.workdir, algorithm, "metrics.jsonl")) as fh:  # read once, not per level
+            rows = [json.loads(line) for line in fh]
+        rounds = [first_round_below(rows, lv) for lv in levels]
+        below = ("   " + " / ".join(map(str, rounds))) if levels else ""
         print(f"{algorithm:<10} {r['loss']:>16.4f} {em:>11} {r['wall_s']:>7.0f}{below}")
     gap = abs(p - f) / min(p, f)
     print(f"final train loss: |ParaBlock - FedBCD| = {abs(p - f):.4f} nats, {gap:.1%} of the smaller")
