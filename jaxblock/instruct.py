@@ -5,11 +5,13 @@ Loaders return plain example dicts {instruction, input, output, label, answer}:
   mathinstruct  TIGER-Lab/MathInstruct (source, instruction, output); 50,000 sampled with the seed;
                 label = source
   gsm8k         openai/gsm8k, config 'main', test split (question, answer '... #### N'), for eval
-Each reads the hub through `datasets`, or a local JSON/JSONL file with the same fields.
+Each reads the hub through `datasets`, or a local JSONL file (or .json array) with the same fields;
+a bad row is a one-line ValueError naming the file, the line and the problem.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import zlib
@@ -29,49 +31,121 @@ ALPACA_PROMPT_WITH_INPUT = (
 HUB = {"alpaca_gpt4": "vicgalle/alpaca-gpt4", "mathinstruct": "TIGER-Lab/MathInstruct", "gsm8k": "openai/gsm8k"}
 
 
-def _rows(name: str, path: str | None, split: str):
-    """Rows of a hub dataset, or of a local JSON/JSONL file in the hub's schema."""
-    import datasets  # heavy import, only when data is loaded
+# The fields each loader reads, all strings. alpaca_gpt4's input may also be missing or null: most
+# Alpaca examples have no input, and files written by other tools leave it out.
+FIELDS = {
+    "alpaca_gpt4": ("instruction", "output"),
+    "mathinstruct": ("source", "instruction", "output"),
+    "gsm8k": ("question", "answer"),
+}
+OPTIONAL = {"alpaca_gpt4": ("input",)}
 
-    if path:
-        if not os.path.exists(path):
-            raise ValueError(f"data file {path}: no such file")
-        return datasets.load_dataset("json", data_files=path, split="train")
+
+def _parse(text: str, path: str, first_line: int):
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        # `from None`: the decoder's traceback adds nothing to the line and column named here.
+        where = f"line {first_line + e.lineno - 1}: not valid JSON ({e.msg} at column {e.colno})"
+        raise ValueError(f"data file {path}, {where}") from None
+
+
+def _file_rows(path: str) -> tuple[str, list[tuple[int, object]]]:
+    """A local file's rows as ('line', [(line number, value), ...]), or ('item', ...) for a .json array.
+
+    JSONL is one value a line, blank lines skipped. A .json file holding a JSON array gives its items;
+    any other .json file is read as JSONL, as `datasets` did. Not yet checked to be examples.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"data file {path}: no such file")
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate the BOM some Windows tools write
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"data file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if path.lower().endswith(".json") and text.lstrip().startswith("["):
+        items = _parse(text, path, 1)
+        return "item", list(enumerate(items, 1))
+    # split("\n"), not splitlines(): JSON strings may hold a raw U+2028, which splitlines() cuts at.
+    lines = enumerate(text.split("\n"), 1)
+    return "line", [(n, _parse(line, path, n)) for n, line in lines if line.strip()]
+
+
+def _hub_rows(name: str, split: str):
+    import datasets  # heavy import, only when hub data is loaded
+
     if name == "gsm8k":
         return datasets.load_dataset(HUB[name], "main", split=split)
     return datasets.load_dataset(HUB[name], split=split)
 
 
-def _require(rows, fields: tuple[str, ...], name: str) -> None:
-    missing = [f for f in fields if f not in rows.column_names]
+def _shown(value) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _row_problem(row, fields: tuple[str, ...], optional: tuple[str, ...] = ()) -> str | None:
+    """Why `row` is not an object with string `fields` (and string-or-null `optional`), or None if it is."""
+    if not isinstance(row, dict):
+        return f"expected a JSON object, got {'null' if row is None else type(row).__name__}"
+    missing = [f for f in fields if f not in row]
     if missing:
-        raise ValueError(f"{name} data: missing fields {missing} (has {rows.column_names})")
+        names = ", ".join(repr(f) for f in missing)
+        has = ", ".join(sorted(map(str, row))) or "no fields"
+        return f"missing field{'s' if len(missing) > 1 else ''} {names} (has: {has})"
+    for f in fields:
+        if not isinstance(row[f], str):
+            what = "null" if row[f] is None else f"{_shown(row[f])} ({type(row[f]).__name__})"
+            return f"field {f!r} is {what}, expected a string"
+    for f in optional:
+        if row.get(f) is not None and not isinstance(row[f], str):
+            return f"field {f!r} is {_shown(row[f])} ({type(row[f]).__name__}), expected a string or null"
+    return None
+
+
+def _checked(rows, name: str, origin: str, unit: str) -> list[dict]:
+    """The rows, each checked to carry `name`'s fields; else a one-line error at the first bad one."""
+    fields, optional = FIELDS[name], OPTIONAL.get(name, ())
+    out = []
+    for n, row in rows:
+        problem = _row_problem(row, fields, optional)
+        if problem:
+            raise ValueError(f"{origin}, {unit} {n}: {problem}")
+        out.append(row)
+    if not out:
+        raise ValueError(f"{origin}: empty (no examples)")
+    return out
+
+
+def _example(name: str, row: dict) -> dict:
+    if name == "alpaca_gpt4":
+        return {
+            "instruction": row["instruction"],
+            "input": row.get("input") or "",
+            "output": row["output"],
+            "label": None,
+        }
+    if name == "mathinstruct":
+        return {"instruction": row["instruction"], "input": "", "output": row["output"], "label": row["source"]}
+    rationale, _, final = row["answer"].rpartition("####")
+    output = f"{rationale.strip()} The answer is {final.strip()}."
+    return {"instruction": row["question"], "input": "", "output": output, "label": None, "answer": parse_number(final)}
 
 
 def load_examples(name: str, path: str | None = None, *, split: str = "train", sample: int = 0, seed: int = 0):
-    """Examples of a named dataset (hub) or a local file with its fields; `sample` draws that many."""
+    """Examples of a named dataset (hub) or a local file with its fields; `sample` draws that many.
+
+    A file's bad row is a one-line ValueError naming the file and its line (item N in a .json array);
+    a hub row's names the dataset and the row's index (0-based, as in the hub's viewer).
+    """
     if name not in HUB:
         raise ValueError(f"data.name={name!r}: choose one of {', '.join(HUB)}")
-    rows = _rows(name, path, split)
-    if name == "alpaca_gpt4":
-        _require(rows, ("instruction", "input", "output"), name)
-        out = [
-            {"instruction": r["instruction"], "input": r["input"] or "", "output": r["output"], "label": None}
-            for r in rows
-        ]
-    elif name == "mathinstruct":
-        _require(rows, ("source", "instruction", "output"), name)
-        out = [
-            {"instruction": r["instruction"], "input": "", "output": r["output"], "label": r["source"]} for r in rows
-        ]
+    if path:
+        unit, rows = _file_rows(path)
+        rows = _checked(rows, name, f"data file {path}", unit)
     else:
-        _require(rows, ("question", "answer"), name)
-        out = []
-        for r in rows:
-            rationale, _, final = r["answer"].rpartition("####")
-            answer = parse_number(final)
-            output = f"{rationale.strip()} The answer is {final.strip()}."
-            out.append({"instruction": r["question"], "input": "", "output": output, "label": None, "answer": answer})
+        rows = _checked(enumerate(_hub_rows(name, split)), name, f"{name} data ({HUB[name]}, {split} split)", "row")
+    out = [_example(name, r) for r in rows]
     if sample and sample < len(out):
         idx = np.random.default_rng(seed).choice(len(out), sample, replace=False)
         out = [out[i] for i in sorted(idx)]
@@ -161,7 +235,9 @@ def dirichlet_partition(labels: list, num_clients: int, alpha: float, *, seed: i
     """Client index lists: for each label, Dirichlet(alpha) proportions over clients (Wang et al. 2020).
 
     Redraws until every client has at least `min_size` examples; a clear error if that is impossible.
+    A `min_size` below 1 counts as 1: a client without data would only fail later, far from the cause.
     """
+    min_size = max(min_size, 1)
     if len(labels) < num_clients * min_size:
         raise ValueError(f"{len(labels)} examples cannot give {num_clients} clients {min_size} each")
     rng = np.random.default_rng(seed)
@@ -175,12 +251,24 @@ def dirichlet_partition(labels: list, num_clients: int, alpha: float, *, seed: i
             cuts = (np.cumsum(rng.dirichlet(np.full(num_clients, alpha))) * len(idx)).astype(int)[:-1]
             for client, chunk in enumerate(np.split(idx, cuts)):
                 parts[client] += chunk.tolist()
-        if min(len(p) for p in parts) >= min_size:
+        short = [i for i, p in enumerate(parts) if len(p) < min_size]
+        if not short:
             return [sorted(p) for p in parts]
-    raise ValueError(f"no Dirichlet({alpha}) draw gave every client {min_size} examples: lower data.min_client_size")
+    shown = ", ".join(map(str, short[:8])) + (", ..." if len(short) > 8 else "")
+    hint = "raise data.alpha" + (", lower data.min_client_size" if min_size > 1 else "") + " or use fewer clients"
+    raise ValueError(
+        f"no Dirichlet({alpha}) draw of 1000 gave every client {min_size} example{'s' if min_size > 1 else ''} "
+        f"(the last left client{'s' if len(short) > 1 else ''} {shown} short): {hint}"
+    )
 
 
 def iid_partition(n: int, num_clients: int, *, seed: int = 0) -> list[list[int]]:
+    """Client index lists: a seeded shuffle of range(n) cut into num_clients parts whose sizes differ by at most 1."""
+    if n < num_clients:
+        raise ValueError(
+            f"{n} examples cannot give each of {num_clients} clients one example (partition=iid): "
+            "use fewer clients or more data"
+        )
     order = np.random.default_rng(seed).permutation(n)
     return [sorted(chunk.tolist()) for chunk in np.array_split(order, num_clients)]
 

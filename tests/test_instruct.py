@@ -53,10 +53,89 @@ def test_gsm8k_schema(tmp_path):
              "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nAltogether 48+24 = <<48+24=72>>72.\n#### 72"}]  # fmt: skip
     (e,) = instruct.load_examples("gsm8k", write_jsonl(tmp_path / "g.jsonl", rows), split="test")
     assert e["answer"] == 72.0 and e["output"].endswith("The answer is 72.")
-    with pytest.raises(ValueError, match=r"gsm8k data: missing fields \['answer'\]"):
-        instruct.load_examples("gsm8k", write_jsonl(tmp_path / "bad.jsonl", [{"question": "q"}]))
-    with pytest.raises(ValueError, match="no such file"):
-        instruct.load_examples("gsm8k", str(tmp_path / "missing.jsonl"))
+
+
+GOOD = {"source": "addition", "instruction": "What is 2 + 1?", "output": "2 plus 1 is 3. The answer is 3."}
+BAD_FILES = {  # test id: (dataset, file name, file text, the error after "data file PATH")
+    "no_such_file": ("gsm8k", "missing.jsonl", None, ": no such file"),
+    "empty": ("mathinstruct", "a.jsonl", "", ": empty (no examples)"),
+    "blank_lines_only": ("mathinstruct", "a.jsonl", "\n  \n\n", ": empty (no examples)"),
+    "malformed_line": (
+        "mathinstruct", "a.jsonl", json.dumps(GOOD) + '\n{"source": "addition" "instruction": "x", "output": "y"}\n',
+        ", line 2: not valid JSON (Expecting ',' delimiter at column 23)",
+    ),
+    "output_null_after_blank_line": (  # line numbers count blank lines: they are what an editor shows
+        "mathinstruct", "a.jsonl", json.dumps(GOOD) + "\n\n" + json.dumps({**GOOD, "output": None}) + "\n",
+        ", line 3: field 'output' is null, expected a string",
+    ),
+    "output_int": (
+        "mathinstruct", "a.jsonl", json.dumps({**GOOD, "output": 3}), ", line 1: field 'output' is 3 (int), expected a string"
+    ),
+    "source_int": (
+        "mathinstruct", "a.jsonl", json.dumps({**GOOD, "source": 2}), ", line 1: field 'source' is 2 (int), expected a string"
+    ),
+    "output_missing": (
+        "mathinstruct", "a.jsonl", json.dumps(GOOD) + "\n" + json.dumps({"source": "a", "instruction": "b"}),
+        ", line 2: missing field 'output' (has: instruction, source)",
+    ),
+    "answer_missing": ("gsm8k", "g.jsonl", '{"question": "q"}', ", line 1: missing field 'answer' (has: question)"),
+    "line_is_a_list": ("mathinstruct", "a.jsonl", json.dumps([GOOD]), ", line 1: expected a JSON object, got list"),
+    "alpaca_input_int": (
+        "alpaca_gpt4", "a.jsonl", '{"instruction": "i", "input": 5, "output": "o"}',
+        ", line 1: field 'input' is 5 (int), expected a string or null",
+    ),
+    "array_item_null_output": (
+        "mathinstruct", "a.json", json.dumps([GOOD, {**GOOD, "output": None}], indent=1),
+        ", item 2: field 'output' is null, expected a string",
+    ),
+    "array_item_not_an_object": ("mathinstruct", "a.json", "[\n" + json.dumps(GOOD) + ',\n"x"\n]', ", item 2: expected a JSON object, got str"),
+    "array_malformed": (
+        "mathinstruct", "a.json", "[\n" + json.dumps(GOOD) + "\n" + json.dumps(GOOD) + "\n]",
+        ", line 3: not valid JSON (Expecting ',' delimiter at column 1)",
+    ),
+    "array_empty": ("mathinstruct", "a.json", " [ ]\n", ": empty (no examples)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name, file, text, error", BAD_FILES.values(), ids=BAD_FILES.keys())
+def test_bad_data_file_is_one_line_naming_file_line_and_problem(tmp_path, name, file, text, error):
+    path = tmp_path / file
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ValueError) as e:
+        instruct.load_examples(name, str(path))
+    assert type(e.value) is ValueError  # not json.JSONDecodeError, KeyError, ...
+    assert str(e.value) == f"data file {path}{error}" and "\n" not in str(e.value)
+    assert e.value.__context__ is None or e.value.__suppress_context__  # no chained traceback above it
+
+
+def test_bad_hub_row_names_the_dataset_and_row(monkeypatch):
+    rows = [{"question": "q", "answer": "a #### 1"}, {"question": "q", "answer": None}]
+    monkeypatch.setattr(instruct, "_hub_rows", lambda name, split: rows)
+    with pytest.raises(ValueError) as e:
+        instruct.load_examples("gsm8k", split="test")
+    assert str(e.value) == "gsm8k data (openai/gsm8k, test split), row 1: field 'answer' is null, expected a string"
+    monkeypatch.setattr(instruct, "_hub_rows", lambda name, split: [])
+    with pytest.raises(
+        ValueError, match=r"^mathinstruct data \(TIGER-Lab/MathInstruct, train split\): empty \(no examples\)$"
+    ):
+        instruct.load_examples("mathinstruct")
+
+
+def test_jsonl_and_json_array_load_the_same_examples(tmp_path):
+    rows = [{"instruction": f"Name {k} colours.", "output": f"Red x{k}."} for k in range(6)]
+    rows[1]["input"], rows[2]["input"], rows[3]["input"] = "Be brief.", None, ""  # input missing, text, null, empty
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("\r\n".join(json.dumps(r) for r in rows) + "\r\n\n")  # CRLF and a trailing blank line
+    array = tmp_path / "a.json"
+    array.write_text("\ufeff" + json.dumps(rows, indent=2))  # with the BOM some editors write
+    lines_in_json = write_jsonl(tmp_path / "lines.json", rows)  # JSON lines in a .json file, as datasets read
+    examples = instruct.load_examples("alpaca_gpt4", str(jsonl))
+    assert [(e["instruction"], e["input"], e["output"]) for e in examples] == [
+        (r["instruction"], r.get("input") or "", r["output"]) for r in rows
+    ]
+    assert examples == instruct.load_examples("alpaca_gpt4", str(array))
+    assert examples == instruct.load_examples("alpaca_gpt4", lines_in_json)
 
 
 @pytest.mark.parametrize(
@@ -109,6 +188,28 @@ def test_dirichlet_partition():
     assert len(table) == 11 and "addition" in table[0] and table[1].split()[-1] == str(len(parts[0]))
     with pytest.raises(ValueError, match="cannot give 10 clients 60 each"):
         instruct.dirichlet_partition(labels, 10, 0.6, min_size=60)
+
+
+def test_partitions_never_leave_a_client_empty():
+    with pytest.raises(ValueError) as e:
+        instruct.iid_partition(3, 4)
+    assert str(e.value) == (
+        "3 examples cannot give each of 4 clients one example (partition=iid): use fewer clients or more data"
+    )
+    assert [len(p) for p in instruct.iid_partition(4, 4)] == [1, 1, 1, 1]
+    labels = ["a"] * 6 + ["b"] * 6
+    for seed in range(10):  # min_size=0 counts as 1: before, seeds 0-3, 5, 6 and 9 left a client empty
+        parts = instruct.dirichlet_partition(labels, 4, 0.3, seed=seed, min_size=0)
+        assert min(len(p) for p in parts) >= 1 and sorted(i for p in parts for i in p) == list(range(12))
+    with pytest.raises(ValueError, match="^2 examples cannot give 3 clients 1 each$"):
+        instruct.dirichlet_partition(["a", "b"], 3, 1.0, min_size=0)
+    with pytest.raises(ValueError) as e:  # one label, one example a client, alpha ~0: one client takes all
+        instruct.dirichlet_partition(["a"] * 4, 4, 0.001, min_size=0)
+    assert re.fullmatch(
+        r"no Dirichlet\(0\.001\) draw of 1000 gave every client 1 example \(the last left clients? [0-3](, [0-3])* short\): "
+        r"raise data\.alpha or use fewer clients",
+        str(e.value),
+    ), str(e.value)
 
 
 def test_bundled_data_is_what_the_generator_makes():
