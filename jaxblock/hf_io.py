@@ -14,13 +14,18 @@ from collections.abc import Callable
 import jax
 import ml_dtypes
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxblock.config import ModelConfig, from_hf_config, to_hf_config
 from jaxblock.sharding import Layout
 
 _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Safetensors dtypes that NumPy can hold and cast to a param_dtype (FP8 and others fail deep in get_tensor).
+_READABLE_DTYPES = ("BF16", "F16", "F32", "F64")
+# An all-ones exponent is inf or NaN. NumPy's isfinite is slow on 16-bit floats (bfloat16: ~15x
+# float32's time per byte, and a RuntimeWarning on NaN), so these are checked on their bits.
+_EXPONENT_MASKS = {np.dtype(ml_dtypes.bfloat16): 0x7F80, np.dtype(np.float16): 0x7C00}
 
 
 def _name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Callable]]:
@@ -76,18 +81,98 @@ def _resolve(path_or_repo_id: str) -> str:
     return snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"])
 
 
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message on one line, cut to `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _read_json(file: str) -> dict:
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"hf_checkpoint {file}: not valid JSON ({_one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"hf_checkpoint {file}: not a JSON object")
+    return data
+
+
+def _read_config(path: str, param_dtype: str, dtype: str) -> ModelConfig:
+    file = os.path.join(path, "config.json")
+    if not os.path.exists(file):
+        raise ValueError(f"hf_checkpoint {path}: no config.json")
+    hf = _read_json(file)
+    # from_hf_config indexes and compares the JSON values as they are: a missing key or a wrong type
+    # surfaces there as a KeyError or TypeError that does not say which file.
+    try:
+        return from_hf_config(hf, param_dtype=param_dtype, dtype=dtype)
+    except KeyError as e:
+        raise ValueError(f"hf_checkpoint {file}: missing {e.args[0]!r}") from None
+    except (TypeError, AttributeError) as e:
+        raise ValueError(f"hf_checkpoint {file}: a value has the wrong type ({_one_line(e)})") from None
+
+
+def _unreadable(file: str, e: Exception) -> ValueError:
+    return ValueError(
+        f"hf_checkpoint {file}: cannot be read ({_one_line(e)}): the file is truncated or not a safetensors file"
+    )
+
+
 def _safetensors_files(path: str) -> dict[str, str]:
     """tensor name -> file, for `model.safetensors` or a sharded `model.safetensors.index.json`."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise ValueError(f"hf_checkpoint {index}: needs a 'weight_map' object (tensor name -> file name)")
+        # Checked up front: a missing shard would otherwise surface only after the shards before it loaded.
+        files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        for file in sorted(set(files.values())):
+            if not os.path.isfile(file):
+                raise ValueError(f"hf_checkpoint {file}: missing (model.safetensors.index.json names it)")
+        return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
-        raise ValueError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    with safe_open(single, framework="numpy") as f:
-        return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+        raise ValueError(f"hf_checkpoint {path}: no model.safetensors or model.safetensors.index.json")
+    try:
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(single, e) from None
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    mask = _EXPONENT_MASKS.get(x.dtype)
+    if mask is None:
+        return bool(np.isfinite(x).all())
+    return not ((x.view(np.uint16) & mask) == mask).any()
+
+
+def _read_tensor(handles: dict, file: str, hf_name: str, where: str) -> np.ndarray:
+    """One tensor as stored in `file` (a host array); `handles` caches the open files."""
+    # safetensors 0.8 checks at open that the header covers the file exactly, so truncation fails
+    # there; get_tensor is guarded too, as nothing in the format promises that.
+    try:
+        if file not in handles:
+            handles[file] = safe_open(file, framework="numpy").__enter__()
+        stored = handles[file].get_slice(hf_name).get_dtype()
+        if stored not in _READABLE_DTYPES:
+            raise ValueError(f"{where} has dtype {stored}: load_hf reads {', '.join(_READABLE_DTYPES)}")
+        return handles[file].get_tensor(hf_name)
+    except (SafetensorError, OSError) as e:
+        raise _unreadable(file, e) from None
+
+
+def _check_finite(raw: np.ndarray, array: np.ndarray, where: str, param_dtype: str) -> None:
+    """Refuses NaN/Inf in `array` (the stored `raw`, cast to param_dtype), naming which is at fault."""
+    # One pass over `array` when all is well; `raw` is looked at only to word the error.
+    if _all_finite(array):
+        return
+    if not _all_finite(raw):
+        raise ValueError(f"{where} has NaN/Inf: the base model is damaged")
+    biggest = float(np.abs(raw.astype(np.float32)).max())
+    raise ValueError(f"{where} overflows param_dtype={param_dtype} (max |value| {biggest:.3g})")
 
 
 def load_hf(
@@ -99,6 +184,9 @@ def load_hf(
 ) -> tuple[ModelConfig, dict]:
     """Reads an HF Llama/Qwen2 checkpoint into (ModelConfig, params).
 
+    A damaged checkpoint (invalid JSON, a truncated or missing safetensors file, NaN/Inf in a
+    tensor) is refused with one line naming the file.
+
     Args:
       path_or_repo_id: a local checkpoint directory, or a hub repo id (downloaded to the HF cache).
       param_dtype, dtype: storage and compute dtypes of the returned config and params.
@@ -108,11 +196,7 @@ def load_hf(
       The config and a nested dict of jax Arrays in jaxblock's layout.
     """
     path = _resolve(path_or_repo_id)
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise ValueError(f"{path}: no config.json")
-    with open(config_path) as f:
-        cfg = from_hf_config(json.load(f), param_dtype=param_dtype, dtype=dtype)
+    cfg = _read_config(path, param_dtype, dtype)
     files = _safetensors_files(path)
     shardings = None
     if layout is not None:
@@ -125,11 +209,18 @@ def load_hf(
     try:
         for hf_name, key, to_jax, _ in _name_map(cfg):
             if hf_name not in files:
-                raise ValueError(f"{path}: checkpoint has no tensor {hf_name!r}")
-            file = files[hf_name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="numpy").__enter__()
-            array = np.ascontiguousarray(to_jax(handles[file].get_tensor(hf_name)).astype(_NP_DTYPES[param_dtype]))
+                raise ValueError(f"hf_checkpoint {path}: has no tensor {hf_name!r}")
+            where = f"hf_checkpoint {path}: tensor {hf_name} in {os.path.basename(files[hf_name])}"
+            raw = _read_tensor(handles, files[hf_name], hf_name, where)
+            try:
+                array = to_jax(raw)
+            except ValueError as e:  # a reshape to the config's heads
+                raise ValueError(
+                    f"{where} has shape {raw.shape}, which config.json does not describe ({_one_line(e)})"
+                ) from None
+            with np.errstate(over="ignore"):  # _check_finite names an overflowing cast in one line
+                array = np.ascontiguousarray(array.astype(_NP_DTYPES[param_dtype]))
+            _check_finite(raw, array, where, param_dtype)
             node = params
             for part in key[:-1]:
                 node = node.setdefault(part, {})
@@ -138,7 +229,7 @@ def load_hf(
     finally:
         for h in handles.values():
             h.__exit__(None, None, None)
-    _check_shapes(cfg, params, path)
+    _check_shapes(cfg, params, f"hf_checkpoint {path}")
     return cfg, params
 
 

@@ -2,14 +2,19 @@
 
 import json
 import os
+import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 from hf_models import KINDS, hf_config, hf_greedy, hf_logits, make_hf_model
+from safetensors import safe_open
+from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -152,8 +157,6 @@ def test_bfloat16_dtype_policy(checkpoint, report):
     # bf16 params are stored as bf16 by save_hf
     out_dir = os.path.join(path, "bf16")
     jaxblock.save_hf(cfg16, params16, out_dir)
-    from safetensors import safe_open
-
     with safe_open(os.path.join(out_dir, "model.safetensors"), framework="numpy") as f:
         assert f.get_tensor("model.norm.weight").dtype == ml_dtypes.bfloat16
 
@@ -171,3 +174,163 @@ def test_load_hf_errors_are_one_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**hf, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type='gpt2'"):
         jaxblock.load_hf(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """A tiny llama checkpoint as one model.safetensors and as two shards, to copy and damage."""
+    single = str(tmp_path_factory.mktemp("single"))
+    make_hf_model("llama", single)
+    sharded = str(tmp_path_factory.mktemp("sharded"))
+    jaxblock.save_hf(*jaxblock.load_hf(single), sharded, max_shard_bytes=256 * 1024)
+    return {"single": single, "sharded": sharded}
+
+
+def _edit_json(file, edit):
+    with open(file) as f:
+        data = json.load(f)
+    with open(file, "w") as f:
+        json.dump(edit(data), f)
+
+
+def _edit_tensor(file, name, edit):
+    with safe_open(file, framework="numpy") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not a Mapping)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
+def _overwrite(file, offset, data):
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
+def _with_value(x, value, dtype=np.float32):
+    x = x.astype(dtype)
+    x.flat[7] = value
+    return x
+
+
+def _to_fp8(file, name):
+    tensors = safetensors.torch.load_file(file)
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    safetensors.torch.save_file(tensors, file, metadata={"format": "pt"})
+
+
+UP0 = "model.layers.0.mlp.up_proj.weight"
+SHARD2 = "model-00002-of-00002.safetensors"
+NOT_SAFETENSORS = "the file is truncated or not a safetensors file"
+# (layout, damage to the copy in directory d, param_dtype, the error with {d} for the directory)
+DAMAGES = {
+    "config_not_json": (
+        "single",
+        lambda d: pathlib.Path(d, "config.json").write_text('{"hidden_size": 64,'),
+        "float32",
+        "hf_checkpoint {d}/config.json: not valid JSON (Expecting property name enclosed in double quotes:"
+        " line 1 column 20 (char 19))",
+    ),
+    "config_not_object": (
+        "single",
+        lambda d: pathlib.Path(d, "config.json").write_text("[]"),
+        "float32",
+        "hf_checkpoint {d}/config.json: not a JSON object",
+    ),
+    "config_missing_key": (
+        "single",
+        lambda d: _edit_json(f"{d}/config.json", lambda c: {k: v for k, v in c.items() if k != "hidden_size"}),
+        "float32",
+        "hf_checkpoint {d}/config.json: missing 'hidden_size'",
+    ),
+    "config_wrong_type": (
+        "single",
+        lambda d: _edit_json(f"{d}/config.json", lambda c: {**c, "hidden_size": "64"}),
+        "float32",
+        "hf_checkpoint {d}/config.json: a value has the wrong type"
+        " ('<' not supported between instances of 'str' and 'int')",
+    ),
+    "index_not_json": (
+        "sharded",
+        lambda d: _overwrite(f"{d}/model.safetensors.index.json", 0, b"\x00\x01"),
+        "float32",
+        "hf_checkpoint {d}/model.safetensors.index.json: not valid JSON (Expecting value: line 1 column 1 (char 0))",
+    ),
+    "index_without_weight_map": (
+        "sharded",
+        lambda d: _edit_json(f"{d}/model.safetensors.index.json", lambda i: {"metadata": i["metadata"]}),
+        "float32",
+        "hf_checkpoint {d}/model.safetensors.index.json: needs a 'weight_map' object (tensor name -> file name)",
+    ),
+    "shard_missing": (
+        "sharded",
+        lambda d: os.remove(f"{d}/{SHARD2}"),
+        "float32",
+        f"hf_checkpoint {{d}}/{SHARD2}: missing (model.safetensors.index.json names it)",
+    ),
+    "truncated_to_half": (
+        "single",
+        lambda d: os.truncate(f"{d}/model.safetensors", os.path.getsize(f"{d}/model.safetensors") // 2),
+        "float32",
+        "hf_checkpoint {d}/model.safetensors: cannot be read"
+        f" (Error while deserializing header: incomplete metadata, file not fully covered): {NOT_SAFETENSORS}",
+    ),
+    "garbage_first_bytes": (
+        "single",
+        lambda d: _overwrite(f"{d}/model.safetensors", 0, b"GARBAGE!"),
+        "float32",
+        f"hf_checkpoint {{d}}/model.safetensors: cannot be read"
+        f" (Error while deserializing header: header too large): {NOT_SAFETENSORS}",
+    ),
+    "shard_truncated": (  # fails while loading tensors, after shard 1 was read
+        "sharded",
+        lambda d: os.truncate(f"{d}/{SHARD2}", os.path.getsize(f"{d}/{SHARD2}") - 100),
+        "float32",
+        f"hf_checkpoint {{d}}/{SHARD2}: cannot be read"
+        f" (Error while deserializing header: incomplete metadata, file not fully covered): {NOT_SAFETENSORS}",
+    ),
+    "nan_weight": (
+        "single",
+        lambda d: _edit_tensor(f"{d}/model.safetensors", UP0, lambda x: _with_value(x, np.nan)),
+        "float32",
+        f"hf_checkpoint {{d}}: tensor {UP0} in model.safetensors has NaN/Inf: the base model is damaged",
+    ),
+    "inf_bf16_weight_in_a_shard": (  # bfloat16 all the way: the exponent-bits check
+        "sharded",
+        lambda d: _edit_tensor(
+            f"{d}/{SHARD2}", "model.norm.weight", lambda x: _with_value(x, -np.inf, ml_dtypes.bfloat16)
+        ),
+        "bfloat16",
+        f"hf_checkpoint {{d}}: tensor model.norm.weight in {SHARD2} has NaN/Inf: the base model is damaged",
+    ),
+    "float16_overflow": (
+        "single",
+        lambda d: _edit_tensor(f"{d}/model.safetensors", UP0, lambda x: _with_value(x, 1e5)),
+        "float16",
+        f"hf_checkpoint {{d}}: tensor {UP0} in model.safetensors overflows param_dtype=float16 (max |value| 1e+05)",
+    ),
+    "fp8_weight": (
+        "single",
+        lambda d: _to_fp8(f"{d}/model.safetensors", UP0),
+        "float32",
+        f"hf_checkpoint {{d}}: tensor {UP0} in model.safetensors has dtype F8_E4M3: load_hf reads BF16, F16, F32, F64",
+    ),
+    "shape_does_not_fit_config": (
+        "single",
+        lambda d: _edit_json(f"{d}/config.json", lambda c: {**c, "hidden_size": 32}),
+        "float32",
+        "hf_checkpoint {d}: tensor model.layers.0.self_attn.q_proj.weight in model.safetensors has shape (96, 64),"
+        " which config.json does not describe (cannot reshape array of size 6144 into shape (32,4,24))",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_load_hf_damaged_checkpoint_names_the_file(damage, pristine, tmp_path):
+    layout, spoil, param_dtype, message = DAMAGES[damage]
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(pristine[layout], d)
+    spoil(d)
+    with pytest.raises(ValueError) as e:
+        jaxblock.load_hf(d, param_dtype=param_dtype, dtype=param_dtype)
+    assert str(e.value) == message.format(d=d)
+    assert "\n" not in str(e.value)
