@@ -10,7 +10,7 @@ import jax
 import ml_collections
 
 from jaxblock import blocks, model
-from jaxblock.config import ModelConfig, load_config, model_config, split_config_args
+from jaxblock.config import ModelConfig, load_config, model_config, split_config_args, validate
 from jaxblock.federated import FedConfig
 from jaxblock.hf_io import load_hf
 from jaxblock.local import OptimizerConfig
@@ -55,11 +55,27 @@ def init_params(cfg: ModelConfig, rng: jax.Array, layout: Layout | None = None) 
 
 
 def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) -> tuple[ModelConfig, dict]:
-    """The run's model: `config.hf_checkpoint` if set (its config.json wins), else a seeded random init."""
+    """The run's model: `config.hf_checkpoint` if set, else a seeded random init from `config.model`.
+
+    With a checkpoint, its config.json defines the model: `config.model` must say the same (only
+    the dtypes are the run's choice), so that a `--config.model.*` override is never silently
+    ignored and the run's config.json records the model it trained.
+    """
     cfg = model_config(config)
-    if config.hf_checkpoint:
-        return load_hf(config.hf_checkpoint, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
-    return cfg, init_params(cfg, jax.random.key(config.seed), layout)
+    if not config.hf_checkpoint:
+        return cfg, init_params(cfg, jax.random.key(config.seed), layout)
+    loaded, params = load_hf(config.hf_checkpoint, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
+    diff = [
+        f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(loaded, f.name)!r})"
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(cfg, f.name) != getattr(loaded, f.name)
+    ]
+    if diff:
+        raise ValueError(
+            f"config {', '.join(diff)} disagrees with hf_checkpoint {config.hf_checkpoint}, whose config.json "
+            f"defines the model: drop the override, or set --config.hf_checkpoint= to train from a random init"
+        )
+    return loaded, params
 
 
 def config_path(argv: list[str] | None = None) -> str | None:
@@ -78,7 +94,8 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
         parser.error("--config FILE is required (e.g. --config configs/tiny.py)")
     try:
         config = load_config(path, overrides)
-        # Validate the sections now, not deep inside a jit.
+        # Validate the sections now, not deep inside a jit or rounds into the run.
+        validate(config)
         make_partition(config, model_config(config))
         optimizer_config(config)
         fed_config(config)

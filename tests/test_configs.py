@@ -93,3 +93,29 @@ def test_cli_errors_are_one_line(capsys):
         assert message in err[-1] and "Traceback" not in "".join(err)
     config, _ = runtime.parse_args(parser, ["--config", tiny, "--config.model.num_layers", "3"])
     assert config.model.num_layers == 3
+
+
+# The paper's settings per shipped hub config (Section 6.1, Table 1, Table 6, Table 11: MathInstruct column):
+# (hub checkpoint, blocks, rounds, ParaBlock's learning rate).
+PAPER = {
+    "llama3_2_3b": ("meta-llama/Llama-3.2-3B", 14, 28, 3e-5),
+    "llama3_8b": ("meta-llama/Meta-Llama-3-8B", 16, 32, 3e-6),
+    "qwen2_5_1_5b": ("Qwen/Qwen2.5-1.5B-Instruct", 14, 28, 1e-5),  # not in Table 11
+}
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_hub_configs_train_and_evaluate_on_the_papers_math_experiment(name):
+    """Data, partition, eval, clients, blocks, rounds, optimizer and seed as the paper's Section 6.1."""
+    config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
+    repo, num_blocks, rounds, lr = PAPER[name]
+    d = config.data
+    assert (d.source, d.path, d.sample, d.partition, d.alpha) == ("mathinstruct", "", 50_000, "dirichlet", 0.6)
+    assert (config.eval.source, config.eval.path, config.eval.num_examples) == ("gsm8k", "", 0)
+    assert config.hf_checkpoint == repo and config.seed == 42
+    assert (config.algorithm, config.schedule, config.num_clients, config.rounds) == ("parablock", "random", 10, rounds)
+    assert (config.batch_size, config.optimizer.name, config.optimizer.learning_rate) == (4, "adamw", lr)
+    assert (config.optimizer.b1, config.optimizer.b2, config.optimizer.eps) == (0.9, 0.999, 1e-6)
+    partition = runtime.make_partition(config, config_lib.model_config(config))
+    assert partition.num_blocks == num_blocks
+    assert not config.blocks.embed_block and not config.blocks.head_block  # the paper's frozen embeddings / head
