@@ -12,6 +12,22 @@ async dispatch returns at once) while a host thread copies Delta_{t-1}^i off the
 it, waits for the aggregate Delta_{t-1} and downloads it; when both are done the client applies
 the aggregate to its replica and drops its own Delta_{t-1}^i (Algorithm 2's correction). FedBCD
 runs the same exchange after the compute, serially. Only block leaves cross the wire.
+
+Cleanup (unless `keep_rounds`): each client, once it has applied the aggregate of round t,
+writes `round/<t>/ack/<client>`; a client that then sees acks from all `num_clients` clients
+deletes `round/<t>/`. Nobody reads or writes round t after that:
+  - the server wrote the plan before the aggregate, read every delta before publishing the
+    aggregate, and touches round t no more once it is published (which precedes every ack);
+  - every client, participant or not, reads the plan at the start of round t and uploads its delta
+    before it waits for the aggregate, and acks only once it has applied the aggregate: in
+    ParaBlock during round t+1 (or after the final flush), having read round t+1's plan already;
+    in FedBCD before round t+1. Its ack is its last access to round t.
+The client whose ack lands last sees all of them, so someone always deletes; two clients may
+both delete, which is harmless. Deletion needs every client's ack, so a client that never acks
+(it died, or runs with keep_rounds) keeps every round from then on: cleanup fails safe. Nobody
+waits for it: the server never reads an ack, and a client acks and deletes in a thread of its
+own, beside its next computation and its next upload (a file:// delete takes ~0.15 s); it returns
+once its acks are done.
 """
 
 from __future__ import annotations
@@ -36,6 +52,7 @@ from jaxblock.transport import Link, Store
 class CommConfig:
     store: str = "memory://"
     timeout_s: float = 600.0  # how long the server waits for a client's update (and clients for the server)
+    keep_rounds: bool = False  # keep every round's keys (default: clients delete round t once all hold its aggregate)
 
 
 def _check_supported(fed: federated.FedConfig) -> None:
@@ -64,7 +81,8 @@ def serve(
 
     A client that sends nothing within `comm.timeout_s` stops the server with TransportTimeout
     (after it has written `server/error` so that clients stop too); `on_aggregate(state)` runs
-    after each aggregation (e.g. to checkpoint), so the last good model is saved.
+    after each aggregation (e.g. to checkpoint), so the last good model is saved. The clients
+    delete the rounds (module docstring); the server leaves `server/done` when it has finished.
     """
     _check_supported(fed)
     s = fed.effective_staleness
@@ -136,6 +154,13 @@ def _exchange(store: Store, comm: CommConfig, link: Link, client: int, r: int, o
     return Exchange(agg, up, down, time.perf_counter() - start)
 
 
+def _release(store: Store, client: int, r: int, num_clients: int) -> None:
+    """Acks round r's aggregate; the client that sees every ack deletes round r (module docstring)."""
+    store.put_json(transport.ack_key(r, client), {})
+    if store.acked(r) >= set(range(num_clients)):
+        store.delete_round(r)
+
+
 def run_client(
     client: int,
     fed: federated.FedConfig,
@@ -153,7 +178,8 @@ def run_client(
 
     `on_round(timeline_row)` receives, per round: round, client, block, compute_s, comm_s,
     exposed_wait_s (time the compute thread sat idle waiting for communication), bytes_up,
-    bytes_down, loss.
+    bytes_down, loss. Returns once its acks are written (and its cleanup done), so that a
+    finished run leaves a clean store.
     """
     _check_supported(fed)
     parablock = fed.effective_staleness == 1
@@ -161,6 +187,8 @@ def run_client(
     position = 0
     blocks: dict[int, int] = {}
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"comm-{client}")
+    cleaner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"cleanup-{client}")
+    releases: list[concurrent.futures.Future] = []
 
     def own(r):
         entry = replica["pending"].get(r)
@@ -169,6 +197,8 @@ def run_client(
     def absorb(r: int, ex: Exchange) -> None:  # the correction: replica += aggregate, drop own delta
         replica["params"] = federated.apply_aggregate(replica["params"], partition, blocks[r], ex.aggregate, fed.eta)
         replica["pending"].pop(r, None)
+        if not comm.keep_rounds:  # its own thread: neither the compute nor the next upload waits for a delete
+            releases.append(cleaner.submit(_release, store, client, r, fed.num_clients))
 
     try:
         for t in range(fed.rounds):
@@ -222,8 +252,11 @@ def run_client(
                      "exposed_wait_s": time.perf_counter() - start, "bytes_up": ex.bytes_up,
                      "bytes_down": ex.bytes_down, "loss": None}
                 )  # fmt: skip
+        for release in releases:  # raises a failed ack or delete
+            release.result()
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+        cleaner.shutdown(wait=False, cancel_futures=True)
     return replica["params"]
 
 

@@ -7,11 +7,17 @@ TensorStore untouched):
     round/<t>/client/<i>/<leaf>/      zarr3 array per leaf of client i's Delta_t^i
     round/<t>/client/<i>/COMMIT       JSON manifest, written after every array: the commit marker
     round/<t>/aggregate/<leaf>/       the aggregated Delta_t, and its COMMIT
+    round/<t>/ack/<i>                 JSON {}: client i holds the aggregate of round t
+    server/done                       JSON {rounds}, when the server has published every aggregate
     server/error                      JSON {message}, when the server gives up
 
 A reader waits for a COMMIT before it reads any array, so it never sees half an update. Only the
 trained block's leaves ever cross the wire. Byte counts are the exact payload (array bytes in the
 wire dtype); the link model turns them into wall time.
+
+Cleanup: the client that sees every client's ack of round t deletes `round/<t>/` (see comm.py for
+why nobody reads it again), so a finished run leaves only `server/done`; `comm.keep_rounds` keeps
+every round. The file:// driver leaves each round's directory behind, empty.
 """
 
 from __future__ import annotations
@@ -75,6 +81,11 @@ def link_for(client: int, bandwidth_mbps, latency_ms) -> Link:
 
 def _path(path) -> str:
     return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _under(prefix: str) -> ts.KvStore.KeyRange:
+    """The keys that start with `prefix` (ending with '/'): up to, not including, prefix with '/' -> '0'."""
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")  # '0' sorts right after '/'
 
 
 def _unflatten(paths_and_arrays) -> dict:
@@ -162,12 +173,20 @@ class Store:
         return tree, int(manifest["bytes"])
 
     def delete_round(self, t: int) -> None:
-        """Removes everything under round/<t>/ (the simulator does, once a round is aggregated)."""
-        prefix = f"round/{t}/"
-        self.kv.delete_range(ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")).result()  # '0' sorts after '/'
+        """Removes everything under round/<t>/ (the simulator once it has aggregated round t, server
+        mode once every client has acked it). Deleting twice is harmless."""
+        self.kv.delete_range(_under(f"round/{t}/")).result()
 
     def wait_fetch(self, prefix: str, timeout_s: float, what: str) -> tuple[dict, int]:
         return self.fetch(prefix, self.wait_json(f"{prefix}/COMMIT", timeout_s, what))
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (ending with '/'), without the prefix."""
+        return [k.decode() for k in self.kv.list(_under(prefix), strip_prefix_length=len(prefix)).result()]
+
+    def acked(self, t: int) -> set[int]:
+        """The clients that have acked round t's aggregate."""
+        return {int(k) for k in self.keys(f"round/{t}/ack/")}
 
 
 # Keys, in one place.
@@ -181,6 +200,19 @@ def delta_prefix(t: int, client: int) -> str:
 
 def aggregate_prefix(t: int) -> str:
     return f"round/{t}/aggregate"
+
+
+def ack_key(t: int, client: int) -> str:
+    return f"round/{t}/ack/{client}"
+
+
+def holds_a_run(store: Store) -> bool:
+    """True if a server has used this store: any key under round/ or server/.
+
+    Not just round/0/plan: cleanup deletes it, and a killed server leaves neither server/done nor
+    server/error, only its later rounds.
+    """
+    return bool(store.keys("round/") or store.keys("server/"))
 
 
 def to_wire(tree: dict, wire_dtype: str) -> dict:

@@ -16,7 +16,7 @@ import tensorstore
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT, SMALL, final_params
 
-from jaxblock import blocks, comm, data, federated, local, transport
+from jaxblock import blocks, comm, data, experiment, federated, local, transport
 
 
 def test_publish_fetch_round_trip_and_exact_bytes():
@@ -67,15 +67,24 @@ def _max_diff(a, b) -> float:
     )
 
 
-def run_threads(fed, params, clients, part, optimizer, timeout_s=20.0, skip=()):
-    """Server + one thread per client through a memory:// Store; returns (server, replicas, timeline)."""
+def run_threads(fed, params, clients, part, optimizer, timeout_s=20.0, skip=(), store=None, keep_rounds=False):
+    """Server + one thread per client through `store` (default memory://); returns (server, replicas, timeline)."""
     rows = []
     server, replicas = comm.run_in_threads(
         fed, params, part, local.make_local_train(toy_loss, optimizer), data.make_batches_fn(clients, BS),
-        transport.Store("memory://"), comm.CommConfig(timeout_s=timeout_s),
+        store or transport.Store("memory://"), comm.CommConfig(timeout_s=timeout_s, keep_rounds=keep_rounds),
         clients=[i for i in range(fed.num_clients) if i not in skip], on_round=rows.append,
     )  # fmt: skip
     return server, replicas, rows
+
+
+def files_under(directory) -> dict[str, int]:
+    """{path relative to `directory`: size in bytes} of every file on disk below it."""
+    return {
+        os.path.relpath(os.path.join(root, f), directory): os.path.getsize(os.path.join(root, f))
+        for root, _, files in os.walk(directory)
+        for f in files
+    }
 
 
 @pytest.mark.parametrize(
@@ -84,7 +93,7 @@ def run_threads(fed, params, clients, part, optimizer, timeout_s=20.0, skip=()):
                                                   ("parablock", 0.5, "float32", "cosine"),
                                                   ("parablock", 1.0, "bfloat16", "none")]
 )  # fmt: skip
-def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, report):
+def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, report, tmp_path):
     params, clients = toy_params(), toy_clients(4)
     part = blocks.partition(params, RULES)
     fed = federated.FedConfig(
@@ -98,7 +107,11 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
         seed=4,
     )
     optimizer = optax.adamw(0.05, eps=1e-6)
-    server, replicas, rows = run_threads(fed, params, clients, part, optimizer)
+    store = transport.Store(f"file://{tmp_path}/store")
+    server, replicas, rows = run_threads(fed, params, clients, part, optimizer, store=store)
+    # Every client acked every round and the last to ack deleted it: only the server's marker is left.
+    assert store.kv.list().result() == [b"server/done"]
+    assert list(files_under(tmp_path / "store")) == ["server/done"]
     sim, _ = federated.run(fed, params, toy_loss, data.make_batches_fn(clients, BS), part, optimizer)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(server), jax.device_get(sim["params"]))
     for replica in replicas.values():  # every client ends with exactly the server's model
@@ -120,6 +133,47 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
         )
         report(f"wire bfloat16 vs float32 (toy model, 6 rounds): max |final param diff| = {diff:.2e}, half the bytes")
         assert 0 < diff < 0.05
+
+
+def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
+    params, clients = toy_params(), toy_clients(2)
+    part = blocks.partition(params, RULES)
+    fed = federated.FedConfig(rounds=3, num_clients=2, local_steps=1)
+    store = transport.Store(f"file://{tmp_path}/store")
+    run_threads(fed, params, clients, part, optax.sgd(0.1), store=store, keep_rounds=True)
+    for t in range(fed.rounds):
+        plan = store.get_json(transport.plan_key(t))
+        assert plan["clients"] == [0, 1]
+        block_shape = jax.tree.map(np.shape, part.split(params, plan["block"])[0])
+        for prefix in [transport.delta_prefix(t, 0), transport.delta_prefix(t, 1), transport.aggregate_prefix(t)]:
+            tree, _ = store.wait_fetch(prefix, 0.1, prefix)
+            assert jax.tree.map(np.shape, tree) == block_shape, prefix
+        assert store.acked(t) == set()  # nobody acks when rounds are kept
+    assert store.get_json("server/done") == {"rounds": 3}
+    report(
+        f"store after a toy 3-round, 2-client run with keep_rounds: {sum(files_under(tmp_path / 'store').values())} bytes"
+    )
+
+
+def test_the_last_client_to_ack_deletes_the_round():
+    store = transport.Store("memory://")
+    store.put_json(transport.plan_key(0), {"block": 0, "clients": [0, 1]})
+    store.publish(transport.aggregate_prefix(0), {"w": np.ones(3, np.float32)})
+    store.put_json(transport.plan_key(1), {"block": 1, "clients": [0, 1]})
+    comm._release(store, 1, 0, num_clients=2)
+    assert store.acked(0) == {1} and store.get_json(transport.plan_key(0)) is not None  # client 0 still needs it
+    comm._release(store, 0, 0, num_clients=2)
+    assert store.keys("round/") == ["1/plan"]  # round 0 gone, round 1 untouched
+    store.delete_round(0)  # both clients saw every ack and both delete: harmless
+    assert store.keys("round/") == ["1/plan"]
+
+
+def test_holds_a_run_after_cleanup():
+    assert not transport.holds_a_run(transport.Store("memory://"))
+    for key in ["round/0/plan", "server/done", "server/error", "round/7/client/0/COMMIT"]:
+        store = transport.Store("memory://")
+        store.put_json(key, {})
+        assert transport.holds_a_run(store), key
 
 
 def test_server_stops_when_a_client_never_answers():
@@ -167,6 +221,13 @@ def test_server_and_two_client_processes_equal_the_simulator(tmp_path, report):
     assert {r["client"] for r in rows} == {0, 1} and len(rows) == 2 * (3 + 1)  # 3 rounds + the flush
     assert all({"compute_s", "comm_s", "exposed_wait_s", "bytes_up", "bytes_down"} <= r.keys() for r in rows)
     assert all(r["bytes_up"] > 0 for r in rows if r["round"] not in (0,))
+    left = files_under(tmp_path / "store")  # the clients deleted every round once both had its aggregate
+    report(f"multi-process: store after 3 rounds x 2 clients: {sum(left.values())} bytes ({', '.join(left)})")
+    assert list(left) == ["server/done"]
+    # The server's workdir is a run directory like the simulator's: eval and export read it.
+    config, _, restored, step = experiment.restore_model(str(tmp_path / "server"))
+    assert step == 3 and config.num_clients == 2
+    jax.tree.map(np.testing.assert_array_equal, restored, a)
 
 
 def test_a_dead_client_stops_the_server_with_its_checkpoint_intact(tmp_path):
