@@ -11,8 +11,13 @@ temporary directory and renames it when complete, so a killed run leaves its las
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
+import logging
 import os
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +27,59 @@ import orbax.checkpoint as ocp
 from jaxblock.blocks import Partition
 
 
-def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    """The run's CheckpointManager over `workdir/checkpoints`."""
+def directory(workdir: str) -> str:
+    return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
+def manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
+    """The run's CheckpointManager over `workdir/checkpoints`.
+
+    read_only: for eval and export, which must not create or change anything in the workdir;
+    a workdir without checkpoints is then a one-line error instead of a new empty directory.
+    """
     if max_to_keep < 1:
         raise ValueError(f"checkpoint.max_to_keep={max_to_keep}: keep at least 1")
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options, item_names=("state", "meta")
+    if read_only and not os.path.isdir(directory(workdir)):
+        raise ValueError(f"--workdir {workdir}: no checkpoints yet (train it first with scripts/train.py)")
+    if read_only:  # the options a read-only manager forces (set here, orbax warns about each otherwise)
+        options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False, read_only=True)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(directory(workdir), options=options, item_names=("state", "meta"))
+
+
+@jax.jit
+def _sums(tree):
+    """Per leaf [sum, sum of |x|] in float32: a checksum that survives a different device layout
+    (the reduction order changes the last bits, so `verify` compares with a tolerance)."""
+    return jax.tree.map(
+        lambda x: jnp.stack([jnp.sum(x, dtype=jnp.float32), jnp.sum(jnp.abs(x), dtype=jnp.float32)]), tree
     )
 
 
-def save(mgr: ocp.CheckpointManager, state: dict, fed, *, wall_s: float, final: bool = False) -> None:
-    """Saves `state` as step state['round'] (asynchronously; `mgr.wait_until_finished()` to block)."""
+def checksums(arrays: dict) -> dict[str, list[float]]:
+    flat = jax.tree_util.tree_flatten_with_path(jax.device_get(_sums(arrays)))[0]
+    return {jax.tree_util.keystr(path): [float(v) for v in value] for path, value in flat}
+
+
+def verify(arrays: dict, expected: dict[str, list[float]], rtol: float = 1e-4) -> None:
+    """ValueError naming the first leaf whose checksum differs (bytes damaged in place still restore)."""
+    for key, (total, total_abs) in checksums(arrays).items():
+        want = expected.get(key)
+        if want is None:
+            raise ValueError(f"{key} has no recorded checksum")
+        scale = rtol * want[1] + 1e-6
+        if not (abs(total - want[0]) <= scale and abs(total_abs - want[1]) <= scale):  # NaN fails too
+            raise ValueError(f"{key} fails its checksum (sum {total:.6g}, saved {want[0]:.6g}): data damaged")
+
+
+def save(
+    mgr: ocp.CheckpointManager, state: dict, fed, *, wall_s: float, final: bool = False, config: dict | None = None
+) -> None:
+    """Saves `state` as step state['round'] (asynchronously; `mgr.wait_until_finished()` to block).
+
+    config: the run's resolved config (a dict), recorded so that a resume can compare every setting.
+    """
     pending_meta = [
         {"round": int(r), "block": int(e["block"]), "clients": [int(c) for c in e["clients"]]}
         for r, e in sorted(state["pending"].items())
@@ -49,7 +95,10 @@ def save(mgr: ocp.CheckpointManager, state: dict, fed, *, wall_s: float, final: 
         "fed": dataclasses.asdict(fed),
         "wall_s": float(wall_s),
         "final": bool(final),
+        "checksums": checksums(arrays),
     }
+    if config is not None:
+        meta["config"] = config
     mgr.save(
         int(state["round"]),
         args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
@@ -86,6 +135,8 @@ def restore(
             block = jax.tree.map(_as_float32, partition.block(abstract_params, e["block"]))
             target["pending"][f"r{e['round']}"] = {f"c{c}": block for c in e["clients"]}
     arrays = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    if "checksums" in meta:  # checkpoints written before checksums existed restore unchecked
+        verify(arrays, meta["checksums"])
     pending = {
         e["round"]: {
             "block": e["block"],
@@ -106,3 +157,71 @@ def restore(
 
 def _as_float32(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:  # deltas are float32
     return jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=getattr(x, "sharding", None))
+
+
+def restore_newest(
+    mgr: ocp.CheckpointManager, abstract_params: dict, partition: Partition, step: int | None = None
+) -> tuple[dict, dict, list[tuple[int, str]]] | None:
+    """(state, meta, skipped) of the newest step that restores, or None when there is no checkpoint.
+
+    A damaged step (a truncated or missing file, bytes changed in place) is skipped, newest first,
+    and listed in `skipped` as (step, one-line reason); nothing is deleted. With `step` given, only
+    that step is tried, and a failure is a one-line ValueError.
+    """
+    steps = sorted(mgr.all_steps(), reverse=True)
+    if step is not None:
+        if step not in steps:
+            raise ValueError(f"--step {step}: no such checkpoint step (have {sorted(steps)})")
+        try:
+            with _quiet_failed_reads():
+                return (*restore(mgr, abstract_params, partition, step), [])
+        except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is damaged
+            raise ValueError(f"checkpoint step {step} does not restore: {one_line(e)}") from None
+    skipped = []
+    for s in steps:
+        try:
+            with _quiet_failed_reads():
+                return (*restore(mgr, abstract_params, partition, s), skipped)
+        except Exception as e:  # noqa: BLE001 - see above
+            skipped.append((s, one_line(e)))
+    if skipped:
+        reasons = "; ".join(f"step {s}: {r}" for s, r in skipped)
+        raise ValueError(f"no checkpoint step restores ({reasons})")
+    return None
+
+
+def one_line(e: BaseException, limit: int = 160) -> str:
+    """`Type: first line of the message`, shortened: a reason to print beside a skipped step."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    text = text.split(" See full TensorStore details")[0]
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+@contextlib.contextmanager
+def _quiet_failed_reads():
+    """Keeps the noise of a failed restore off the terminal; the caller reports it in one line.
+
+    Orbax reads every array in a task of its own event loop. When one read fails it closes the
+    loop, and the other reads' callbacks (TensorStore threads) then print "Event loop is closed"
+    tracebacks, and asyncio logs pages of TensorStore specs. Both go to file descriptor 2, so it
+    points at /dev/null while a step is read, and a failure waits briefly for the stragglers.
+    """
+    logger = logging.getLogger("asyncio")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    except BaseException:
+        time.sleep(0.5)  # the other reads finish within milliseconds; their callbacks print then
+        gc.collect()
+        raise
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+        logger.setLevel(level)

@@ -23,7 +23,21 @@ import numpy as np
 import optax
 import tqdm
 
-from jaxblock import checkpoint, comm, data, evaluate, federated, instruct, local, model, plots, runtime, transport
+from jaxblock import (
+    base_model,
+    checkpoint,
+    comm,
+    data,
+    evaluate,
+    federated,
+    instruct,
+    local,
+    model,
+    plots,
+    runtime,
+    transport,
+)
+from jaxblock import config as config_lib
 from jaxblock.blocks import Partition
 from jaxblock.config import ModelConfig, dump_json
 from jaxblock.hf_io import save_hf
@@ -107,7 +121,12 @@ def abstract(params: dict) -> dict:
 
 
 def setup(config: ml_collections.ConfigDict) -> Setup:
-    """Builds the model, data, partition and optimizer of a run config (validated at the boundary)."""
+    """Builds the model, data, partition and optimizer of a run config (validated at the boundary).
+
+    Writes nothing: every mistake in the config, the base model or the data is found here, before
+    a workdir is touched.
+    """
+    config_lib.validate(config)
     runtime.setup_jax(config)
     layout = runtime.make_layout(config)
     if config.batch_size % layout.ways("activation_batch"):
@@ -134,31 +153,49 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> dict:
-    """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary."""
-    os.makedirs(workdir, exist_ok=True)
-    run = setup(config)
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, step: int | None = None) -> dict:
+    """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary.
+
+    Resumes from the newest checkpoint that restores (or from `step`); steps it cannot use (damaged,
+    or newer than `step`) are moved to `workdir/set_aside/`, never deleted.
+    """
+    run = setup(config)  # every user error is raised here, before anything is written
     fed, partition = run.fed, run.partition
-    if progress:
-        print(run.partition_table)
-    with open(os.path.join(workdir, "partition.txt"), "w") as f:
-        f.write(run.partition_table + "\n")
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
     trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None)
     loss_fn, batches_fn = run.loss_fn, run.batches_fn
 
-    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
-    restored = checkpoint.restore(mgr, run.abstract_params(), partition)
+    fresh = not os.path.isdir(checkpoint.directory(workdir))
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep, read_only=not fresh)
+    try:
+        restored = checkpoint.restore_newest(mgr, run.abstract_params(), partition, step)
+        steps = list(mgr.all_steps())
+    finally:
+        mgr.close()
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if restored is None:
+        if step is not None:
+            raise ValueError(f"--step {step}: {workdir} has no checkpoints yet")
         state, wall_before, final = federated.init_state(fed, run.params), 0.0, False
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(dump_json(config))
+        write_run_files(config, workdir)
     else:
-        state, meta = restored
-        _check_same_run(meta, fed, workdir)
+        state, meta, skipped = restored
+        check_same_run(meta, config, workdir)
+        base_model.verify(workdir, config.hf_checkpoint)
+        newer = [s for s in sorted(steps) if s > meta["round"] and s not in dict(skipped)]
+        for s, reason in skipped:
+            print(f"checkpoint step {s} does not restore ({reason}): set aside in {set_aside(workdir, s, reason)}")
+        for s in newer:
+            set_aside(workdir, s, f"newer than --step {step}")
         wall_before, final = meta["wall_s"], meta["final"]
-        print(f"resuming {workdir} from round {state['round']} (checkpoint step {mgr.latest_step()})")
+        print(f"resuming {workdir} from round {state['round']} (checkpoint step {meta['round']})")
+        with open(os.path.join(workdir, "config.json"), "w") as f:  # settings a resume may change (eval, ...)
+            f.write(dump_json(config))
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    if progress:
+        print(run.partition_table)
+    with open(os.path.join(workdir, "partition.txt"), "w") as f:
+        f.write(run.partition_table + "\n")
     run.params = None  # the state owns the model from here on
     timeline_path = os.path.join(workdir, "timeline.jsonl")
     history = _truncate_metrics(metrics_path, state["round"])
@@ -178,11 +215,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         bar.set_postfix(block=metrics["block"], loss=f"{metrics['loss']:.4f}", s=f"{metrics['seconds']:.1f}")
         bar.update(1)
         if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
-            checkpoint.save(mgr, state, fed, wall_s=wall_before + time.perf_counter() - start)
+            checkpoint.save(mgr, state, fed, wall_s=wall_before + time.perf_counter() - start, config=config.to_dict())
     bar.close()
     if not final:
         state = federated.flush(trainer, state)
-        checkpoint.save(mgr, state, fed, wall_s=wall_before + time.perf_counter() - start, final=True)
+        wall_s = wall_before + time.perf_counter() - start
+        checkpoint.save(mgr, state, fed, wall_s=wall_s, final=True, config=config.to_dict())
     mgr.wait_until_finished()
     wall_s = wall_before + time.perf_counter() - start
 
@@ -222,15 +260,69 @@ def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches:
     return float(np.mean(losses))
 
 
-def _check_same_run(meta: dict, fed: federated.FedConfig, workdir: str) -> None:
-    # A key the checkpoint lacks was added to FedConfig after it was written: that run had its default.
-    saved = {**dataclasses.asdict(federated.FedConfig()), **meta["fed"]}
-    diff = {k: (saved.get(k), v) for k, v in dataclasses.asdict(fed).items() if saved.get(k) != v}
-    if diff:
-        k, (was, now) = next(iter(diff.items()))
-        raise ValueError(
-            f"--workdir {workdir} holds a run with {k}={was!r}, not {now!r}: use a new workdir or the same config"
+# Settings that may differ when a run resumes: they change neither the model nor the logs.
+RESUMABLE_KEYS = ("checkpoint.", "comm.timeout_s", "comm.store", "comm.keep_rounds", "compilation_cache_dir", "eval.")
+
+
+def check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a run with settings that change its result, listing every differing key.
+
+    The run's settings come from the checkpoint's meta (older checkpoints: workdir/config.json, or
+    only the federated settings). A key the saved run lacks was added later: it had the default.
+    """
+    saved = meta.get("config")
+    if saved is None and os.path.exists(os.path.join(workdir, "config.json")):
+        saved = read_config(workdir).to_dict()
+    if saved is None:
+        saved, now = (
+            {**dataclasses.asdict(federated.FedConfig()), **meta["fed"]},
+            dataclasses.asdict(runtime.fed_config(config)),
         )
+    else:
+        saved, now = {**_flat(config_lib.base_config().to_dict()), **_flat(saved)}, _flat(config.to_dict())
+    diff = [
+        f"{k}={_json(saved.get(k))} (now {_json(v)})"
+        for k, v in now.items()
+        if _json(saved.get(k)) != _json(v) and not k.startswith(RESUMABLE_KEYS)
+    ]
+    if diff:
+        raise ValueError(
+            f"--workdir {workdir} holds a run with {', '.join(diff)}: rerun with its settings "
+            f"({os.path.join(workdir, 'config.json')}) or use a new workdir"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _json(v) -> str:  # one spelling per value: tuples and lists, 1 and 1.0 compare as the config would
+    return json.dumps(v, default=str)
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """config.json (the resolved config) and base_model.json (what the base model was) of a new run."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(dump_json(config))
+    base_model.record(workdir, config.hf_checkpoint)
+
+
+def set_aside(workdir: str, step: int, reason: str) -> str:
+    """Moves checkpoint `step` to workdir/set_aside/ (with the reason beside it); returns where."""
+    dest_root = os.path.join(workdir, "set_aside")
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(os.path.join(checkpoint.directory(workdir), str(step)), dest)
+    with open(dest + ".reason.txt", "w") as f:
+        f.write(reason + "\n")
+    return dest
 
 
 def _truncate_metrics(path: str, next_round: int) -> list[dict]:
@@ -270,7 +362,11 @@ def _link_label(bandwidth) -> str:
 
 
 def comm_config(config: ml_collections.ConfigDict, store: str | None = None) -> comm.CommConfig:
-    return comm.CommConfig(store=store or config.comm.store, timeout_s=float(config.comm.timeout_s))
+    return comm.CommConfig(
+        store=store or config.comm.store,
+        timeout_s=float(config.comm.timeout_s),
+        keep_rounds=bool(config.comm.get("keep_rounds", False)),
+    )
 
 
 def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None = None) -> dict:
@@ -278,18 +374,22 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
 
     Returns the summary; the final model is the workdir's last orbax checkpoint.
     """
-    os.makedirs(workdir, exist_ok=True)
     run = setup(config)
     cc = comm_config(config, store_url)
     store = transport.Store(cc.store)
-    if store.get_json(transport.plan_key(0)) is not None:
+    if transport.holds_a_run(store):
         raise ValueError(f"--store {cc.store} already holds a run: use an empty store")
+    if os.path.isdir(checkpoint.directory(workdir)):
+        raise ValueError(
+            f"--workdir {workdir} already holds checkpoints (the server does not resume): use a new workdir"
+        )
+    write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     start = time.perf_counter()
 
     def save(state):
         final = state["round"] == run.fed.rounds
-        checkpoint.save(mgr, state, run.fed, wall_s=time.perf_counter() - start, final=final)
+        checkpoint.save(mgr, state, run.fed, wall_s=time.perf_counter() - start, final=final, config=config.to_dict())
 
     try:
         params = comm.serve(
@@ -338,27 +438,43 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 def restore_model(
-    workdir: str, step: int | None = None
-) -> tuple[ml_collections.ConfigDict, ModelConfig, dict, dict, int]:
-    """(config, model config, base params, the run's server params at `step` (default: latest), step)."""
+    workdir: str, step: int | None = None, *, base_dir: str | None = None, log=print
+) -> tuple[ml_collections.ConfigDict, ModelConfig, dict, int]:
+    """(config, model config, the run's server params at `step` (default: the newest that restores), step).
+
+    Reads only the workdir (the checkpoint holds the whole model) and writes nothing to it. The base
+    model directory, whose tokenizer the run used, is checked against base_model.json; `base_dir`
+    points at it if it moved, and becomes the config's `hf_checkpoint`.
+    """
     config = read_config(workdir)
-    cfg, base = runtime.load_model(config)
-    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep, read_only=True)
+    directory = base_model.verify(workdir, config.hf_checkpoint, base_dir)
+    if directory is not None:
+        config.hf_checkpoint = directory
+    cfg = config_lib.model_config(config)
+    partition = runtime.make_partition(config, cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     try:
-        partition = runtime.make_partition(config, cfg)
-        restored = checkpoint.restore(mgr, abstract(base), partition, step)
-        if restored is None:
-            raise ValueError(f"--workdir {workdir}: no checkpoint yet")
-        state, meta = restored
+        restored = checkpoint.restore_newest(mgr, target, partition, step)
     finally:
         mgr.close()
-    return config, cfg, base, state["params"], meta["round"]
+    if restored is None:
+        raise ValueError(f"--workdir {workdir}: no checkpoints yet (train it first with scripts/train.py)")
+    state, meta, skipped = restored
+    for s, reason in skipped:
+        log(f"checkpoint step {s} does not restore ({reason}): using step {meta['round']}")
+    return config, cfg, state["params"], meta["round"]
 
 
-def evaluate_run(workdir: str, step: int | None = None, *, base: bool = True, log=print) -> dict:
+def evaluate_run(
+    workdir: str, step: int | None = None, *, base: bool = True, base_dir: str | None = None, log=print
+) -> dict:
     """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes
     eval.json and predictions_{base,finetuned}.jsonl (every question, output, extracted and gold answer)."""
-    config, cfg, base_params, params, step = restore_model(workdir, step)
+    config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir, log=log)
+    base_params = runtime.load_model(config)[1] if base else None
     tokenizer = load_tokenizer(config)
     e = config.eval
     examples = instruct.load_examples(e.source, e.path or None, split="test")
@@ -380,9 +496,26 @@ def evaluate_run(workdir: str, step: int | None = None, *, base: bool = True, lo
     return results
 
 
-def export_hf(workdir: str, out_dir: str, step: int | None = None) -> int:
-    """The run's model as an HF checkpoint (safetensors, config.json, tokenizer); returns the step."""
-    config, cfg, _, params, step = restore_model(workdir, step)
+def export_hf(workdir: str, out_dir: str, step: int | None = None, *, force: bool = False, base_dir=None) -> int:
+    """The run's model as an HF checkpoint (safetensors, config.json, tokenizer); returns the step.
+
+    Refuses an `out_dir` that is a non-empty directory unless `force`, and never writes into the
+    base model's directory or the run's workdir, whatever `force` says.
+    """
+    out = os.path.realpath(out_dir)
+    config = read_config(workdir)
+    protected = {os.path.realpath(workdir): "the run's workdir"}
+    for path in (config.hf_checkpoint, config.data.tokenizer, base_dir):
+        if path and os.path.isdir(path):
+            protected[os.path.realpath(path)] = "the base model's directory"
+    if out in protected:
+        raise ValueError(f"--out {out_dir} is {protected[out]}: export elsewhere")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise ValueError(f"--out {out_dir} is a non-empty directory: choose another, or pass --force to overwrite")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out_dir} is a file, not a directory")
+    config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir)
+    tokenizer = load_tokenizer(config)
     save_hf(cfg, params, out_dir)
-    load_tokenizer(config).save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
     return step

@@ -16,9 +16,10 @@ def main():
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--no-base", action="store_true", help="skip the base model")
+    parser.add_argument("--base", default=None, help="the base model's directory, if it moved since training")
     args = parser.parse_args()
     try:
-        experiment.evaluate_run(args.workdir, args.step, base=not args.no_base)
+        experiment.evaluate_run(args.workdir, args.step, base=not args.no_base, base_dir=args.base)
     except ValueError as e:
         parser.exit(2, f"error: {e}\n")
 

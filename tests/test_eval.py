@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -42,7 +43,7 @@ def test_eval_reports_exact_match_and_loss_for_base_and_finetuned(run_dir, capsy
 def test_eval_at_an_earlier_step_and_bad_workdirs(run_dir, tmp_path):
     early = experiment.evaluate_run(run_dir, step=1, base=False)
     assert early["step"] == 1 and "base" not in early
-    with pytest.raises(ValueError, match="checkpoint step 7 does not exist"):
+    with pytest.raises(ValueError, match=r"--step 7: no such checkpoint step \(have \[1, 2\]\)"):
         experiment.evaluate_run(run_dir, step=7)
     with pytest.raises(ValueError, match="no config.json"):
         experiment.evaluate_run(str(tmp_path))
@@ -51,7 +52,7 @@ def test_eval_at_an_earlier_step_and_bad_workdirs(run_dir, tmp_path):
 def test_export_loads_and_generates_in_transformers(run_dir, tmp_path, report):
     out = str(tmp_path / "hf")
     assert experiment.export_hf(run_dir, out) == 2
-    _, cfg, _, params, _ = experiment.restore_model(run_dir)
+    _, cfg, params, _ = experiment.restore_model(run_dir)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out)
     prompt = tok.apply_chat_template(
@@ -67,3 +68,54 @@ def test_export_loads_and_generates_in_transformers(run_dir, tmp_path, report):
     assert diff <= 1e-4
     text = tok.decode(generated[0, ids.shape[1] :])
     assert len(text) > 0
+
+
+def test_export_refuses_to_overwrite_and_never_writes_into_the_base_model_or_the_run(run_dir, tmp_path):
+    config = experiment.read_config(run_dir)
+    base = config.hf_checkpoint
+    before = {name: os.path.getmtime(os.path.join(base, name)) for name in os.listdir(base)}
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=rf"^--out {full} is a non-empty directory: choose another, or pass --force"):
+        experiment.export_hf(run_dir, str(full))
+    assert os.listdir(full) == ["notes.txt"]
+    for out, what in ((base, "the base model's directory"), (run_dir, "the run's workdir")):
+        with pytest.raises(ValueError, match=rf"^--out {out} is {what}: export elsewhere$"):
+            experiment.export_hf(run_dir, out, force=True)
+    assert {name: os.path.getmtime(os.path.join(base, name)) for name in os.listdir(base)} == before
+
+
+def test_eval_and_export_without_checkpoints_create_nothing(run_dir, tmp_path):
+    workdir = tmp_path / "empty"
+    workdir.mkdir()
+    shutil.copy(os.path.join(run_dir, "config.json"), workdir)
+    for call in (
+        lambda: experiment.evaluate_run(str(workdir)),
+        lambda: experiment.export_hf(str(workdir), str(tmp_path / "o")),
+    ):
+        with pytest.raises(ValueError, match=r"no checkpoints yet \(train it first with scripts/train.py\)$"):
+            call()
+    assert os.listdir(workdir) == ["config.json"] and not (tmp_path / "o").exists()
+
+
+def test_a_moved_or_changed_base_model_is_named_and_base_points_at_a_copy(run_dir, tmp_path):
+    config = experiment.read_config(run_dir)
+    moved = tmp_path / "run"  # a copy of the run whose base model directory has "moved"
+    shutil.copytree(run_dir, moved)
+    with open(moved / "base_model.json") as f:
+        recorded = json.load(f)
+    recorded["path"] = str(tmp_path / "gone")
+    with open(moved / "base_model.json", "w") as f:
+        json.dump(recorded, f)
+    with pytest.raises(
+        ValueError, match=rf"^the run's base model {tmp_path}/gone is gone \(recorded in .*\): put it back"
+    ):
+        experiment.restore_model(str(moved))
+    copy = tmp_path / "base_copy"
+    shutil.copytree(config.hf_checkpoint, copy)
+    assert experiment.restore_model(str(moved), base_dir=str(copy))[3] == 2  # same files elsewhere: fine
+    with open(copy / "tokenizer.json", "a") as f:
+        f.write(" ")
+    with pytest.raises(ValueError, match=rf"^base model {copy}: tokenizer.json has changed since the run started"):
+        experiment.restore_model(str(moved), base_dir=str(copy))

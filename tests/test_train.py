@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from jaxblock import config as config_lib
-from jaxblock import experiment, federated
+from jaxblock import experiment, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config, shrunk so that a run takes seconds: random init, synthetic token data.
@@ -69,25 +69,20 @@ def test_train_writes_metrics_summary_and_checkpoints(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_resuming_with_a_different_config_is_a_clear_error_and_keeps_the_checkpoint(tmp_path):
-    workdir = str(tmp_path / "run")
-    experiment.train(small_config("rounds=2"), workdir, progress=False)
-    before = {
-        d: os.path.getmtime(os.path.join(workdir, "checkpoints", d)) for d in os.listdir(workdir + "/checkpoints")
-    }
-    with pytest.raises(ValueError, match=r"holds a run with algorithm='parablock', not 'fedbcd'"):
-        experiment.train(small_config("rounds=2", "algorithm=fedbcd"), workdir, progress=False)
-    after = {d: os.path.getmtime(os.path.join(workdir, "checkpoints", d)) for d in os.listdir(workdir + "/checkpoints")}
-    assert before == after
-
-
-def test_a_checkpoint_older_than_a_fedconfig_key_resumes_as_its_default():
-    """meta['fed'] of a run saved before lr_decay existed: equal to the default, any other value differs."""
-    fed = federated.FedConfig()
-    saved = {k: v for k, v in dataclasses.asdict(fed).items() if k not in ("lr_decay", "lr_decay_alpha")}
-    experiment._check_same_run({"fed": saved}, fed, "w")  # no error: the old run had no decay
-    with pytest.raises(ValueError, match=r"holds a run with lr_decay='none', not 'cosine'"):
-        experiment._check_same_run({"fed": saved}, dataclasses.replace(fed, lr_decay="cosine"), "w")
+def test_a_checkpoint_older_than_a_key_resumes_as_its_default(tmp_path):
+    """A run saved before a setting existed had its default: equal to it, any other value differs."""
+    fed = runtime.fed_config(small_config())
+    old_fed = {k: v for k, v in dataclasses.asdict(fed).items() if k not in ("lr_decay", "lr_decay_alpha")}
+    workdir = str(tmp_path)  # no config.json: only the federated settings are known
+    experiment.check_same_run({"fed": old_fed}, small_config(), workdir)  # no error: the old run had no decay
+    with pytest.raises(ValueError, match=r"holds a run with lr_decay=\"none\" \(now \"cosine\"\)"):
+        experiment.check_same_run({"fed": old_fed}, small_config("lr_decay=cosine"), workdir)
+    # The whole config saved, without a key added since: compared as that key's default.
+    saved = small_config().to_dict()
+    del saved["comm"]["keep_rounds"], saved["lr_decay"]
+    experiment.check_same_run({"config": saved}, small_config(), workdir)
+    with pytest.raises(ValueError, match=r"holds a run with lr_decay=\"none\" \(now \"linear\"\):"):
+        experiment.check_same_run({"config": saved}, small_config("lr_decay=linear"), workdir)
 
 
 def test_batch_that_does_not_split_over_the_mesh_is_a_clear_error(tmp_path):
