@@ -2,8 +2,9 @@
 
 A run's checkpoints hold the whole server model, but its tokenizer (and eval's base-model figures)
 still come from `hf_checkpoint`. `record` writes `workdir/base_model.json`: the directory the
-checkpoint resolved to and the SHA-256 of every file in it (about 1 GB/s: seconds for a 3B model,
-once per start). `verify` says in one line what is missing or different.
+checkpoint resolved to and the SHA-256 of every file in it (about 1 GB/s: seconds for a 3B model;
+at the start, and again at each resume, eval and export). `verify` says in one line what is
+missing or different.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ FILE = "base_model.json"
 
 
 def resolve(hf_checkpoint: str) -> str:
-    """The local directory of a checkpoint path or hub repo id (already in the HF cache for a run)."""
+    """The local directory of a checkpoint path or hub repo id (already in the HF cache for a run);
+    "" for a random init."""
     from jaxblock.hf_io import _resolve
 
-    return os.path.abspath(_resolve(hf_checkpoint))
+    return os.path.abspath(_resolve(hf_checkpoint)) if hf_checkpoint else ""
 
 
 def fingerprint(directory: str) -> dict[str, str]:
@@ -34,6 +36,15 @@ def fingerprint(directory: str) -> dict[str, str]:
                     digest.update(chunk)
             out[name] = digest.hexdigest()
     return out
+
+
+def recorded_path(workdir: str) -> str | None:
+    """The base model directory recorded for the run in `workdir`, if any."""
+    path = os.path.join(workdir, FILE)
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)["path"]
 
 
 def record(workdir: str, hf_checkpoint: str) -> None:

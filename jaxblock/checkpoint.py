@@ -41,7 +41,7 @@ def manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False) -> o
         raise ValueError(f"checkpoint.max_to_keep={max_to_keep}: keep at least 1")
     if read_only and not os.path.isdir(directory(workdir)):
         raise ValueError(f"--workdir {workdir}: no checkpoints yet (train it first with scripts/train.py)")
-    if read_only:  # the options a read-only manager forces (set here, orbax warns about each otherwise)
+    if read_only:  # the options a read-only manager forces (set here, or orbax warns about each of them)
         options = ocp.CheckpointManagerOptions(max_to_keep=None, save_interval_steps=0, create=False, read_only=True)
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
@@ -62,7 +62,7 @@ def checksums(arrays: dict) -> dict[str, list[float]]:
     return {jax.tree_util.keystr(path): [float(v) for v in value] for path, value in flat}
 
 
-def verify(arrays: dict, expected: dict[str, list[float]], rtol: float = 1e-4) -> None:
+def verify(arrays: dict, expected: dict[str, list[float]], rtol: float = 1e-5) -> None:
     """ValueError naming the first leaf whose checksum differs (bytes damaged in place still restore)."""
     for key, (total, total_abs) in checksums(arrays).items():
         want = expected.get(key)
@@ -74,11 +74,19 @@ def verify(arrays: dict, expected: dict[str, list[float]], rtol: float = 1e-4) -
 
 
 def save(
-    mgr: ocp.CheckpointManager, state: dict, fed, *, wall_s: float, final: bool = False, config: dict | None = None
+    mgr: ocp.CheckpointManager,
+    state: dict,
+    fed,
+    *,
+    wall_s: float,
+    final: bool = False,
+    config: dict | None = None,
+    mode: str = "simulator",
 ) -> None:
     """Saves `state` as step state['round'] (asynchronously; `mgr.wait_until_finished()` to block).
 
     config: the run's resolved config (a dict), recorded so that a resume can compare every setting.
+    mode: 'simulator' (resumable by train.py) or 'server' (its state holds no client positions).
     """
     pending_meta = [
         {"round": int(r), "block": int(e["block"]), "clients": [int(c) for c in e["clients"]]}
@@ -96,6 +104,7 @@ def save(
         "wall_s": float(wall_s),
         "final": bool(final),
         "checksums": checksums(arrays),
+        "mode": mode,
     }
     if config is not None:
         meta["config"] = config
@@ -104,6 +113,17 @@ def save(
         args=ocp.args.Composite(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
+
+
+def newest_readable_meta(mgr: ocp.CheckpointManager) -> dict | None:
+    """The meta of the newest step whose meta reads (cheap: no arrays), or None."""
+    for step in sorted(mgr.all_steps(), reverse=True):
+        try:
+            with _quiet_failed_reads():
+                return read_meta(mgr, step)
+        except Exception:  # noqa: BLE001 - a damaged meta: restore_newest names it
+            continue
+    return None
 
 
 def read_meta(mgr: ocp.CheckpointManager, step: int | None = None) -> dict | None:
@@ -175,13 +195,17 @@ def restore_newest(
         try:
             with _quiet_failed_reads():
                 return (*restore(mgr, abstract_params, partition, step), [])
-        except Exception as e:  # noqa: BLE001 - any failure to read a step means the step is damaged
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any other failure to read a step means the step is damaged
             raise ValueError(f"checkpoint step {step} does not restore: {one_line(e)}") from None
     skipped = []
     for s in steps:
         try:
             with _quiet_failed_reads():
                 return (*restore(mgr, abstract_params, partition, s), skipped)
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - see above
             skipped.append((s, one_line(e)))
     if skipped:

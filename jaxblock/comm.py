@@ -55,7 +55,7 @@ class CommConfig:
     keep_rounds: bool = False  # keep every round's keys (default: clients delete round t once all hold its aggregate)
 
 
-def _check_supported(fed: federated.FedConfig) -> None:
+def check_supported(fed: federated.FedConfig) -> None:
     if fed.effective_staleness > 1:
         raise ValueError(
             f"staleness={fed.staleness}: the runtime runs s = 1 (ParaBlock) and 0 (FedBCD); use the simulator"
@@ -84,7 +84,7 @@ def serve(
     after each aggregation (e.g. to checkpoint), so the last good model is saved. The clients
     delete the rounds (module docstring); the server leaves `server/done` when it has finished.
     """
-    _check_supported(fed)
+    check_supported(fed)
     s = fed.effective_staleness
     state = federated.init_state(fed, params)
     plans: dict[int, dict] = {}
@@ -181,7 +181,7 @@ def run_client(
     bytes_down, loss. Returns once its acks are written (and its cleanup done), so that a
     finished run leaves a clean store.
     """
-    _check_supported(fed)
+    check_supported(fed)
     parablock = fed.effective_staleness == 1
     replica = {"params": params, "pending": {}}  # the lean client state (federated.client_params)
     position = 0

@@ -159,19 +159,28 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     Resumes from the newest checkpoint that restores (or from `step`); steps it cannot use (damaged,
     or newer than `step`) are moved to `workdir/set_aside/`, never deleted.
     """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
     run = setup(config)  # every user error is raised here, before anything is written
     fed, partition = run.fed, run.partition
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
     trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None)
     loss_fn, batches_fn = run.loss_fn, run.batches_fn
+    links = [transport.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
 
-    fresh = not os.path.isdir(checkpoint.directory(workdir))
-    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep, read_only=not fresh)
-    try:
-        restored = checkpoint.restore_newest(mgr, run.abstract_params(), partition, step)
-        steps = list(mgr.all_steps())
-    finally:
-        mgr.close()
+    restored, steps = None, []
+    if os.path.isdir(checkpoint.directory(workdir)):
+        mgr = checkpoint.manager(workdir, read_only=True)
+        try:
+            steps = sorted(mgr.all_steps())
+            # The settings first (meta is cheap JSON): a changed setting that also changes array
+            # shapes must be named as such, not reported as damaged steps after full restores.
+            meta = checkpoint.newest_readable_meta(mgr)
+            if meta is not None:
+                check_same_run(meta, config, workdir)
+            restored = checkpoint.restore_newest(mgr, run.abstract_params(), partition, step)
+        finally:
+            mgr.close()
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if restored is None:
         if step is not None:
@@ -180,9 +189,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         write_run_files(config, workdir)
     else:
         state, meta, skipped = restored
+        if meta.get("mode", "simulator") != "simulator":
+            raise ValueError(f"--workdir {workdir} holds a {meta['mode']} run: train.py cannot resume it")
         check_same_run(meta, config, workdir)
-        base_model.verify(workdir, config.hf_checkpoint)
-        newer = [s for s in sorted(steps) if s > meta["round"] and s not in dict(skipped)]
+        base_model.verify(workdir, config.hf_checkpoint, base_model.resolve(config.hf_checkpoint) or None)
+        newer = [s for s in steps if s > meta["round"] and s not in dict(skipped)]
         for s, reason in skipped:
             print(f"checkpoint step {s} does not restore ({reason}): set aside in {set_aside(workdir, s, reason)}")
         for s in newer:
@@ -201,7 +212,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     history = _truncate_metrics(metrics_path, state["round"])
     _truncate_metrics(timeline_path, state["round"])
     timeline = comm.TimelineWriter(timeline_path)
-    links = [transport.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
 
     start = time.perf_counter()
     bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
@@ -302,7 +312,7 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _json(v) -> str:  # one spelling per value: tuples and lists, 1 and 1.0 compare as the config would
+def _json(v) -> str:  # one spelling per value: a tuple and a list, as config.json would have them
     return json.dumps(v, default=str)
 
 
@@ -375,6 +385,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     Returns the summary; the final model is the workdir's last orbax checkpoint.
     """
     run = setup(config)
+    comm.check_supported(run.fed)
     cc = comm_config(config, store_url)
     store = transport.Store(cc.store)
     if transport.holds_a_run(store):
@@ -389,12 +400,15 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
 
     def save(state):
         final = state["round"] == run.fed.rounds
-        checkpoint.save(mgr, state, run.fed, wall_s=time.perf_counter() - start, final=final, config=config.to_dict())
+        wall_s = time.perf_counter() - start
+        checkpoint.save(mgr, state, run.fed, wall_s=wall_s, final=final, config=config.to_dict(), mode="server")
 
     try:
         params = comm.serve(
             run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, on_aggregate=save
         )
+    except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
+        raise RunFailed(f"the server failed: {e}") from e
     finally:
         mgr.wait_until_finished()
         mgr.close()
@@ -414,16 +428,25 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
 def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, store_url: str | None = None) -> dict:
     """A client process: trains its blocks and exchanges deltas; appends to workdir/timeline.jsonl."""
     run = setup(config)
+    comm.check_supported(run.fed)
     if not 0 <= client_id < run.fed.num_clients:
         raise ValueError(f"--client-id {client_id}: the run has clients 0..{run.fed.num_clients - 1}")
-    os.makedirs(workdir, exist_ok=True)
     cc = comm_config(config, store_url)
     link = transport.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
+    store = transport.Store(cc.store)
+    os.makedirs(workdir, exist_ok=True)
     timeline = comm.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
-    return comm.run_client(
-        client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
-        transport.Store(cc.store), cc, link, on_round=timeline,
-    )  # fmt: skip
+    try:
+        return comm.run_client(
+            client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
+            store, cc, link, on_round=timeline,
+        )  # fmt: skip
+    except ValueError as e:  # see serve
+        raise RunFailed(f"the client failed: {e}") from e
+
+
+class RunFailed(RuntimeError):
+    """A server or client run that failed after its setup (store I/O, ...): not a user error."""
 
 
 # ----------------------------------------------------------------------------- after training
@@ -505,7 +528,8 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, *, force: boo
     out = os.path.realpath(out_dir)
     config = read_config(workdir)
     protected = {os.path.realpath(workdir): "the run's workdir"}
-    for path in (config.hf_checkpoint, config.data.tokenizer, base_dir):
+    recorded = base_model.recorded_path(workdir)  # where a hub id resolved to (the HF cache), too
+    for path in (config.hf_checkpoint, config.data.tokenizer, base_dir, recorded):
         if path and os.path.isdir(path):
             protected[os.path.realpath(path)] = "the base model's directory"
     if out in protected:

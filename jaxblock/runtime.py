@@ -9,7 +9,7 @@ import sys
 import jax
 import ml_collections
 
-from jaxblock import blocks, model
+from jaxblock import blocks, hf_io, model
 from jaxblock.config import ModelConfig, load_config, model_config, split_config_args, validate
 from jaxblock.federated import FedConfig
 from jaxblock.hf_io import load_hf
@@ -64,7 +64,8 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
     cfg = model_config(config)
     if not config.hf_checkpoint:
         return cfg, init_params(cfg, jax.random.key(config.seed), layout)
-    loaded, params = load_hf(config.hf_checkpoint, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
+    # config.json first: a disagreeing model section is refused before any weight is read.
+    loaded = hf_io._read_config(hf_io._resolve(config.hf_checkpoint), cfg.param_dtype, cfg.dtype)
     diff = [
         f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(loaded, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
@@ -75,7 +76,7 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
             f"config {', '.join(diff)} disagrees with hf_checkpoint {config.hf_checkpoint}, whose config.json "
             f"defines the model: drop the override, or set --config.hf_checkpoint= to train from a random init"
         )
-    return loaded, params
+    return load_hf(config.hf_checkpoint, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
 
 
 def config_path(argv: list[str] | None = None) -> str | None:

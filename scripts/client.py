@@ -16,7 +16,9 @@ def main():
     config, args = runtime.parse_args(parser)
     try:
         experiment.client(config, args.client_id, args.workdir, args.store)
-    except (ValueError, TimeoutError, RuntimeError) as e:
+    except ValueError as e:  # the user's config, data or files
+        parser.exit(2, f"error: client {args.client_id}: {e}\n")
+    except (TimeoutError, RuntimeError) as e:  # the run itself failed
         parser.exit(1, f"error: client {args.client_id}: {e}\n")
     print(f"client {args.client_id}: done")
 

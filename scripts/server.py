@@ -22,7 +22,9 @@ def main():
     config, args = runtime.parse_args(parser)
     try:
         summary = experiment.serve(config, args.workdir, args.store)
-    except (ValueError, TimeoutError, FloatingPointError) as e:
+    except ValueError as e:  # the user's config, data or files
+        parser.exit(2, f"error: {e}\n")
+    except (TimeoutError, FloatingPointError, RuntimeError) as e:  # the run itself failed
         parser.exit(1, f"error: {e}\n")
     print(json.dumps(summary, indent=2))
 

@@ -7,6 +7,7 @@ Data files and HF checkpoints have their own cases in test_instruct.py and test_
 
 import argparse
 import glob
+import json
 import os
 import shutil
 import subprocess
@@ -69,6 +70,37 @@ def test_a_model_override_that_the_checkpoint_would_ignore_is_refused(tmp_path):
     assert "\n" not in str(e.value) and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (
+            lambda wd, tmp: experiment.train(small_config("comm.bandwidth_mbps=-5"), wd, progress=False),
+            r"^comm.bandwidth_mbps=-5: must be >= 0$",
+        ),
+        (
+            lambda wd, tmp: experiment.train(small_config(), wd, progress=False, step=2),
+            r"^--step 2: .* has no checkpoints yet$",
+        ),
+        (
+            lambda wd, tmp: experiment.serve(small_config("staleness=2"), wd, f"file://{tmp}/store"),
+            r"^staleness=2: the runtime runs s = 1 \(ParaBlock\) and 0 \(FedBCD\); use the simulator$",
+        ),
+    ],
+    ids=["bad link", "--step on a new workdir", "server with an unsupported setting"],
+)
+def test_errors_found_after_setup_still_write_nothing(call, message, tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ValueError, match=message):
+        call(workdir, tmp_path)
+    assert not os.path.exists(workdir) and not os.path.exists(tmp_path / "store")
+
+
+def test_a_workdir_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(ValueError, match=r"^--workdir .*/run is a file, not a directory$"):
+        experiment.train(small_config(), str(tmp_path / "run"), progress=False)
+
+
 # ----------------------------------------------------------------------------- resume
 
 
@@ -104,11 +136,27 @@ def test_resuming_with_other_settings_lists_every_difference_and_changes_nothing
     )
     with pytest.raises(ValueError, match=r"holds a run with num_clients=3 \(now 5\)"):
         experiment.train(small_config("rounds=3", "num_clients=5"), workdir, progress=False)
+    with pytest.raises(ValueError, match=r"holds a run with algorithm=\"parablock\" \(now \"fedavg_full\"\)"):
+        experiment.train(small_config("rounds=3", "algorithm=fedavg_full"), workdir, progress=False)
     assert snapshot(workdir) == before  # partition.txt, config.json, checkpoints: all as they were
     # Settings that change nothing the run computed may differ; config.json then shows them.
     experiment.train(small_config("rounds=3", "eval.num_examples=5", "checkpoint.interval=2"), workdir, progress=False)
     assert experiment.read_config(workdir).eval.num_examples == 5
-    jax.tree.map(np.testing.assert_array_equal, final_params(workdir)[1], finished[1])
+
+
+def test_train_py_does_not_resume_a_server_workdir(finished, tmp_path):
+    """A server's checkpoints hold no client data positions or pending deltas: not a simulator state."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(finished[0], workdir)
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "*", "meta", "metadata")):
+        with open(path) as f:
+            meta = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**meta, "mode": "server"}, f)
+    before = snapshot(workdir)
+    with pytest.raises(ValueError, match=r"^--workdir .* holds a server run: train.py cannot resume it$"):
+        experiment.train(small_config("rounds=3"), workdir, progress=False)
+    assert snapshot(workdir) == before
 
 
 def _largest_chunk(step_dir):
