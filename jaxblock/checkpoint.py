@@ -241,7 +241,7 @@ def _quiet_failed_reads():
     try:
         yield
     except BaseException:
-        time.sleep(0.5)  # the other reads finish within milliseconds; their callbacks print then
+        time.sleep(0.25)  # the other reads finish within milliseconds; their callbacks print then
         gc.collect()
         raise
     finally:
