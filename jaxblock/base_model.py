@@ -19,9 +19,9 @@ FILE = "base_model.json"
 def resolve(hf_checkpoint: str) -> str:
     """The local directory of a checkpoint path or hub repo id (already in the HF cache for a run);
     "" for a random init."""
-    from jaxblock.hf_io import _resolve
+    from jaxblock.hf_io import resolve as hf_resolve
 
-    return os.path.abspath(_resolve(hf_checkpoint)) if hf_checkpoint else ""
+    return os.path.abspath(hf_resolve(hf_checkpoint)) if hf_checkpoint else ""
 
 
 def fingerprint(directory: str) -> dict[str, str]:
@@ -38,13 +38,18 @@ def fingerprint(directory: str) -> dict[str, str]:
     return out
 
 
-def recorded_path(workdir: str) -> str | None:
-    """The base model directory recorded for the run in `workdir`, if any."""
+def _recorded(workdir: str) -> dict | None:
     path = os.path.join(workdir, FILE)
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)["path"]
+        return json.load(f)
+
+
+def recorded_path(workdir: str) -> str | None:
+    """The base model directory recorded for the run in `workdir`, if any."""
+    recorded = _recorded(workdir)
+    return None if recorded is None else recorded["path"]
 
 
 def record(workdir: str, hf_checkpoint: str) -> None:
@@ -64,11 +69,9 @@ def verify(workdir: str, hf_checkpoint: str, base_dir: str | None = None) -> str
     Raises:
       ValueError, one line, if the recorded directory is gone or any of its files differs.
     """
-    path = os.path.join(workdir, FILE)
-    if not os.path.exists(path):  # a run from before base_model.json existed: nothing to compare with
-        return base_dir or (resolve(hf_checkpoint) if hf_checkpoint else None)
-    with open(path) as f:
-        recorded = json.load(f)
+    recorded, path = _recorded(workdir), os.path.join(workdir, FILE)
+    if recorded is None:  # a run from before base_model.json existed: nothing to compare with
+        return base_dir or resolve(hf_checkpoint) or None
     directory = base_dir or recorded["path"]
     if not os.path.isdir(directory):
         raise ValueError(

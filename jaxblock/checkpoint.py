@@ -189,25 +189,19 @@ def restore_newest(
     that step is tried, and a failure is a one-line ValueError.
     """
     steps = sorted(mgr.all_steps(), reverse=True)
-    if step is not None:
-        if step not in steps:
-            raise ValueError(f"--step {step}: no such checkpoint step (have {sorted(steps)})")
-        try:
-            with _quiet_failed_reads():
-                return (*restore(mgr, abstract_params, partition, step), [])
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - any other failure to read a step means the step is damaged
-            raise ValueError(f"checkpoint step {step} does not restore: {one_line(e)}") from None
+    if step is not None and step not in steps:
+        raise ValueError(f"--step {step}: no such checkpoint step (have {sorted(steps)})")
     skipped = []
-    for s in steps:
+    for s in steps if step is None else [step]:
         try:
             with _quiet_failed_reads():
                 return (*restore(mgr, abstract_params, partition, s), skipped)
         except MemoryError:
             raise
-        except Exception as e:  # noqa: BLE001 - see above
+        except Exception as e:  # noqa: BLE001 - any other failure to read a step means the step is damaged
             skipped.append((s, one_line(e)))
+    if step is not None:
+        raise ValueError(f"checkpoint step {step} does not restore: {skipped[0][1]}")
     if skipped:
         reasons = "; ".join(f"step {s}: {r}" for s, r in skipped)
         raise ValueError(f"no checkpoint step restores ({reasons})")

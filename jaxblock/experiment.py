@@ -191,7 +191,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         state, meta, skipped = restored
         if meta.get("mode", "simulator") != "simulator":
             raise ValueError(f"--workdir {workdir} holds a {meta['mode']} run: train.py cannot resume it")
-        check_same_run(meta, config, workdir)
         base_model.verify(workdir, config.hf_checkpoint, base_model.resolve(config.hf_checkpoint) or None)
         newer = [s for s in steps if s > meta["round"] and s not in dict(skipped)]
         for s, reason in skipped:

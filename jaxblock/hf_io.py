@@ -70,7 +70,7 @@ def _name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Ca
     return entries
 
 
-def _resolve(path_or_repo_id: str) -> str:
+def resolve(path_or_repo_id: str) -> str:
     """A local directory, or a hub repo id downloaded (config and safetensors only) to the HF cache."""
     if os.path.isdir(path_or_repo_id):
         return path_or_repo_id
@@ -98,7 +98,7 @@ def _read_json(file: str) -> dict:
     return data
 
 
-def _read_config(path: str, param_dtype: str, dtype: str) -> ModelConfig:
+def read_config(path: str, param_dtype: str, dtype: str) -> ModelConfig:
     file = os.path.join(path, "config.json")
     if not os.path.exists(file):
         raise ValueError(f"hf_checkpoint {path}: no config.json")
@@ -195,8 +195,8 @@ def load_hf(
     Returns:
       The config and a nested dict of jax Arrays in jaxblock's layout.
     """
-    path = _resolve(path_or_repo_id)
-    cfg = _read_config(path, param_dtype, dtype)
+    path = resolve(path_or_repo_id)
+    cfg = read_config(path, param_dtype, dtype)
     files = _safetensors_files(path)
     shardings = None
     if layout is not None:

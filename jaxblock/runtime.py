@@ -65,7 +65,8 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
     if not config.hf_checkpoint:
         return cfg, init_params(cfg, jax.random.key(config.seed), layout)
     # config.json first: a disagreeing model section is refused before any weight is read.
-    loaded = hf_io._read_config(hf_io._resolve(config.hf_checkpoint), cfg.param_dtype, cfg.dtype)
+    path = hf_io.resolve(config.hf_checkpoint)
+    loaded = hf_io.read_config(path, cfg.param_dtype, cfg.dtype)
     diff = [
         f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(loaded, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
@@ -76,7 +77,7 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
             f"config {', '.join(diff)} disagrees with hf_checkpoint {config.hf_checkpoint}, whose config.json "
             f"defines the model: drop the override, or set --config.hf_checkpoint= to train from a random init"
         )
-    return load_hf(config.hf_checkpoint, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
+    return load_hf(path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
 
 
 def config_path(argv: list[str] | None = None) -> str | None:
