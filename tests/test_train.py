@@ -105,7 +105,7 @@ def test_rerunning_a_finished_run_changes_nothing(tmp_path):
 
 def test_killed_run_resumes_to_a_bit_identical_model(tmp_path, report):
     """Kill -9 a real train.py process mid-run, rerun the same command, compare with an uninterrupted run."""
-    rounds = 30
+    rounds = 20
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py")]
     cmd += [f"--config.{o}" for o in [*SMALL, f"rounds={rounds}", "algorithm=parablock", "staleness=2"]]
     cmd += ["--no-progress"]
