@@ -22,7 +22,9 @@ from jaxblock.config import ModelConfig
 from jaxblock.hf_io import save_hf
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "<|end|>", "<|user|>", "<|assistant|>"]
+# BOS first, as in pretraining: the template writes every special token of a prompt (see instruct.prompt_ids).
 CHAT_TEMPLATE = (
+    "{{ bos_token }}"
     "{% for message in messages %}{{ '<|' + message['role'] + '|>' + message['content'] + '<|end|>' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )

@@ -181,15 +181,32 @@ def extract_answer(text: str) -> float | None:
 # ----------------------------------------------------------------------------- formatting
 
 
+def _messages(example: dict) -> list[dict]:
+    user = example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")
+    return [{"role": "user", "content": user}]
+
+
 def prompt_text(tokenizer, example: dict) -> str:
     """The prompt through the tokenizer's chat template, or the Alpaca template for base models."""
-    user = example["instruction"] + (f"\n\n{example['input']}" if example.get("input") else "")
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
-        )
+        return tokenizer.apply_chat_template(_messages(example), tokenize=False, add_generation_prompt=True)
     template = ALPACA_PROMPT_WITH_INPUT if example.get("input") else ALPACA_PROMPT
     return template.format(instruction=example["instruction"], input=example.get("input", ""))
+
+
+def prompt_ids(tokenizer, example: dict) -> list[int]:
+    """The prompt's token ids, for training and decoding alike.
+
+    With a chat template: exactly `apply_chat_template(..., add_generation_prompt=True)`'s ids, which
+    add no special tokens of their own (the template writes BOS if the model wants one: the bundled
+    one does, Llama 3's does, Qwen2.5's has none), so an exported tokenizer used as transformers
+    users do gives the ids the model was trained and evaluated on. The Alpaca text gets the
+    tokenizer's special tokens (BOS where it adds one).
+    """
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(_messages(example), add_generation_prompt=True, return_dict=True)
+        return list(out["input_ids"])
+    return tokenizer(prompt_text(tokenizer, example), add_special_tokens=True)["input_ids"]
 
 
 def response_text(tokenizer, example: dict) -> str:
@@ -206,7 +223,7 @@ def tokenize(tokenizer, examples: list[dict], seq_len: int) -> dict[str, np.ndar
     tokens = np.full((len(examples), seq_len), pad, np.int32)
     mask = np.zeros((len(examples), seq_len), np.float32)
     for i, e in enumerate(examples):
-        p = tokenizer(prompt_text(tokenizer, e), add_special_tokens=True)["input_ids"]
+        p = prompt_ids(tokenizer, e)
         r = tokenizer(response_text(tokenizer, e), add_special_tokens=False)["input_ids"]
         if len(p) >= seq_len:
             raise ValueError(f"example {i}: its prompt is {len(p)} tokens, seq_len={seq_len}: raise seq_len")
@@ -222,7 +239,7 @@ def encode_prompts(tokenizer, examples: list[dict], length: int) -> tuple[np.nda
     tokens = np.full((len(examples), length), pad, np.int32)
     mask = np.zeros((len(examples), length), bool)
     for i, e in enumerate(examples):
-        ids = tokenizer(prompt_text(tokenizer, e), add_special_tokens=True)["input_ids"][-length:]
+        ids = prompt_ids(tokenizer, e)[-length:]
         tokens[i, length - len(ids) :] = ids
         mask[i, length - len(ids) :] = True
     return tokens, mask

@@ -55,12 +55,11 @@ def test_export_loads_and_generates_in_transformers(run_dir, tmp_path, report):
     _, cfg, params, _ = experiment.restore_model(run_dir)
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    prompt = tok.apply_chat_template(
+    ids = tok.apply_chat_template(
         [{"role": "user", "content": "Ana has 3 pens and gets 4 more. How many pens does Ana have now?"}],
-        tokenize=False,
         add_generation_prompt=True,
-    )
-    ids = tok(prompt, return_tensors="pt")["input_ids"]
+        return_tensors="pt",
+    )["input_ids"]
     with torch.no_grad():
         diff = np.abs(hf(ids).logits.numpy() - np.asarray(jaxblock.forward(cfg, params, ids.numpy()))).max()
         generated = hf.generate(ids, max_new_tokens=12, do_sample=False)

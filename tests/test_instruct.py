@@ -162,6 +162,32 @@ def test_tokenize_masks_exactly_the_response(tokenizer):
     assert mask[0].sum() > mask[1].sum() and not mask[1, 0] and mask[1, -1]  # left-padded
 
 
+def test_exported_chat_template_gives_the_ids_jaxblock_trains_and_evaluates_on(tokenizer, tmp_path):
+    """A transformers user's prompt, apply_chat_template(add_generation_prompt=True) on the tokenizer as
+    export_hf saves it, is token for token what training and eval/generation use: BOS once, first.
+    The whole training sequence is the template's rendering of the question and its answer."""
+    from transformers import AutoTokenizer
+
+    from jaxblock import assets
+
+    tokenizer.save_pretrained(str(tmp_path))  # as experiment.export_hf does
+    exported = AutoTokenizer.from_pretrained(str(tmp_path))
+    evals = instruct.load_examples("gsm8k", os.path.join(ASSETS, "data", "math_eval.jsonl"), split="test")[::25]
+    batch = instruct.tokenize(tokenizer, evals, 64)
+    tokens, mask = instruct.encode_prompts(tokenizer, evals, 40)
+    for i, e in enumerate(evals):
+        user = [{"role": "user", "content": e["instruction"]}]
+        ids = exported.apply_chat_template(user, add_generation_prompt=True)["input_ids"]
+        start, end = np.flatnonzero(batch["loss_mask"][i])[[0, -1]]
+        assert batch["tokens"][i, :start].tolist() == ids  # training's prompt part
+        assert tokens[i, mask[i]].tolist() == ids  # eval's and generate's prompt
+        assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1, ids  # as pretraining
+        whole = exported.apply_chat_template(user + [{"role": "assistant", "content": e["output"]}])["input_ids"]
+        assert batch["tokens"][i, : end + 1].tolist() == whole
+    with open(os.path.join(ASSETS, "tiny_base", "chat_template.jinja")) as f:
+        assert f.read() == assets.CHAT_TEMPLATE  # the bundled file is what make_assets.py writes
+
+
 def test_alpaca_template_for_base_models():
     class NoTemplate:
         chat_template = None
@@ -267,7 +293,7 @@ def test_tiny_config_fits_every_bundled_example(tokenizer):
     last = batch["loss_mask"].shape[1] - 1 - np.argmax(batch["loss_mask"][:, ::-1], axis=1)
     assert (batch["tokens"][np.arange(len(examples)), last] == tokenizer.eos_token_id).all()  # response complete
     evals = instruct.load_examples("gsm8k", config.eval.path, split="test")
-    prompts = [len(tokenizer(instruct.prompt_text(tokenizer, e))["input_ids"]) for e in evals]
+    prompts = [len(instruct.prompt_ids(tokenizer, e)) for e in evals]
     responses = [
         len(tokenizer(instruct.response_text(tokenizer, e), add_special_tokens=False)["input_ids"]) for e in evals
     ]
