@@ -43,7 +43,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxblock import federated, transport
+from jaxblock import algorithms, federated, transport
 from jaxblock.blocks import Partition
 from jaxblock.transport import Link, Store
 
@@ -56,6 +56,8 @@ class CommConfig:
 
 
 def check_supported(fed: federated.FedConfig) -> None:
+    if not algorithms.REGISTRY[fed.algorithm].runtime:
+        raise ValueError(f"algorithm={fed.algorithm!r}: the multi-process runtime does not run it; use the simulator")
     if fed.effective_staleness > 1:
         raise ValueError(
             f"staleness={fed.staleness}: the runtime runs s = 1 (ParaBlock) and 0 (FedBCD); use the simulator"
@@ -314,9 +316,10 @@ def modeled_timeline(
     """Timeline rows of round `history[-1]` for the one-process simulator, one per client.
 
     Compute is measured (clients run one after another); communication is modelled from the
-    exact bytes each client would send and receive over its link: ParaBlock exchanges round t-1's
-    block during round t (exposed wait = what the compute does not cover), FedBCD exchanges round
-    t's block after computing it (all of it exposed).
+    exact bytes each client would send and receive over its link (the round's `params_up` and
+    `params_down`, which each algorithm counts): ParaBlock exchanges round t-1's block during round
+    t (exposed wait = what the compute does not cover); the others exchange round t's after
+    computing it (all of it exposed).
     """
     m = history[-1]
     wire = transport.WIRE_DTYPES[fed.wire_dtype].itemsize
@@ -329,9 +332,10 @@ def modeled_timeline(
         compute = m["client_compute_s"].get(c, 0.0)
         up = down = 0
         if exchanged is not None:
-            nbytes = partition.blocks[exchanged["block"]].params * wire
-            up = nbytes if c in exchanged["clients"] else 0
-            down = nbytes
+            n = partition.blocks[exchanged["block"]].params  # metrics written before params_up existed
+            ups = exchanged.get("params_up", [n] * len(exchanged["clients"]))
+            up = dict(zip(exchanged["clients"], ups, strict=True)).get(c, 0) * wire
+            down = exchanged.get("params_down", n) * wire
         comm_s = (links[c].seconds(up) if up else 0.0) + (links[c].seconds(down) if down else 0.0)
         exposed = comm_s if fed.effective_staleness == 0 else max(0.0, comm_s - compute)
         rows.append(

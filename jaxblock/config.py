@@ -48,6 +48,9 @@ class ModelConfig:
     eos_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax, norms and logits are always float32
+    # LoRA scale numerator: an adapter of rank r adds (x @ A) @ B * lora_alpha / r (model._lora). Not
+    # part of a checkpoint's architecture: the run's `lora.alpha` sets it (model_config).
+    lora_alpha: float = 0.0
 
     def __post_init__(self):
         for name in (
@@ -334,6 +337,9 @@ _RULES = {
     "eval.batch_size": _int(1),
     "eval.prompt_len": _int(1),
     "eval.max_new_tokens": _int(1),
+    "lora.rank": _int(1),
+    "lora.alpha": _number(0),
+    "lora.init_seed": _int(0),
     "checkpoint.interval": _int(1),
     "checkpoint.max_to_keep": _int(1),
     "comm.timeout_s": _number(0),
@@ -359,8 +365,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The frozen ModelConfig of a run config's `model` section."""
-    return ModelConfig.from_dict(config.model.to_dict())
+    """The frozen ModelConfig of a run config's `model` section (and the LoRA scale, `lora.alpha`)."""
+    cfg = ModelConfig.from_dict(config.model.to_dict())
+    return cfg.replace(lora_alpha=float(config.lora.alpha)) if "lora" in config else cfg
 
 
 def dump_json(config: ml_collections.ConfigDict) -> str:
@@ -368,8 +375,11 @@ def dump_json(config: ml_collections.ConfigDict) -> str:
 
 
 def model_section(**fields) -> ml_collections.ConfigDict:
-    """A config's `model` section holding every ModelConfig field, so each one can be overridden."""
-    return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**fields)))
+    """A config's `model` section holding every ModelConfig field, so each one can be overridden
+    (except lora_alpha, which the `lora` section sets)."""
+    section = dataclasses.asdict(ModelConfig(**fields))
+    del section["lora_alpha"]
+    return ml_collections.ConfigDict(section)
 
 
 # The paper's Section 6.1 math task: 50,000 MathInstruct examples, split over clients by
@@ -407,8 +417,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.seq_len = 512  # every batch is padded to this length: one executable per block
     config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
     config.compilation_cache_dir = ""  # a directory for JAX's persistent compilation cache
-    # Federated run (federated.FedConfig): ParaBlock by default, as in the paper.
-    config.algorithm = "parablock"  # 'parablock', 'fedbcd' or 'fedavg_full'
+    # Federated run (federated.FedConfig): ParaBlock by default, as in the paper. The algorithms
+    # (jaxblock/algorithms/): parablock, fedbcd, fedavg_full (Fed full FT), and the LoRA methods
+    # fedit, ffa_lora, flora, which train the adapters of the `lora` section on a frozen model.
+    config.algorithm = "parablock"
     config.rounds = 10
     config.num_clients = 10
     config.eta = 1.0  # global learning rate
@@ -436,6 +448,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Held-out evaluation (scripts/eval.py): GSM8K-style exact match and eval loss.
     config.eval = ml_collections.ConfigDict(
         {"source": "gsm8k", "path": "", "num_examples": 0, "batch_size": 64, "prompt_len": 64, "max_new_tokens": 32}
+    )
+    # LoRA (fedit, ffa_lora, flora; lora.LoraConfig): adapters on `targets`, scale alpha / rank.
+    # FLoRA's clients may differ in rank: client_ranks has one rank per client ([] = rank for all).
+    config.lora = ml_collections.ConfigDict(
+        {"rank": 32, "alpha": 64.0, "targets": ["q_proj", "v_proj"], "init_seed": 0, "client_ranks": []}
     )
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'

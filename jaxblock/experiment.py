@@ -24,6 +24,7 @@ import optax
 import tqdm
 
 from jaxblock import (
+    algorithms,
     base_model,
     checkpoint,
     comm,
@@ -32,13 +33,13 @@ from jaxblock import (
     federated,
     instruct,
     local,
-    model,
+    lora,
     plots,
     runtime,
     transport,
 )
 from jaxblock import config as config_lib
-from jaxblock.blocks import Partition
+from jaxblock.blocks import Partition, subtree_like
 from jaxblock.config import ModelConfig, dump_json
 from jaxblock.hf_io import save_hf
 from jaxblock.sharding import Layout
@@ -92,6 +93,7 @@ class Setup:
     """Everything a run builds from its config, shared by the simulator, the server and the clients."""
 
     fed: federated.FedConfig
+    algorithm: algorithms.Algorithm
     cfg: ModelConfig
     layout: Layout
     params: dict
@@ -108,8 +110,9 @@ class Setup:
 
     def trainer(self, store: transport.Store | None = None) -> federated.Trainer:
         return federated.Trainer(
-            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store
-        )
+            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store,
+            self.algorithm,
+        )  # fmt: skip
 
     def abstract_params(self) -> dict:
         return abstract(self.params)
@@ -136,10 +139,15 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         )
     cfg, params = runtime.load_model(config, layout)
     fed = runtime.fed_config(config)
-    partition = federated.algorithm_partition(fed, params, runtime.make_partition(config, cfg))
+    algorithm = runtime.make_algorithm(config, cfg)
+    shardings = layout.tree_shardings(runtime.logical_axes(config, cfg))
+    params = algorithm.server_params(params)  # LoRA methods: adapters beside the frozen kernels
+    params = jax.device_put(params, subtree_like(shardings, params))
+    partition = algorithm.partition(params, runtime.layer_partition(config, cfg))
     clients, table = client_data(config, cfg)
     return Setup(
         fed=fed,
+        algorithm=algorithm,
         cfg=cfg,
         layout=layout,
         params=params,
@@ -148,7 +156,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         client_sizes=np.array([len(c["tokens"]) for c in clients]),
         loss_fn=local.lm_loss(cfg, layout),
         optimizer=local.make_optimizer(runtime.optimizer_config(config), fed.local_steps),
-        shardings=layout.tree_shardings(model.logical_axes(cfg)),
+        shardings=shardings,
         partition_table=table,
     )
 
@@ -476,7 +484,7 @@ def restore_model(
     cfg = config_lib.model_config(config)
     partition = runtime.make_partition(config, cfg)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    shapes = runtime.server_shapes(config, cfg)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
     try:
         restored = checkpoint.restore_newest(mgr, target, partition, step)
@@ -521,6 +529,9 @@ def evaluate_run(
 def export_hf(workdir: str, out_dir: str, step: int | None = None, *, force: bool = False, base_dir=None) -> int:
     """The run's model as an HF checkpoint (safetensors, config.json, tokenizer); returns the step.
 
+    A run with LoRA adapters is written merged (W + BA * alpha / r), and its adapters also as a PEFT
+    adapter directory `out_dir/adapter` for the base model.
+
     Refuses an `out_dir` that is a non-empty directory unless `force`, and never writes into the
     base model's directory or the run's workdir, whatever `force` says.
     """
@@ -539,6 +550,9 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, *, force: boo
         raise ValueError(f"--out {out_dir} is a file, not a directory")
     config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir)
     tokenizer = load_tokenizer(config)
-    save_hf(cfg, params, out_dir)
+    adapted = lora.has_adapters(params)  # FedIT, FFA-LoRA (FLoRA merges every round: plain params)
+    save_hf(cfg, lora.merge(cfg, params) if adapted else params, out_dir)
     tokenizer.save_pretrained(out_dir)
+    if adapted:  # also as a PEFT adapter on the run's base model: PeftModel.from_pretrained(base, out/adapter)
+        lora.save_peft(cfg, params, os.path.join(out_dir, "adapter"), base_model_name_or_path=config.hf_checkpoint)
     return step

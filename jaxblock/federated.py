@@ -1,4 +1,4 @@
-"""ParaBlock, FedBCD and Fed full FT as pure functions over any params pytree.
+"""The round loop every federated algorithm shares, as pure functions over any params pytree.
 
 The simulator keeps the lean form of `SPEC.md`: a client's model is always
 
@@ -7,13 +7,12 @@ The simulator keeps the lean form of `SPEC.md`: a client's model is always
 where a pending delta is one the client has uploaded but the server has not yet aggregated.
 N simulated clients therefore cost one model plus their pending block deltas, never N copies.
 
-One round function serves every algorithm; they differ only where the paper says they do:
-- ParaBlock, staleness s >= 1: round r's deltas are aggregated at the end of round r + s, and the
-  client's correction for block b_r happens then (it drops its own pending delta and the server
-  model now holds the aggregate). After the last round a flush drains the s rounds in flight.
-- FedBCD is staleness 0: round t's deltas are aggregated at the end of round t, before round t+1
-  starts (communication and computation serialized).
-- Fed full FT is FedBCD over a partition with one block holding every parameter.
+One round function serves every algorithm; each `jaxblock/algorithms/` module says only where
+its method differs from FedBCD (what trains, where a client starts, what crosses the wire, how the
+server merges). E.g. ParaBlock, staleness s >= 1: round r's deltas are aggregated at the end of
+round r + s, and the client's correction for block b_r happens then (it drops its own pending
+delta and the server model now holds the aggregate); after the last round a flush drains the s
+rounds in flight. FedBCD is staleness 0; Fed full FT is FedBCD over one block of every parameter.
 
 Example (a toy model; see README "Library use"):
     part = blocks.partition(params, [("w", "weights"), ("b", "bias")])
@@ -35,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxblock import algorithms, transport
 from jaxblock import blocks as blocks_lib
-from jaxblock import transport
+from jaxblock.algorithms import apply_aggregate, axpy, weighted_sum
 from jaxblock.local import LossFn, make_local_train
 
-ALGORITHMS = ("parablock", "fedbcd", "fedavg_full")
+ALGORITHMS = algorithms.NAMES
 SCHEDULES = ("random", "sequential", "reverse", "cyclic", "gradient")
 LR_DECAYS = ("none", "linear", "cosine")
 
@@ -50,7 +50,7 @@ BatchesFn = Callable[[int, int, int], tuple[Any, int]]
 
 @dataclasses.dataclass(frozen=True)
 class FedConfig:
-    algorithm: str = "parablock"  # 'parablock', 'fedbcd' or 'fedavg_full'
+    algorithm: str = "parablock"  # one of ALGORITHMS (jaxblock/algorithms/)
     rounds: int = 10  # T
     num_clients: int = 10  # N
     local_steps: int = 10  # K
@@ -88,7 +88,8 @@ class FedConfig:
 
     @property
     def effective_staleness(self) -> int:
-        return self.staleness if self.algorithm == "parablock" else 0
+        """Rounds between an upload and its aggregation: s for ParaBlock, 0 for the others."""
+        return algorithms.REGISTRY[self.algorithm].staleness(self)
 
     @property
     def clients_per_round(self) -> int:
@@ -123,7 +124,7 @@ def client_params(state: dict, partition: blocks_lib.Partition, client: int, eta
         delta = entry["deltas"].get(client)
         if delta is not None:
             block, rest = partition.split(params, entry["block"])
-            params = blocks_lib.merge(_axpy(block, eta, delta), rest)
+            params = blocks_lib.merge(axpy(block, eta, delta), rest)
     return params
 
 
@@ -136,25 +137,11 @@ def server_merge(
 
 def aggregate_deltas(deltas: list[dict], weights: np.ndarray, wire_dtype: str = "float32") -> dict:
     """sum_i w_i delta_i, rounded to the wire dtype (what the server publishes and applies itself)."""
-    aggregate = _weighted_sum(deltas, jnp.asarray(weights, jnp.float32))
-    return aggregate if wire_dtype == "float32" else transport.to_wire(aggregate, wire_dtype)
+    return _on_wire(weighted_sum(deltas, jnp.asarray(weights, jnp.float32)), wire_dtype)
 
 
-def apply_aggregate(params: dict, partition: blocks_lib.Partition, block_id: int, aggregate: dict, eta: float):
-    """[params]_b += eta * aggregate. The server and every client replica call exactly this."""
-    block, rest = partition.split(params, block_id)
-    return blocks_lib.merge(_axpy(block, eta, aggregate), rest)
-
-
-@jax.jit
-def _weighted_sum(deltas: list[dict], weights: jax.Array) -> dict:
-    return jax.tree.map(lambda *ds: sum(w * d for w, d in zip(weights, ds, strict=True)), *deltas)
-
-
-@jax.jit
-def _axpy(block: dict, eta, delta: dict) -> dict:
-    """block + eta * delta, in the block's dtype (the delta is float32)."""
-    return jax.tree.map(lambda p, d: (p.astype(jnp.float32) + eta * d).astype(p.dtype), block, delta)
+def _on_wire(tree: dict, wire_dtype: str) -> dict:
+    return tree if wire_dtype == "float32" else transport.to_wire(tree, wire_dtype)
 
 
 def _pending_in_order(state: dict) -> list[dict]:
@@ -234,8 +221,8 @@ def aggregation_weights(fed: FedConfig, clients: list[int], client_sizes: np.nda
 
 
 def algorithm_partition(fed: FedConfig, params, partition: blocks_lib.Partition) -> blocks_lib.Partition:
-    """The partition the algorithm trains over: one block of every leaf for Fed full FT."""
-    return blocks_lib.full_partition(params) if fed.algorithm == "fedavg_full" else partition
+    """The partition a (non-LoRA) algorithm trains over: one block of every leaf for Fed full FT."""
+    return algorithms.make(fed).partition(params, partition)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +236,11 @@ class Trainer:
     local_train: Callable  # from local.make_local_train
     client_sizes: np.ndarray | None = None
     store: transport.Store | None = None  # if set, every exchange goes through this TensorStore
+    algorithm: algorithms.Algorithm | None = None  # default: algorithms.make(fed)
+
+    def __post_init__(self):
+        if self.algorithm is None:
+            object.__setattr__(self, "algorithm", algorithms.make(self.fed))
 
 
 def make_trainer(
@@ -262,15 +254,16 @@ def make_trainer(
     layout=None,
     param_shardings=None,
     store: transport.Store | None = None,
+    algorithm: algorithms.Algorithm | None = None,
 ) -> Trainer:
-    """Binds the problem to the algorithm (see `algorithm_partition` for Fed full FT's partition)."""
+    """Binds the problem to the algorithm; `partition` is the one it trains over (`algorithm_partition`)."""
     if fed.algorithm == "fedavg_full" and partition.num_blocks != 1:
         raise ValueError("algorithm='fedavg_full' trains every parameter: pass algorithm_partition(...)")
     train = make_local_train(loss_fn, optimizer, layout=layout, param_shardings=param_shardings)
     sizes = None if client_sizes is None else np.asarray(client_sizes)
     if sizes is not None and len(sizes) != fed.num_clients:
         raise ValueError(f"client_sizes has {len(sizes)} entries for num_clients={fed.num_clients}")
-    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes, store)
+    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes, store, algorithm)
 
 
 def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
@@ -278,7 +271,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
 
     Returns the new state and the round's metrics.
     """
-    fed, part = trainer.fed, trainer.partition
+    fed, part, algo = trainer.fed, trainer.partition, trainer.algorithm
     t = state["round"]
     start = time.perf_counter()
     clients = participants(fed, t)
@@ -303,11 +296,11 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     lr_scale = lr_factor(fed, t)
     for c in clients:
         c0 = time.perf_counter()
-        params_c = client_params(state, part, c, fed.eta)
+        params_c = algo.client_model(client_params(state, part, c, fed.eta), c, t)
         block, frozen = part.split(params_c, b)
         batches, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
         delta, loss = trainer.local_train(block, frozen, batches, lr_scale)
-        deltas[c] = delta
+        deltas[c] = algo.upload(block, delta)
         losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
         compute_s[c] = time.perf_counter() - c0
         del params_c, block, frozen
@@ -321,6 +314,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         state = aggregate(trainer, state, due)
         aggregated = due
     losses = np.stack(losses)  # [M, K]
+    up, down = algo.wire_params(part, b, clients)
     metrics = {
         "round": t,
         "block": b,
@@ -330,6 +324,8 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "loss_first_step": float(losses[:, 0].mean()),
         "loss_last_step": float(losses[:, -1].mean()),
         "aggregated_round": aggregated,
+        "params_up": up,  # values each participant uploads (the link model turns them into bytes)
+        "params_down": down,  # values every client downloads
         "lr_factor": lr_scale,
         "seconds": time.perf_counter() - start,
         "client_compute_s": compute_s,
@@ -340,23 +336,25 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
 
 
 def aggregate(trainer: Trainer, state: dict, round_: int) -> dict:
-    """Aggregates round `round_`'s pending deltas into the server model and drops them.
+    """Aggregates round `round_`'s pending uploads into the server model and drops them.
 
-    A NaN/Inf in any delta raises FloatingPointError before the server model is touched.
+    A NaN/Inf in any upload raises FloatingPointError before the server model is touched.
     """
     entry = state["pending"][round_]
     clients = list(entry["clients"])
-    deltas = [entry["deltas"][c] for c in clients]
-    check_finite(deltas, clients, round_, entry["block"])
-    fed = trainer.fed
+    uploads = [entry["deltas"][c] for c in clients]
+    check_finite(uploads, clients, round_, entry["block"])
+    fed, algo = trainer.fed, trainer.algorithm
     weights = aggregation_weights(fed, clients, trainer.client_sizes)
+
+    def reduce(received):  # the server's side: what it sends down, rounded to the wire
+        return _on_wire(algo.reduce(received, weights, clients), fed.wire_dtype)
+
     if trainer.store is not None:
-        aggregate_ = _exchange_through(trainer.store, fed, round_, clients, deltas, weights)
+        down = _exchange_through(trainer.store, fed, round_, clients, uploads, reduce)
     else:  # the same rounding, in memory: what the server receives and what it sends back
-        if fed.wire_dtype != "float32":
-            deltas = [transport.to_wire(d, fed.wire_dtype) for d in deltas]
-        aggregate_ = aggregate_deltas(deltas, weights, fed.wire_dtype)
-    params = apply_aggregate(state["params"], trainer.partition, entry["block"], aggregate_, fed.eta)
+        down = reduce([_on_wire(u, fed.wire_dtype) for u in uploads])
+    params = algo.apply(state["params"], trainer.partition, entry["block"], down, fed.eta)
     pending = {r: e for r, e in state["pending"].items() if r != round_}
     return {**state, "params": params, "pending": pending}
 
@@ -368,17 +366,15 @@ def check_finite(deltas: list[dict], clients: list[int], round_: int, block: int
             raise FloatingPointError(f"round {round_}: client {c}'s delta for block {block} has NaN/Inf")
 
 
-def _exchange_through(store: transport.Store, fed: FedConfig, round_: int, clients, deltas, weights) -> dict:
-    """Round `round_`'s exchange through a real Store: clients publish, the server fetches, aggregates,
-    publishes the aggregate, clients fetch it. The round's keys are deleted afterwards."""
-    for c, d in zip(clients, deltas, strict=True):
-        store.publish(transport.delta_prefix(round_, c), jax.device_get(d), fed.wire_dtype)
+def _exchange_through(store: transport.Store, fed: FedConfig, round_: int, clients, uploads, reduce) -> dict:
+    """Round `round_`'s exchange through a real Store: clients publish, the server fetches, reduces,
+    publishes the result, clients fetch it. The round's keys are deleted afterwards."""
+    for c, u in zip(clients, uploads, strict=True):
+        store.publish(transport.delta_prefix(round_, c), jax.device_get(u), fed.wire_dtype)
     received = [
         store.wait_fetch(transport.delta_prefix(round_, c), 60.0, f"round {round_}: client {c}")[0] for c in clients
     ]
-    store.publish(
-        transport.aggregate_prefix(round_), jax.device_get(aggregate_deltas(received, weights)), fed.wire_dtype
-    )
+    store.publish(transport.aggregate_prefix(round_), jax.device_get(reduce(received)), fed.wire_dtype)
     aggregate_, _ = store.wait_fetch(transport.aggregate_prefix(round_), 60.0, f"round {round_}: aggregate")
     store.delete_round(round_)
     return aggregate_

@@ -36,6 +36,27 @@ def _param(module: nn.Module, name: str, shape, axes, init=_init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_jnp_dtype)
 
 
+def _with_lora(module: nn.Module, kernel: str, x: Array, y: Array) -> Array:
+    """y = x @ W plus `kernel`'s LoRA term `(x @ A) @ B * lora_alpha / r`, if the params carry one.
+
+    x [B,T,d_in] (flattened heads), y [B,T,...] the base projection (d_out = its trailing dims).
+    `lora.py` puts `{kernel}_lora_a` [d_in,r] and `{kernel}_lora_b` [r,d_out] beside the kernel.
+    W + BA is never formed, so training an adapter never computes a gradient of W's size; the rank
+    comes from A's shape, so clients may differ in it (FLoRA).
+    """
+    name = f"{kernel}_lora_a"
+    if not module.has_variable("params", name):
+        return y
+    cfg: ModelConfig = module.cfg
+    if cfg.lora_alpha <= 0:
+        raise ValueError(f"params carry LoRA adapter {name!r} but ModelConfig.lora_alpha={cfg.lora_alpha}")
+    a = module.get_variable("params", name)  # [d_in, r]
+    b = module.get_variable("params", f"{kernel}_lora_b")  # [r, d_out]
+    dt = cfg.jnp_dtype
+    low = (x.astype(dt) @ a.astype(dt)) @ b.astype(dt)  # [B,T,r] -> [B,T,d_out]
+    return y + (low * (cfg.lora_alpha / a.shape[-1])).reshape(y.shape)
+
+
 # ----------------------------------------------------------------------------- RoPE
 
 
@@ -98,9 +119,10 @@ class Attention(nn.Module):
         wv = _param(self, "v_proj", (d, k, h), ("embed", "kv_heads", "head_dim"))
         wo = _param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"))
         x = x.astype(dt)
-        q = jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt))
-        key = jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt))
-        val = jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt))
+        b, t = x.shape[:2]
+        q = _with_lora(self, "q_proj", x, jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)))
+        key = _with_lora(self, "k_proj", x, jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)))
+        val = _with_lora(self, "v_proj", x, jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)))
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (n, h), ("heads", "head_dim"), zeros).astype(dt)
@@ -116,14 +138,13 @@ class Attention(nn.Module):
             val = jax.lax.dynamic_update_slice_in_dim(cache["v"], val.astype(cache["v"].dtype), index, 1)
             cache = {"k": key, "v": val}
 
-        b, t = q.shape[:2]
         q = q.reshape(b, t, k, n // k, h)  # [B,T,K,G,H]: grouped-query attention without repeating kv
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, key.astype(dt)).astype(jnp.float32)
         scores = scores / math.sqrt(h)
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val.astype(dt)).reshape(b, t, n, h)
-        out = jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt))
+        out = _with_lora(self, "o_proj", out.reshape(b, t, n * h), jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)))
         if cfg.o_bias:
             out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
         return out, cache
@@ -141,9 +162,10 @@ class MLP(nn.Module):
         up = _param(self, "up_proj", (d, f), ("embed", "mlp"))
         down = _param(self, "down_proj", (f, d), ("mlp", "embed"))
         x = x.astype(dt)
-        hidden = nn.silu(x @ gate.astype(dt)) * (x @ up.astype(dt))  # [B,T,F]
+        hidden = nn.silu(_with_lora(self, "gate_proj", x, x @ gate.astype(dt)))  # [B,T,F]
+        hidden = hidden * _with_lora(self, "up_proj", x, x @ up.astype(dt))
         hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"), self.layout)
-        return hidden @ down.astype(dt)
+        return _with_lora(self, "down_proj", hidden, hidden @ down.astype(dt))
 
 
 class DecoderLayer(nn.Module):

@@ -9,7 +9,7 @@ import sys
 import jax
 import ml_collections
 
-from jaxblock import blocks, hf_io, model
+from jaxblock import algorithms, blocks, hf_io, lora, model
 from jaxblock.config import ModelConfig, load_config, model_config, split_config_args, validate
 from jaxblock.federated import FedConfig
 from jaxblock.hf_io import load_hf
@@ -31,15 +31,49 @@ def setup_jax(config: ml_collections.ConfigDict) -> None:
 
 
 def make_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> blocks.Partition:
-    """The run's block partition (`config.blocks`), from param shapes alone (no weights loaded)."""
+    """What the run's algorithm trains, as blocks, from param shapes alone (no weights loaded): the
+    layer blocks of `config.blocks` for ParaBlock/FedBCD, one block of everything for Fed full FT,
+    the adapters for the LoRA methods."""
+    algo = make_algorithm(config, cfg)
+    return algo.partition(server_shapes(config, cfg), layer_partition(config, cfg))
+
+
+def layer_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> blocks.Partition:
+    """The decoder's layer blocks of `config.blocks` (blocks.llm_block_rules)."""
     shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-    rules = blocks.llm_block_rules(cfg.num_layers, **config.blocks.to_dict())
-    return blocks.partition(shapes, rules)
+    return blocks.partition(shapes, blocks.llm_block_rules(cfg.num_layers, **config.blocks.to_dict()))
+
+
+def server_shapes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
+    """ShapeDtypeStructs of the run's server model (the base model, plus adapters for FedIT/FFA-LoRA)."""
+    algo = make_algorithm(config, cfg)
+    return jax.eval_shape(lambda: algo.server_params(model.init(cfg, jax.random.key(0))))
 
 
 def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
     """The federated algorithm's settings, from the run config's top-level keys."""
     return FedConfig(**{f.name: config[f.name] for f in dataclasses.fields(FedConfig)})
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+    if "lora" not in config:  # a run written before the LoRA methods existed
+        return lora.LoraConfig()
+    d = config.lora.to_dict()
+    return lora.LoraConfig(**{**d, "targets": tuple(d["targets"]), "client_ranks": tuple(d["client_ranks"])})
+
+
+def make_algorithm(config: ml_collections.ConfigDict, cfg: ModelConfig) -> algorithms.Algorithm:
+    """The run's algorithm (`config.algorithm`), bound to its model and `lora` section."""
+    return algorithms.make(fed_config(config), cfg, lora_config(config))
+
+
+def logical_axes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
+    """Logical PartitionSpecs of every leaf a run's models have: the decoder's, and the adapters'
+    of a LoRA method (any rank: the rank axis is never sharded)."""
+    axes = model.logical_axes(cfg)
+    if algorithms.REGISTRY[config.algorithm].uses_lora:
+        axes = blocks.merge(axes, lora.logical_axes(cfg, lora_config(config)))
+    return axes
 
 
 def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
@@ -66,7 +100,7 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
         return cfg, init_params(cfg, jax.random.key(config.seed), layout)
     # config.json first: a disagreeing model section is refused before any weight is read.
     path = hf_io.resolve(config.hf_checkpoint)
-    loaded = hf_io.read_config(path, cfg.param_dtype, cfg.dtype)
+    loaded = hf_io.read_config(path, cfg.param_dtype, cfg.dtype).replace(lora_alpha=cfg.lora_alpha)
     diff = [
         f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(loaded, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
@@ -77,7 +111,8 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
             f"config {', '.join(diff)} disagrees with hf_checkpoint {config.hf_checkpoint}, whose config.json "
             f"defines the model: drop the override, or set --config.hf_checkpoint= to train from a random init"
         )
-    return load_hf(path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
+    loaded_cfg, params = load_hf(path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
+    return loaded_cfg.replace(lora_alpha=cfg.lora_alpha), params
 
 
 def config_path(argv: list[str] | None = None) -> str | None:
@@ -98,9 +133,9 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
         config = load_config(path, overrides)
         # Validate the sections now, not deep inside a jit or rounds into the run.
         validate(config)
-        make_partition(config, model_config(config))
         optimizer_config(config)
         fed_config(config)
+        make_partition(config, model_config(config))
     except ValueError as e:
         parser.error(str(e))
     return config, args

@@ -1,0 +1,23 @@
+"""The federated algorithms, one module each; `federated.run_round` is the round loop they share.
+
+Each module says only how its method differs from FedBCD (`base.Algorithm`'s defaults).
+"""
+
+from jaxblock.algorithms.base import Algorithm, apply_aggregate, axpy, weighted_sum
+from jaxblock.algorithms.fedavg_full import FedAvgFull
+from jaxblock.algorithms.fedbcd import FedBCD
+from jaxblock.algorithms.fedit import FedIT
+from jaxblock.algorithms.ffa_lora import FFALoRA
+from jaxblock.algorithms.flora import FLoRA
+from jaxblock.algorithms.parablock import ParaBlock
+
+REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ParaBlock, FedBCD, FedAvgFull, FedIT, FFALoRA, FLoRA)}
+NAMES = tuple(REGISTRY)
+
+
+def make(fed, cfg=None, lora=None) -> Algorithm:
+    """The algorithm `fed.algorithm`, bound to the run (LoRA methods need `cfg` and `lora`)."""
+    return REGISTRY[fed.algorithm](fed, cfg, lora)
+
+
+__all__ = ["NAMES", "REGISTRY", "Algorithm", "apply_aggregate", "axpy", "make", "weighted_sum"]
