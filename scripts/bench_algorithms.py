@@ -55,7 +55,7 @@ def costs(config, name: str) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", nargs="*", default=[], help="ALG=WORKDIR: read exact match / eval loss from eval.json")
+    parser.add_argument("--runs", nargs="*", default=[], help="ALG=WORKDIR: exact match, eval loss from eval.json")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     config, args = runtime.parse_args(parser)
     runs = dict(item.split("=", 1) for item in args.runs)
