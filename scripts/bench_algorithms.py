@@ -87,8 +87,12 @@ def main():
             f"{name:<12} {f['trainable']:>11,} {f['opt_state_bytes'] / mb:>13.2f} {f['temp_bytes'] / mb:>12.2f} "
             f"{f['total_bytes'] / mb:>14.2f} "
             f"{m['up'] / mb:>12.3f} {m['down'] / mb:>14.3f} {em:>12} {loss:>10}"
-            + (f"   (block 0; mean over {c['blocks']} blocks: {m['trainable']:,.0f} trainable, "
-               f"{m['temp_bytes'] / mb:.2f} MB temp)" if varies else "")  # fmt: skip
+            + (
+                f"   (block 0; mean over {c['blocks']} blocks: {m['trainable']:,.0f} trainable, "
+                f"{m['temp_bytes'] / mb:.2f} MB temp)"
+                if varies
+                else ""
+            )  # fmt: skip
         )
         summary[name] = {"block0": f, "mean": m, "blocks": c["blocks"], **score}
     if args.json:
