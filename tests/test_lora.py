@@ -10,11 +10,13 @@ import optax
 import pytest
 import torch
 from hf_models import hf_logits, make_hf_model
-from test_train import ROOT, final_params, small_config
+from jax.sharding import PartitionSpec as P
+from test_train import ROOT, final_params, read_jsonl, small_config
 from transformers import AutoModelForCausalLM
 
 import jaxblock
 from jaxblock import algorithms, blocks, data, experiment, federated, local, lora, model, runtime
+from jaxblock import config as config_lib
 from jaxblock.config import ModelConfig
 
 CFG = ModelConfig(
@@ -267,6 +269,15 @@ def test_a_lora_run_stopped_mid_way_resumes_to_bit_identical_adapters(algorithm,
     assert step_a == step_b == 4 and calls == [0, 1, 2]
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert lora.has_adapters(a) == (algorithm == "fedit")  # FLoRA merges every round's adapters
+    # The link model counts what crosses the wire: FLoRA's download is every client's adapter.
+    rows = read_jsonl(os.path.join(straight, "timeline.jsonl"))
+
+    def adapter_bytes(r):  # float32, 2 layers x (q_proj: 64 -> 4 x 16, v_proj: 64 -> 2 x 16)
+        return 4 * 2 * r * ((64 + 64) + (64 + 32))
+
+    ups = [adapter_bytes(r) for r in (2, 4, 3)] if algorithm == "flora" else [adapter_bytes(4)] * 3
+    assert [r["bytes_up"] for r in rows[:3]] == ups
+    assert {r["bytes_down"] for r in rows} == {sum(ups) if algorithm == "flora" else ups[0]}
 
 
 def test_lora_runs_export_merged_and_as_a_peft_adapter(tmp_path, report):
@@ -297,3 +308,17 @@ def test_flora_is_refused_by_the_multi_process_runtime():
     with pytest.raises(ValueError, match="algorithm='flora': the multi-process runtime does not run it"):
         comm.check_supported(runtime.fed_config(small_config("algorithm=flora")))
     comm.check_supported(runtime.fed_config(small_config("algorithm=fedit")))  # FedIT's exchange is FedBCD's
+
+
+def test_adapter_leaves_have_shardings_from_their_kernels_axes():
+    config = small_config("algorithm=fedit", "lora.targets=['q_proj', 'o_proj', 'down_proj']")
+    cfg = config_lib.model_config(config)
+    axes = runtime.logical_axes(config, cfg)
+    assert jax.tree.structure(axes) == jax.tree.structure(runtime.server_shapes(config, cfg))
+    layout = jaxblock.sharding.Layout(jaxblock.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                                      jaxblock.sharding.rules_from_config(config.rules))  # fmt: skip
+    specs = jax.tree.map(lambda s: s.spec, layout.tree_shardings(axes)["layers_0"])
+    attn, mlp = specs["self_attn"], specs["mlp"]
+    assert attn["q_proj_lora_a"] == P("fsdp", None) and attn["q_proj_lora_b"] == P(None, "tensor")
+    assert attn["o_proj_lora_a"] == P("tensor", None) and attn["o_proj_lora_b"] == P(None, "fsdp")
+    assert mlp["down_proj_lora_a"] == P("tensor", None) and mlp["down_proj_lora_b"] == P(None, "fsdp")
