@@ -405,8 +405,11 @@ def run(
     Returns the final state (its 'params' are theta_T) and the per-round metrics. `on_round(state,
     metrics)` is called after each round, e.g. to log and checkpoint.
     """
-    partition = algorithm_partition(fed, params, partition)
-    trainer = make_trainer(fed, loss_fn, batches_fn, partition, optimizer, client_sizes=client_sizes, **trainer_kw)
+    algorithm = trainer_kw.pop("algorithm", None) or algorithms.make(fed)
+    partition = algorithm.partition(params, partition)
+    trainer = make_trainer(
+        fed, loss_fn, batches_fn, partition, optimizer, client_sizes=client_sizes, algorithm=algorithm, **trainer_kw
+    )
     state = init_state(fed, params) if state is None else state
     history = []
     while state["round"] < fed.rounds:

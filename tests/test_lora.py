@@ -322,3 +322,35 @@ def test_adapter_leaves_have_shardings_from_their_kernels_axes():
     assert attn["q_proj_lora_a"] == P("fsdp", None) and attn["q_proj_lora_b"] == P(None, "tensor")
     assert attn["o_proj_lora_a"] == P("tensor", None) and attn["o_proj_lora_b"] == P(None, "fsdp")
     assert mlp["down_proj_lora_a"] == P("tensor", None) and mlp["down_proj_lora_b"] == P(None, "fsdp")
+
+
+def test_fedit_in_the_threaded_runtime_equals_the_simulator():
+    from jaxblock import comm, transport
+
+    fed = federated.FedConfig(algorithm="fedit", rounds=2, num_clients=2, local_steps=2)
+    lc = lora.LoraConfig(rank=2, alpha=4.0)
+    cfg, algo, params, trainer = _trainer(fed, lc, optax.adamw(1e-2))
+    server, replicas = comm.run_in_threads(
+        fed, params, trainer.partition, trainer.local_train, trainer.batches_fn, transport.Store("memory://"),
+        comm.CommConfig(timeout_s=30.0),
+    )  # fmt: skip
+    sim, _ = federated.run(fed, params, trainer.loss_fn, trainer.batches_fn, trainer.partition, optax.adamw(1e-2),
+                           algorithm=algo)  # fmt: skip
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(server), jax.device_get(sim["params"]))
+    assert _max_diff(server, params) > 0 and all(_max_diff(r, server) == 0 for r in replicas.values())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.targets=['q_proj', 'qkv']", r"lora.targets: unknown \['qkv'\]"),
+        ("lora.client_ranks=[2, 4]", r"lora.client_ranks has 2 ranks for num_clients=3"),
+        ("lora.rank=0", r"config.lora.rank=0: must be an integer >= 1"),
+        ("lora.client_ranks=[2, 0, 1]", r"every rank must be >= 1"),
+    ],
+)
+def test_bad_lora_settings_are_one_line_errors(override, message):
+    config = small_config("algorithm=flora", override)
+    with pytest.raises(ValueError, match=message):
+        config_lib.validate(config)
+        runtime.make_partition(config, config_lib.model_config(config))

@@ -39,6 +39,9 @@ class Algorithm:
     runtime = True  # scripts/server.py and client.py can run it (else: the simulator only)
     uses_lora = False
 
+    def __post_init__(self):  # subclasses check what they need here (the dataclass __init__ calls it)
+        pass
+
     @classmethod
     def staleness(cls, fed) -> int:
         return 0
