@@ -66,7 +66,8 @@ class Partition:
         return _select(tree, self.labels, lambda label: label == b)
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
+    """'layers_0/mlp/up_proj' for a jax key path."""
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
@@ -116,7 +117,7 @@ def partition(params, rules: Rules) -> Partition:
 
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, leaf in leaves:
-        p = _path_str(path)
+        p = path_str(path)
         matches = [name for regex, name in compiled if regex.fullmatch(p)]
         if not matches:
             raise ValueError(f"block partition: leaf {p!r} is covered by no rule")
@@ -139,7 +140,7 @@ def partition(params, rules: Rules) -> Partition:
         blocks.append(Block(i, name, paths, tuple(layers), sum(sizes), nbytes))
     if not blocks:
         raise ValueError("block partition: every leaf is frozen; nothing to train")
-    labels = jax.tree_util.tree_map_with_path(lambda path, _: label_of[_path_str(path)], params)
+    labels = jax.tree_util.tree_map_with_path(lambda path, _: label_of[path_str(path)], params)
     return Partition(labels, tuple(blocks))
 
 

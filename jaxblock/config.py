@@ -48,7 +48,7 @@ class ModelConfig:
     eos_token_id: int | None = None
     param_dtype: str = "float32"
     dtype: str = "float32"  # compute dtype; softmax, norms and logits are always float32
-    # LoRA scale numerator: an adapter of rank r adds (x @ A) @ B * lora_alpha / r (model._lora). Not
+    # LoRA scale numerator: an adapter of rank r adds (x @ A) @ B * lora_alpha / r (model._with_lora). Not
     # part of a checkpoint's architecture: the run's `lora.alpha` sets it (model_config).
     lora_alpha: float = 0.0
 

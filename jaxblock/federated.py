@@ -4,8 +4,9 @@ The simulator keeps the lean form of `SPEC.md`: a client's model is always
 
     server_params + eta * sum(the client's own pending deltas)
 
-where a pending delta is one the client has uploaded but the server has not yet aggregated.
-N simulated clients therefore cost one model plus their pending block deltas, never N copies.
+(then `Algorithm.client_model`, e.g. FLoRA's fresh adapter), where a pending delta is one the
+client has uploaded but the server has not yet aggregated. N simulated clients therefore cost one
+model plus their pending block uploads, never N copies.
 
 One round function serves every algorithm; each `jaxblock/algorithms/` module says only where
 its method differs from FedBCD (what trains, where a client starts, what crosses the wire, how the
@@ -157,6 +158,8 @@ def choose_block(
     """b_t. random: seeded, uniform with replacement (the paper's default); sequential: 0,1,..,B-1,0,..;
     reverse: B-1,..,0,B-1,..; cyclic: every B rounds a fresh seeded permutation (each block once
     per cycle); gradient: the block with the largest gradient norm (`gradient_norms()`)."""
+    if num_blocks == 1:  # Fed full FT and the LoRA methods: nothing to choose
+        return 0
     if fed.schedule == "random":
         return int(np.random.default_rng([fed.seed, round_, 1]).integers(num_blocks))
     if fed.schedule == "sequential":
@@ -257,8 +260,6 @@ def make_trainer(
     algorithm: algorithms.Algorithm | None = None,
 ) -> Trainer:
     """Binds the problem to the algorithm; `partition` is the one it trains over (`algorithm_partition`)."""
-    if fed.algorithm == "fedavg_full" and partition.num_blocks != 1:
-        raise ValueError("algorithm='fedavg_full' trains every parameter: pass algorithm_partition(...)")
     train = make_local_train(loss_fn, optimizer, layout=layout, param_shardings=param_shardings)
     sizes = None if client_sizes is None else np.asarray(client_sizes)
     if sizes is not None and len(sizes) != fed.num_clients:

@@ -42,6 +42,7 @@ TARGETS = {
     "down_proj": ("mlp", "mlp", "embed"),
 }
 _ADAPTER = re.compile(r"(?:^|/)(\w+)_lora_([ab])$")
+ADAPTERS = r".*_lora_[ab]"  # a blocks.partition rule matching every adapter leaf
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +92,11 @@ def init(cfg: ModelConfig, lc: LoraConfig, key: jax.Array, rank: int | None = No
     rank = lc.rank if rank is None else rank
     out: dict = {}
     for i in range(cfg.num_layers):
-        for j, target in enumerate(lc.targets):
+        for target in lc.targets:
             module, _, _ = TARGETS[target]
             d_in, d_out = dims(cfg, target)
             bound = 1.0 / np.sqrt(d_in)
-            k = jax.random.fold_in(key, i * len(TARGETS) + j)
+            k = jax.random.fold_in(key, i * len(TARGETS) + list(TARGETS).index(target))  # order-free
             a = jax.random.uniform(k, (d_in, rank), jnp.float32, -bound, bound)
             leaves = out.setdefault(f"layers_{i}", {}).setdefault(module, {})
             leaves[f"{target}_lora_a"] = a
@@ -154,7 +155,8 @@ def add_products(base: dict, adapters: dict, scale: float = 1.0) -> dict:
         w = _get(out, kernel_path)
         update = (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale  # [d_in, d_out]
         # [d_in, d_out] -> the kernel's shape ([D,N,H], [N,H,D] or [D,F]): heads flatten row-major
-        _set(out, kernel_path, (w.astype(jnp.float32) + update.reshape(w.shape)).astype(w.dtype))
+        new = (w.astype(jnp.float32) + update.reshape(w.shape)).astype(w.dtype)
+        _set(out, kernel_path, jax.device_put(new, w.sharding) if isinstance(w, jax.Array) else new)
     return out
 
 
@@ -224,8 +226,7 @@ def save_peft(cfg: ModelConfig, params: dict, out_dir: str, base_model_name_or_p
 # ----------------------------------------------------------------------------- tree helpers
 
 
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
+_path = blocks.path_str
 
 
 def _leaves(tree: dict) -> list[tuple[str, jax.Array]]:

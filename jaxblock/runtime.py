@@ -51,8 +51,9 @@ def server_shapes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
 
 
 def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
-    """The federated algorithm's settings, from the run config's top-level keys."""
-    return FedConfig(**{f.name: config[f.name] for f in dataclasses.fields(FedConfig)})
+    """The federated algorithm's settings, from the run config's top-level keys (a key that a run
+    written before it existed lacks takes its default, as `check_same_run` assumes)."""
+    return FedConfig(**{f.name: config[f.name] for f in dataclasses.fields(FedConfig) if f.name in config})
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:

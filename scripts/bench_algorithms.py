@@ -3,7 +3,8 @@
 For each algorithm, from XLA's static analysis of one compiled local step (no training needed):
 trainable parameters per round, AdamW state bytes, XLA temp bytes of the step (and its total:
 arguments + outputs + temp, i.e. weights, batch, optimizer state and activations), and the values a
-client sends up and receives down per round (as float32 bytes; the link model uses exactly these).
+client sends up and receives down per round, as float32 bytes (the link model counts the same
+values at `wire_dtype`). FLoRA's sizes are client 0's rank unless `lora.client_ranks` is empty.
 For the block methods each figure is given for the block the most memory needs (block 0: its
 backward runs through every layer above it) and as the mean over blocks where it varies. With
 `--runs ALG=WORKDIR ...` it adds each run's exact match and eval loss from its eval.json.

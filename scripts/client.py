@@ -1,4 +1,6 @@
-"""A ParaBlock / FedBCD client process: trains its block each round, exchanges deltas via the store.
+"""A client process: trains its block each round, exchanges deltas via the store.
+
+Runs ParaBlock, FedBCD, Fed full FT, FedIT and FFA-LoRA (FLoRA runs in the simulator: train.py).
 
 python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0 --workdir runs/client0
 """

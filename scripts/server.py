@@ -1,4 +1,6 @@
-"""The ParaBlock / FedBCD server process: plans rounds, aggregates uploads through a shared store.
+"""The server process: plans rounds, aggregates uploads through a shared store.
+
+Runs ParaBlock, FedBCD, Fed full FT, FedIT and FFA-LoRA (FLoRA runs in the simulator: train.py).
 
     python scripts/server.py --config configs/tiny.py --store file:///tmp/run/store --workdir runs/server
     python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0   # one per client

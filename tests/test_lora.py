@@ -242,7 +242,8 @@ class _Killed(Exception):
 
 @pytest.mark.parametrize("algorithm", ["fedit", "flora"])
 def test_a_lora_run_stopped_mid_way_resumes_to_bit_identical_adapters(algorithm, tmp_path, monkeypatch, capsys):
-    config = small_config("rounds=4", f"algorithm={algorithm}", *LORA_RUN, "lora.client_ranks=[2, 4, 3]")
+    ranks = ["lora.client_ranks=[2, 4, 3]"] if algorithm == "flora" else []
+    config = small_config("rounds=4", f"algorithm={algorithm}", *LORA_RUN, *ranks)
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     experiment.train(config, straight, progress=False)
     run_round, calls = federated.run_round, []
@@ -269,6 +270,9 @@ def test_a_lora_run_stopped_mid_way_resumes_to_bit_identical_adapters(algorithm,
     assert step_a == step_b == 4 and calls == [0, 1, 2]
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert lora.has_adapters(a) == (algorithm == "fedit")  # FLoRA merges every round's adapters
+    _, cfg, restored, step = experiment.restore_model(stopped)  # as eval.py and export_hf.py read it
+    assert step == 4 and cfg.lora_alpha == 8.0
+    jax.tree.map(np.testing.assert_array_equal, restored, b)
     # The link model counts what crosses the wire: FLoRA's download is every client's adapter.
     rows = read_jsonl(os.path.join(straight, "timeline.jsonl"))
 
@@ -346,11 +350,23 @@ def test_fedit_in_the_threaded_runtime_equals_the_simulator():
         ("lora.targets=['q_proj', 'qkv']", r"lora.targets: unknown \['qkv'\]"),
         ("lora.client_ranks=[2, 4]", r"lora.client_ranks has 2 ranks for num_clients=3"),
         ("lora.rank=0", r"config.lora.rank=0: must be an integer >= 1"),
+        ("algorithm=fedit", r"lora.client_ranks is FLoRA's: algorithm='fedit' gives every client lora.rank"),
         ("lora.client_ranks=[2, 0, 1]", r"every rank must be >= 1"),
     ],
 )
 def test_bad_lora_settings_are_one_line_errors(override, message):
-    config = small_config("algorithm=flora", override)
+    config = small_config("algorithm=flora", "lora.client_ranks=[1, 2, 3]", override)
     with pytest.raises(ValueError, match=message):
         config_lib.validate(config)
         runtime.make_partition(config, config_lib.model_config(config))
+
+
+def test_a_run_config_from_before_newer_keys_still_builds_its_model_and_partition():
+    """eval.py / export_hf.py on a workdir whose config.json predates lr_decay, wire_dtype and lora."""
+    config = small_config()
+    for key in ("lr_decay", "lr_decay_alpha", "wire_dtype", "lora"):
+        del config[key]
+    fed = runtime.fed_config(config)
+    assert (fed.lr_decay, fed.wire_dtype) == ("none", "float32")
+    cfg = config_lib.model_config(config)
+    assert cfg.lora_alpha == 0.0 and runtime.make_partition(config, cfg).num_blocks == 2

@@ -15,11 +15,13 @@ class FedIT(Algorithm):
 
     name = "fedit"
     uses_lora = True
-    trains = r".*_lora_[ab]"  # a regex over leaf paths: the one block that trains
+    trains = lora_lib.ADAPTERS  # a regex over leaf paths: the one block that trains
 
     def __post_init__(self):
         if self.cfg is None or self.lora is None:
             raise ValueError(f"algorithm={self.name!r} needs the model config and a lora section")
+        if self.lora.client_ranks:  # averaging A and B needs one shape
+            raise ValueError(f"lora.client_ranks is FLoRA's: algorithm={self.name!r} gives every client lora.rank")
 
     def server_params(self, params):
         return lora_lib.add(self.cfg, params, self.lora, jax.random.key(self.lora.init_seed))

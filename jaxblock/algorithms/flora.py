@@ -37,8 +37,10 @@ class FLoRA(Algorithm):
         return lora_lib.add(self.cfg, params, self.lora, key, self.rank(client))
 
     def partition(self, params, layer_partition):
-        shapes = jax.eval_shape(lambda: self.client_model(params, 0, 0))
-        return blocks.partition(shapes, [(r".*_lora_[ab]", "adapters"), (".*", None)])
+        # Labels only depend on the tree's structure; the block's sizes are client 0's rank
+        # (`wire_params` counts each client's own).
+        adapters = jax.eval_shape(lambda: lora_lib.init(self.cfg, self.lora, jax.random.key(0), self.rank(0)))
+        return blocks.partition(blocks.merge(params, adapters), [(lora_lib.ADAPTERS, "adapters"), (".*", None)])
 
     def upload(self, block, delta):  # the trained adapter itself
         return jax.tree.map(lambda x, d: x.astype(d.dtype) + d, block, delta)
