@@ -92,11 +92,11 @@ def init(cfg: ModelConfig, lc: LoraConfig, key: jax.Array, rank: int | None = No
     rank = lc.rank if rank is None else rank
     out: dict = {}
     for i in range(cfg.num_layers):
-        for target in lc.targets:
+        for j, target in enumerate(lc.targets):
             module, _, _ = TARGETS[target]
             d_in, d_out = dims(cfg, target)
             bound = 1.0 / np.sqrt(d_in)
-            k = jax.random.fold_in(key, i * len(TARGETS) + list(TARGETS).index(target))  # order-free
+            k = jax.random.fold_in(key, i * len(TARGETS) + j)  # j: the target's place in lora.targets
             a = jax.random.uniform(k, (d_in, rank), jnp.float32, -bound, bound)
             leaves = out.setdefault(f"layers_{i}", {}).setdefault(module, {})
             leaves[f"{target}_lora_a"] = a
