@@ -57,6 +57,7 @@ def costs(config, name: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", default=[], help="ALG=WORKDIR: exact match, eval loss from eval.json")
+    parser.add_argument("--only", default=",".join(ORDER), help="comma-separated algorithms (default: all six)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     config, args = runtime.parse_args(parser)
     runs = dict(item.split("=", 1) for item in args.runs)
@@ -72,10 +73,13 @@ def main():
           f"{config.num_clients} clients, lora rank {config.lora.rank} on {list(config.lora.targets)}")  # fmt: skip
     print(head)
     summary = {}
+    only = args.only.split(",")
+    if set(only) - set(ORDER):
+        parser.error(f"--only: unknown algorithms {sorted(set(only) - set(ORDER))}")
     computed = {}
-    for name in ORDER:
+    for name in [n for n in ORDER if n in only]:
         # FedBCD's local step and wire are ParaBlock's (they differ only in when the server merges)
-        c = computed["parablock"] if name == "fedbcd" else costs(config, name)
+        c = computed["parablock"] if name == "fedbcd" and "parablock" in computed else costs(config, name)
         computed[name] = c
         f, m = c["first"], c["mean"]
         score = {}
