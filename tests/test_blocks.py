@@ -18,7 +18,7 @@ def params():
 
 
 def _leaf_paths(tree):
-    return {blocks._path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {blocks.path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def test_llama3_2_3b_has_14_blocks_of_2_layers():
