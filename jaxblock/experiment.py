@@ -141,9 +141,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     fed = runtime.fed_config(config)
     algorithm = runtime.make_algorithm(config, cfg)
     shardings = layout.tree_shardings(runtime.logical_axes(config, cfg))
+    layers = runtime.layer_partition(config, cfg, params)
     params = algorithm.server_params(params)  # LoRA methods: adapters beside the frozen kernels
     params = jax.device_put(params, subtree_like(shardings, params))
-    partition = algorithm.partition(params, runtime.layer_partition(config, cfg))
+    partition = algorithm.partition(params, layers)
     clients, table = client_data(config, cfg)
     return Setup(
         fed=fed,

@@ -144,7 +144,7 @@ def merge(cfg: ModelConfig, params: dict) -> dict:
 
 def add_products(base: dict, adapters: dict, scale: float = 1.0) -> dict:
     """base with W += A @ B * scale for each adapter (A, B) beside kernel W, in float32 then W's dtype."""
-    out = jax.tree.map(lambda x: x, base)  # new dicts: the caller's tree is untouched
+    out = dict(base)  # `_set` copies each dict on a kernel's path: the caller's tree is untouched
     for path, a in _leaves(adapters):
         m = _ADAPTER.search(path)
         if m.group(2) != "a":

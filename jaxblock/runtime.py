@@ -35,13 +35,15 @@ def make_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> block
     layer blocks of `config.blocks` for ParaBlock/FedBCD, one block of everything for Fed full FT,
     the adapters for the LoRA methods."""
     algo = make_algorithm(config, cfg)
-    return algo.partition(server_shapes(config, cfg), layer_partition(config, cfg))
+    base = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    return algo.partition(jax.eval_shape(algo.server_params, base), layer_partition(config, cfg, base))
 
 
-def layer_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> blocks.Partition:
-    """The decoder's layer blocks of `config.blocks` (blocks.llm_block_rules)."""
-    shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
-    return blocks.partition(shapes, blocks.llm_block_rules(cfg.num_layers, **config.blocks.to_dict()))
+def layer_partition(config: ml_collections.ConfigDict, cfg: ModelConfig, params=None) -> blocks.Partition:
+    """The decoder's layer blocks of `config.blocks` (blocks.llm_block_rules) over `params` (the
+    model's arrays or shapes; default: its shapes)."""
+    params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))) if params is None else params
+    return blocks.partition(params, blocks.llm_block_rules(cfg.num_layers, **config.blocks.to_dict()))
 
 
 def server_shapes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
