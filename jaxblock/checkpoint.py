@@ -1,9 +1,13 @@
 """Orbax checkpoints of the federated server state, restorable into the exact same run.
 
 Each step (= rounds completed) holds two items:
-  state: {'params': server model, 'pending': {'r<round>': {'c<client>': delta}}}  (arrays)
-  meta:  JSON with round, seed, data positions, the pending rounds' block and clients, the run's
-         federated config (checked on resume), wall seconds so far, and `final`.
+  state: {'params': server model, 'pending': {'r<round>': {'c<client>': delta}}, and when present
+         'uploads' (what top-k clients sent, per pending delta) and 'extra' (an algorithm's own
+         arrays: top-k residuals, FedBuff's updates in flight)}
+  meta:  JSON with round, seed, data positions, the pending rounds' block, clients and the clients
+         whose delta is still pending ('waiting'), the shapes of 'uploads' and 'extra', an
+         algorithm's own JSON ('extra_meta'), the run's federated config (checked on resume),
+         wall seconds so far, and `final`.
 The meta item describes the state tree exactly, so restore builds the abstract target (shapes,
 dtypes, shardings) and never relies on orbax guessing a structure. Orbax writes each step to a
 temporary directory and renames it when complete, so a killed run leaves its last complete step.
@@ -14,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import os
 import sys
@@ -89,23 +94,34 @@ def save(
     mode: 'simulator' (resumable by train.py) or 'server' (its state holds no client positions).
     """
     pending_meta = [
-        {"round": int(r), "block": int(e["block"]), "clients": [int(c) for c in e["clients"]]}
+        {"round": int(r), "block": int(e["block"]), "clients": [int(c) for c in e["clients"]],
+         "waiting": [int(c) for c in e["deltas"]]}
         for r, e in sorted(state["pending"].items())
-    ]
+    ]  # fmt: skip
     arrays = {"params": state["params"]}
     if state["pending"]:
         arrays["pending"] = {f"r{r}": {f"c{c}": d for c, d in e["deltas"].items()} for r, e in state["pending"].items()}
+        uploads = {f"r{r}": {f"c{c}": u for c, u in e["uploads"].items()} for r, e in state["pending"].items()
+                   if "uploads" in e}  # fmt: skip
+        if uploads:
+            arrays["uploads"] = uploads
+    if state.get("extra"):  # an algorithm's own arrays (top-k residuals, FedBuff's updates in flight)
+        arrays["extra"] = state["extra"]
     meta = {
         "round": int(state["round"]),
         "seed": int(state["seed"]),
         "positions": [int(p) for p in state["positions"]],
         "pending": pending_meta,
-        "fed": dataclasses.asdict(fed),
+        "fed": json.loads(json.dumps(dataclasses.asdict(fed))),  # tuples as lists, as JSON reads them back
         "wall_s": float(wall_s),
         "final": bool(final),
         "checksums": checksums(arrays),
         "mode": mode,
     }
+    if "uploads" in arrays or "extra" in arrays:  # their shapes vary: the meta records them for restore
+        meta["shapes"] = {k: shapes(arrays[k]) for k in ("uploads", "extra") if k in arrays}
+    if state.get("extra_meta"):
+        meta["extra_meta"] = state["extra_meta"]
     if config is not None:
         meta["config"] = config
     mgr.save(
@@ -153,18 +169,24 @@ def restore(
         target["pending"] = {}
         for e in meta["pending"]:
             block = jax.tree.map(_as_float32, partition.block(abstract_params, e["block"]))
-            target["pending"][f"r{e['round']}"] = {f"c{c}": block for c in e["clients"]}
+            target["pending"][f"r{e['round']}"] = {f"c{c}": block for c in e.get("waiting", e["clients"])}
+    replicated = _replicated(abstract_params)
+    for key, recorded in meta.get("shapes", {}).items():
+        target[key] = _target(recorded, replicated)
     arrays = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     if "checksums" in meta:  # checkpoints written before checksums existed restore unchecked
         verify(arrays, meta["checksums"])
-    pending = {
-        e["round"]: {
+    pending = {}
+    for e in meta["pending"]:
+        r = f"r{e['round']}"
+        waiting = e.get("waiting", e["clients"])
+        pending[e["round"]] = {
             "block": e["block"],
             "clients": list(e["clients"]),
-            "deltas": {c: arrays["pending"][f"r{e['round']}"][f"c{c}"] for c in e["clients"]},
+            "deltas": {c: arrays["pending"][r][f"c{c}"] for c in waiting},
         }
-        for e in meta["pending"]
-    }
+        if r in arrays.get("uploads", {}):
+            pending[e["round"]]["uploads"] = {c: arrays["uploads"][r][f"c{c}"] for c in waiting}
     state = {
         "params": arrays["params"],
         "round": meta["round"],
@@ -172,7 +194,37 @@ def restore(
         "positions": np.asarray(meta["positions"], np.int64),
         "pending": pending,
     }
+    if "extra" in arrays:
+        state["extra"] = arrays["extra"]
+    if "extra_meta" in meta:
+        state["extra_meta"] = meta["extra_meta"]
     return state, meta
+
+
+def shapes(tree: dict) -> dict:
+    """{'a/b/c': [shape, dtype]} of a nested dict of arrays with str keys."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(k.key for k in path): [list(x.shape), np.dtype(x.dtype).name] for path, x in flat}
+
+
+def _target(recorded: dict, sharding) -> dict:
+    """The nested dict of ShapeDtypeStructs that `shapes` recorded."""
+    tree: dict = {}
+    for path, (shape, dtype) in recorded.items():
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
+    return tree
+
+
+def _replicated(abstract_params: dict):
+    """A sharding that puts an array whole on every device of the params' mesh (or their device)."""
+    sharding = getattr(jax.tree.leaves(abstract_params)[0], "sharding", None)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 def _as_float32(x: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:  # deltas are float32

@@ -3,31 +3,37 @@
 Each runs in its own OS process (`scripts/server.py`, `scripts/client.py`) or, for benchmarks,
 in threads of one process. A client keeps the lean state of `federated.py`: a replica of the
 server model, advanced by applying every aggregate with the very function the server uses
-(`federated.apply_aggregate`), plus its own pending delta. Its model is the replica plus eta x the
-pending delta, so server and clients agree bitwise and the runtime reproduces the one-process
+(`federated.apply_aggregate`), plus its own pending deltas. Its model is the replica plus eta x its
+pending deltas, so server and clients agree bitwise and the runtime reproduces the one-process
 simulator exactly.
 
-ParaBlock round t on a client: the main thread dispatches LocalBlockTraining for b_t (JAX's
-async dispatch returns at once) while a host thread copies Delta_{t-1}^i off the device, uploads
-it, waits for the aggregate Delta_{t-1} and downloads it; when both are done the client applies
-the aggregate to its replica and drops its own Delta_{t-1}^i (Algorithm 2's correction). FedBCD
-runs the same exchange after the compute, serially. Only block leaves cross the wire.
+ParaBlock round t on a client with staleness s_i (the same for all, or one per client): the main
+thread dispatches LocalBlockTraining for b_t (JAX's async dispatch returns at once) while an
+upload thread copies Delta_{t-1}^i off the device and publishes it, and a download thread waits
+for and fetches the aggregates the server merges at the end of round t (every client's delta of
+round r with r + s_c = t). When both the compute and those downloads are done, the client applies
+the aggregates to its replica and drops its own deltas among them (Algorithm 2's correction).
+Uploads queue in their own thread, so a slow client's upload may take up to s_i rounds without
+holding up its compute, and the fast clients never wait for it: the merges they need do not
+include it. FedBCD (and FedCyBGD) run the same exchange after the compute, serially. Only block
+leaves cross the wire (top-k: int32 indices and values).
 
-Cleanup (unless `keep_rounds`): each client, once it has applied the aggregate of round t,
-writes `round/<t>/ack/<client>`; a client that then sees acks from all `num_clients` clients
-deletes `round/<t>/`. Nobody reads or writes round t after that:
-  - the server wrote the plan before the aggregate, read every delta before publishing the
-    aggregate, and touches round t no more once it is published (which precedes every ack);
-  - every client, participant or not, reads the plan at the start of round t and uploads its delta
-    before it waits for the aggregate, and acks only once it has applied the aggregate: in
-    ParaBlock during round t+1 (or after the final flush), having read round t+1's plan already;
-    in FedBCD before round t+1. Its ack is its last access to round t.
+Cleanup (unless `keep_rounds`): each client, once it has applied the merges of the end of round u,
+writes `round/<u>/ack/<client>`; a client that then sees acks from all `num_clients` clients
+deletes `round/<u - S>/` (S = the largest staleness), and after the last merge F = T - 1 + S every
+round left. Nobody reads or writes round r = u - S after that:
+  - every delta of round r was merged by the end of round r + s_c <= u, so the server read it
+    before publishing round u's merges, which precede every ack of u;
+  - every aggregate under round r was merged at some u' <= u, and a client acks u only once it
+    has applied every merge up to u; its plan was read at the start of round r;
+  - each client's acks are written in order, by one thread, so the client whose ack of r
+    completed r's set had listed r's acks before anyone could ack u.
 The client whose ack lands last sees all of them, so someone always deletes; two clients may
 both delete, which is harmless. Deletion needs every client's ack, so a client that never acks
 (it died, or runs with keep_rounds) keeps every round from then on: cleanup fails safe. Nobody
 waits for it: the server never reads an ack, and a client acks and deletes in a thread of its
 own, beside its next computation and its next upload (a file:// delete takes ~0.15 s); it returns
-once its acks are done.
+once its uploads and acks are done.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ import jax
 import numpy as np
 
 from jaxblock import algorithms, federated, transport
+from jaxblock.algorithms import topk
 from jaxblock.blocks import Partition
 from jaxblock.transport import Link, Store
 
@@ -58,12 +65,20 @@ class CommConfig:
 def check_supported(fed: federated.FedConfig) -> None:
     if not algorithms.REGISTRY[fed.algorithm].runtime:
         raise ValueError(f"algorithm={fed.algorithm!r}: the multi-process runtime does not run it; use the simulator")
-    if fed.effective_staleness > 1:
-        raise ValueError(
-            f"staleness={fed.staleness}: the runtime runs s = 1 (ParaBlock) and 0 (FedBCD); use the simulator"
-        )
     if fed.schedule == "gradient":
         raise ValueError("schedule='gradient' needs the server to see data: use the simulator")
+
+
+def final_merge(fed: federated.FedConfig) -> int:
+    """F: the last round at whose end deltas are merged (the final flush runs the merges T .. F)."""
+    return fed.rounds - 1 + fed.effective_staleness
+
+
+def _merged(fed: federated.FedConfig, t: int, plans: dict) -> list[tuple[int, list[int]]]:
+    """[(round r, clients)] merged (not dropped) at the end of round t, from the plans."""
+    pieces = federated.merges_at(fed, t, lambda r: plans[r]["clients"])
+    pieces = [(r, [c for c in arrived if not federated.too_late(fed, c)]) for r, arrived in pieces]
+    return [(r, merged) for r, merged in pieces if merged]
 
 
 # ----------------------------------------------------------------------------- server
@@ -79,48 +94,52 @@ def serve(
     client_sizes=None,
     on_aggregate: Callable[[dict], None] | None = None,
 ) -> dict:
-    """Publishes each round's plan, aggregates uploads, publishes aggregates; returns theta_T.
+    """Publishes each round's plan, merges uploads, publishes aggregates; returns theta_T.
 
-    A client that sends nothing within `comm.timeout_s` stops the server with TransportTimeout
-    (after it has written `server/error` so that clients stop too); `on_aggregate(state)` runs
-    after each aggregation (e.g. to checkpoint), so the last good model is saved. The clients
-    delete the rounds (module docstring); the server leaves `server/done` when it has finished.
+    At the end of round t it merges the deltas that arrive then (client c's of round r when
+    r + s_c = t): per round r, their weighted sum goes to `round/<r>/aggregate/<t>`. A client that
+    sends nothing within `comm.timeout_s` stops the server with TransportTimeout (after it has
+    written `server/error` so that clients stop too); `on_aggregate(state)` runs whenever a round
+    is fully merged (e.g. to checkpoint), so the last good model is saved. The clients delete the
+    rounds (module docstring); the server leaves `server/done` when it has finished.
     """
     check_supported(fed)
-    s = fed.effective_staleness
+    algo = algorithms.make(fed)
     state = federated.init_state(fed, params)
     plans: dict[int, dict] = {}
 
-    def aggregate(r: int) -> None:
-        plan = plans[r]
-        deltas = []
-        try:
-            for c in plan["clients"]:
-                what = f"round {r}: client {c} sent no update"
-                delta, _ = store.wait_fetch(transport.delta_prefix(r, c), comm.timeout_s, what)
-                deltas.append(delta)
-            federated.check_finite(deltas, plan["clients"], r, plan["block"])
-        except (transport.TransportTimeout, FloatingPointError) as e:
-            store.put_json("server/error", {"message": str(e)})
-            raise
-        weights = federated.aggregation_weights(fed, plan["clients"], client_sizes)
-        agg = federated.aggregate_deltas(deltas, weights, fed.wire_dtype)
-        store.publish(transport.aggregate_prefix(r), jax.device_get(agg), fed.wire_dtype)
-        state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
-        state["round"] = r + 1
-        if on_aggregate is not None:
-            on_aggregate(state)
+    def merge(t: int) -> None:
+        for r, merged in _merged(fed, t, plans):
+            plan = plans[r]
+            deltas = []
+            try:
+                for c in merged:
+                    what = f"round {r}: client {c} sent no update"
+                    delta, _ = store.wait_fetch(transport.delta_prefix(r, c), comm.timeout_s, what)
+                    deltas.append(delta)
+                if fed.compression == "topk":
+                    shapes = jax.eval_shape(lambda: partition.block(state["params"], plan["block"]))  # noqa: B023
+                    deltas = [topk.densify(d, shapes) for d in deltas]
+                federated.check_finite(deltas, merged, r, plan["block"])
+            except (transport.TransportTimeout, FloatingPointError) as e:
+                store.put_json("server/error", {"message": str(e)})
+                raise
+            weights = federated.merge_weights(fed, plan["clients"], merged, client_sizes)
+            agg = federated.aggregate_deltas(deltas, weights, fed.wire_dtype)
+            store.publish(transport.aggregate_prefix(r, t), jax.device_get(agg), fed.wire_dtype)
+            state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
+        done = t - fed.effective_staleness + 1  # rounds whose every delta is merged
+        if done >= 1:
+            state["round"] = done
+            if on_aggregate is not None:
+                on_aggregate(state)
 
     for t in range(fed.rounds):
-        plans[t] = {
-            "block": federated.choose_block(fed, t, partition.num_blocks),
-            "clients": federated.participants(fed, t),
-        }
+        plans[t] = {"block": algo.choose_block(t, partition.num_blocks), "clients": algo.participants(t)}
         store.put_json(transport.plan_key(t), plans[t])
-        if t - s >= 0:
-            aggregate(t - s)
-    for r in range(max(fed.rounds - s, 0), fed.rounds):  # the final flush
-        aggregate(r)
+        merge(t)
+    for t in range(fed.rounds, final_merge(fed) + 1):  # the final flush
+        merge(t)
     store.put_json("server/done", {"rounds": fed.rounds})
     return state["params"]
 
@@ -128,39 +147,43 @@ def serve(
 # ----------------------------------------------------------------------------- client
 
 
-@dataclasses.dataclass
-class Exchange:
-    """One round's communication thread result."""
-
-    aggregate: dict
-    bytes_up: int
-    bytes_down: int
-    comm_s: float
-
-
-def _exchange(store: Store, comm: CommConfig, link: Link, client: int, r: int, own: dict | None, wire: str):
-    """Upload own Delta_r (if any), wait for the aggregate of round r, download it; with link delays."""
+def _upload(store: Store, link: Link, client: int, r: int, tree: dict, wire: str) -> tuple[int, float]:
+    """Publishes this client's delta of round r (device -> host here, in the upload thread) over its
+    link; returns (bytes, seconds)."""
     start = time.perf_counter()
-    up = 0
-    if own is not None:
-        host = jax.device_get(own)  # device -> host, here in the communication thread
-        t0 = time.perf_counter()
-        up = store.publish(transport.delta_prefix(r, client), host, wire)
-        link.hold(up, t0)
-    manifest = store.wait_json(
-        f"{transport.aggregate_prefix(r)}/COMMIT", comm.timeout_s, f"round {r}: no aggregate from the server"
-    )
+    host = jax.device_get(tree)
     t0 = time.perf_counter()
-    agg, down = store.fetch(transport.aggregate_prefix(r), manifest)
-    link.hold(down, t0)
-    return Exchange(agg, up, down, time.perf_counter() - start)
+    nbytes = store.publish(transport.delta_prefix(r, client), host, wire)
+    link.hold(nbytes, t0)
+    return nbytes, time.perf_counter() - start
 
 
-def _release(store: Store, client: int, r: int, num_clients: int) -> None:
-    """Acks round r's aggregate; the client that sees every ack deletes round r (module docstring)."""
-    store.put_json(transport.ack_key(r, client), {})
-    if store.acked(r) >= set(range(num_clients)):
-        store.delete_round(r)
+def _download(
+    store: Store, comm: CommConfig, link: Link, fed: federated.FedConfig, t: int, plans: dict
+) -> tuple[list[tuple[int, dict]], int, float]:
+    """Waits for and fetches the aggregates merged at the end of round t: ([(r, aggregate)], bytes, seconds)."""
+    start = time.perf_counter()
+    pieces, total = [], 0
+    for r, _ in _merged(fed, t, plans):
+        prefix = transport.aggregate_prefix(r, t)
+        manifest = store.wait_json(f"{prefix}/COMMIT", comm.timeout_s, f"round {r}: no aggregate from the server")
+        t0 = time.perf_counter()
+        agg, nbytes = store.fetch(prefix, manifest)
+        link.hold(nbytes, t0)
+        pieces.append((r, agg))
+        total += nbytes
+    return pieces, total, time.perf_counter() - start
+
+
+def _release(store: Store, client: int, t: int, fed: federated.FedConfig) -> None:
+    """Acks the merges of round t; the client that sees every ack deletes round t - max s (and, after
+    the last merge, every round left): see the module docstring."""
+    store.put_json(transport.ack_key(t, client), {})
+    if store.acked(t) >= set(range(fed.num_clients)):
+        s, last = fed.effective_staleness, final_merge(fed)
+        done = range(max(0, t - s), last + 1) if t == last else range(t - s, t - s + 1) if t >= s else range(0)
+        for r in done:
+            store.delete_round(r)
 
 
 def run_client(
@@ -180,32 +203,59 @@ def run_client(
 
     `on_round(timeline_row)` receives, per round: round, client, block, compute_s, comm_s,
     exposed_wait_s (time the compute thread sat idle waiting for communication), bytes_up,
-    bytes_down, loss. Returns once its acks are written (and its cleanup done), so that a
-    finished run leaves a clean store.
+    bytes_down, loss. Returns once its uploads and acks are written (and its cleanup done), so that
+    a finished run leaves a clean store.
     """
     check_supported(fed)
-    parablock = fed.effective_staleness == 1
+    overlap = fed.effective_staleness >= 1  # ParaBlock; FedBCD and FedCyBGD exchange after computing
     replica = {"params": params, "pending": {}}  # the lean client state (federated.client_params)
+    residuals: dict = {}  # top-k error feedback, per block
     position = 0
-    blocks: dict[int, int] = {}
-    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"comm-{client}")
+    plans: dict[int, dict] = {}
+    sent: dict[int, dict] = {}  # round -> what this client uploads for it (its delta, or top-k of it)
+    uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"upload-{client}")
+    downloader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"download-{client}")
     cleaner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"cleanup-{client}")
+    uploads: list[concurrent.futures.Future] = []
     releases: list[concurrent.futures.Future] = []
+    reported = [0]  # uploads whose seconds are already in a timeline row
 
-    def own(r):
-        entry = replica["pending"].get(r)
-        return None if entry is None else entry["deltas"][client]
+    def submit_upload(r: int) -> int:
+        if r not in sent:
+            return 0
+        tree = sent.pop(r)
+        uploads.append(uploader.submit(_upload, store, link, client, r, tree, fed.wire_dtype))
+        return transport.payload_bytes(tree, fed.wire_dtype)
 
-    def absorb(r: int, ex: Exchange) -> None:  # the correction: replica += aggregate, drop own delta
-        replica["params"] = federated.apply_aggregate(replica["params"], partition, blocks[r], ex.aggregate, fed.eta)
-        replica["pending"].pop(r, None)
+    def upload_seconds(wait: bool = False) -> float:  # of the uploads finished since the last row
+        done = uploads[reported[0] :] if wait else [u for u in uploads[reported[0] :] if u.done()]
+        seconds = sum(u.result()[1] for u in done)
+        reported[0] += len(done)
+        return seconds
+
+    def absorb(t: int, pieces: list[tuple[int, dict]]) -> None:
+        """The merges of round t: replica += each aggregate; own deltas merged (or dropped) leave pending."""
+        for r, agg in pieces:
+            replica["params"] = federated.apply_aggregate(replica["params"], partition, plans[r]["block"], agg, fed.eta)
+        for r, arrived in federated.merges_at(fed, t, lambda r: plans[r]["clients"]):
+            if client in arrived:
+                replica["pending"].pop(r, None)
         if not comm.keep_rounds:  # its own thread: neither the compute nor the next upload waits for a delete
-            releases.append(cleaner.submit(_release, store, client, r, fed.num_clients))
+            releases.append(cleaner.submit(_release, store, client, t, fed))
+
+    def row(t, block, compute_s, comm_s, exposed_s, up, down, losses):
+        if on_round is not None:
+            on_round(
+                {"round": t, "client": client, "block": block, "compute_s": compute_s, "comm_s": comm_s,
+                 "exposed_wait_s": exposed_s, "bytes_up": up, "bytes_down": down,
+                 "loss": None if losses is None else float(np.mean(np.asarray(losses)))}
+            )  # fmt: skip
 
     try:
         for t in range(fed.rounds):
             plan = store.wait_json(transport.plan_key(t), comm.timeout_s, f"round {t}: no plan from the server")
-            blocks[t] = b = plan["block"]
+            plans[t] = plan
+            b = plan["block"]
             start = time.perf_counter()
             delta = losses = None
             if client in plan["clients"]:
@@ -214,51 +264,40 @@ def run_client(
                 batches, position = batches_fn(client, position, fed.local_steps)
                 lr_scale = federated.lr_factor(fed, t)
                 delta, losses = local_train(block, frozen, batches, lr_scale)  # dispatched; runs asynchronously
-            pending_comm = None
-            if parablock and t > 0:
-                pending_comm = executor.submit(_exchange, store, comm, link, client, t - 1, own(t - 1), fed.wire_dtype)
+            up, merges = 0, None
+            if overlap:  # last round's upload and this round's merges, beside this round's compute
+                up = submit_upload(t - 1)
+                merges = downloader.submit(_download, store, comm, link, fed, t, plans)
             if delta is not None:
                 jax.block_until_ready(delta)
             compute_end = time.perf_counter()
             if delta is not None:
                 replica["pending"][t] = {"block": b, "clients": [client], "deltas": {client: delta}}
-            if parablock:
-                ex = pending_comm.result() if pending_comm is not None else None
-                if ex is not None:
-                    absorb(t - 1, ex)
-            else:  # FedBCD: communicate after computing, nothing overlaps
-                ex = _exchange(store, comm, link, client, t, own(t), fed.wire_dtype)
-                absorb(t, ex)
+                sent[t] = delta
+                if fed.compression == "topk":
+                    sent[t], residual = topk.compress(delta, topk.residual_of(residuals, client, b), fed.topk_ratio)
+                    residuals = topk.with_residual(residuals, client, b, residual)
+            if not overlap:  # FedBCD: communicate after computing, nothing overlaps
+                up = submit_upload(t)
+                merges = downloader.submit(_download, store, comm, link, fed, t, plans)
+            pieces, down, down_s = merges.result()
+            absorb(t, pieces)
             end = time.perf_counter()
-            row = {
-                "round": t,
-                "client": client,
-                "block": b,
-                "compute_s": compute_end - start,
-                "comm_s": 0.0 if ex is None else ex.comm_s,
-                "exposed_wait_s": end - compute_end,
-                "bytes_up": 0 if ex is None else ex.bytes_up,
-                "bytes_down": 0 if ex is None else ex.bytes_down,
-                "loss": None if losses is None else float(np.mean(np.asarray(losses))),
-            }
-            if on_round is not None:
-                on_round(row)
-        if parablock and fed.rounds:  # final flush: Algorithm 2 lines 12-13
+            row(t, b, compute_end - start, down_s + upload_seconds(), end - compute_end, up, down, losses)
+        if overlap and fed.rounds:  # the final flush: Algorithm 2 lines 12-13, for every staleness
             start = time.perf_counter()
-            r = fed.rounds - 1
-            ex = _exchange(store, comm, link, client, r, own(r), fed.wire_dtype)
-            absorb(r, ex)
-            if on_round is not None:
-                on_round(
-                    {"round": "flush", "client": client, "block": blocks[r], "compute_s": 0.0, "comm_s": ex.comm_s,
-                     "exposed_wait_s": time.perf_counter() - start, "bytes_up": ex.bytes_up,
-                     "bytes_down": ex.bytes_down, "loss": None}
-                )  # fmt: skip
-        for release in releases:  # raises a failed ack or delete
-            release.result()
+            up, down, down_s = submit_upload(fed.rounds - 1), 0, 0.0
+            for t in range(fed.rounds, final_merge(fed) + 1):
+                pieces, nbytes, seconds = _download(store, comm, link, fed, t, plans)
+                absorb(t, pieces)
+                down, down_s = down + nbytes, down_s + seconds
+            comm_s = down_s + upload_seconds(wait=True)
+            row("flush", plans[fed.rounds - 1]["block"], 0.0, comm_s, time.perf_counter() - start, up, down, None)
+        for future in [*uploads, *releases]:  # raises a failed upload, ack or delete
+            future.result()
     finally:
-        executor.shutdown(wait=False, cancel_futures=True)
-        cleaner.shutdown(wait=False, cancel_futures=True)
+        for executor in (uploader, downloader, cleaner):
+            executor.shutdown(wait=False, cancel_futures=True)
     return replica["params"]
 
 
@@ -316,33 +355,58 @@ def modeled_timeline(
     """Timeline rows of round `history[-1]` for the one-process simulator, one per client.
 
     Compute is measured (clients run one after another); communication is modelled from the
-    exact bytes each client would send and receive over its link (the round's `params_up` and
-    `params_down`, which each algorithm counts): ParaBlock exchanges round t-1's block during round
-    t (exposed wait = what the compute does not cover); the others exchange round t's after
-    computing it (all of it exposed).
+    exact bytes each client sends and receives over its link (the rounds' `bytes_up` and
+    `bytes_down`, from what each algorithm puts on the wire). Client i's exchange of round r's delta
+    (its upload and the download of round r's aggregate) overlaps the compute of its next s_i rounds
+    and ends in round r + s_i: the row of round t shows the exchange of round t - s_i, exposed as
+    far as those s_i rounds' compute does not cover it. With s_i = 0 (FedBCD, FedCyBGD, ...) the
+    exchange follows the compute and is all exposed. An asynchronous algorithm (FedBuff) models
+    its own rows.
     """
     m = history[-1]
-    wire = transport.WIRE_DTYPES[fed.wire_dtype].itemsize
-    if fed.effective_staleness == 0:
-        exchanged = m  # FedBCD sends this round's block after computing it
-    else:
-        exchanged = history[-2] if len(history) >= 2 else None  # ParaBlock sends last round's
+    if "modeled_rows" in m:
+        return m["modeled_rows"]
+    itemsize = transport.WIRE_DTYPES[fed.wire_dtype].itemsize
     rows = []
     for c in range(fed.num_clients):
-        compute = m["client_compute_s"].get(c, 0.0)
+        s = fed.stalenesses[c]
+        compute = _of(m["client_compute_s"], c, 0.0)
         up = down = 0
-        if exchanged is not None:
-            n = partition.blocks[exchanged["block"]].params  # metrics written before params_up existed
-            ups = exchanged.get("params_up", [n] * len(exchanged["clients"]))
-            up = dict(zip(exchanged["clients"], ups, strict=True)).get(c, 0) * wire
-            down = exchanged.get("params_down", n) * wire
+        if len(history) > s:
+            ex = history[-1 - s]  # the round whose exchange ends now
+            n = partition.blocks[ex["block"]].params  # metrics written before params_up existed
+            ups = ex.get("bytes_up") or [itemsize * v for v in ex.get("params_up", [n] * len(ex["clients"]))]
+            up = dict(zip(ex["clients"], ups, strict=True)).get(c, 0)
+            down = ex["bytes_down"] if "bytes_down" in ex else itemsize * ex.get("params_down", n)
+            down = _of(down, c, 0) if isinstance(down, dict) else down
         comm_s = (links[c].seconds(up) if up else 0.0) + (links[c].seconds(down) if down else 0.0)
-        exposed = comm_s if fed.effective_staleness == 0 else max(0.0, comm_s - compute)
+        covered = sum(_of(h["client_compute_s"], c, 0.0) for h in history[len(history) - s :]) if s else 0.0
         rows.append(
             {"round": m["round"], "client": c, "block": m["block"], "compute_s": compute, "comm_s": comm_s,
-             "exposed_wait_s": exposed, "bytes_up": up, "bytes_down": down, "modeled": True}
+             "exposed_wait_s": max(0.0, comm_s - covered), "bytes_up": up, "bytes_down": down, "modeled": True}
         )  # fmt: skip
     return rows
+
+
+def _of(per_client: dict, client: int, default):
+    """A per-client value of a metrics dict, whose keys are ints when fresh and strings once read back."""
+    return per_client.get(client, per_client.get(str(client), default))
+
+
+def modeled_wall_s(timeline_path: str, history: list[dict]) -> float:
+    """The run's modelled wall time: an asynchronous run's clock at its last apply; else the sum over
+    rounds of the slowest client's compute + exposed communication (clients run in parallel; a
+    FedCyBGD turn has one client working, so its rounds add up to the sum of the turns)."""
+    if history and "modeled_time_s" in history[-1]:
+        return float(history[-1]["modeled_time_s"])
+    per_round: dict = {}
+    if os.path.exists(timeline_path):
+        with open(timeline_path) as f:
+            for line in f:
+                row = json.loads(line)
+                busy = row["compute_s"] + row["exposed_wait_s"]
+                per_round[row["round"]] = max(per_round.get(row["round"], 0.0), busy)
+    return float(sum(per_round.values()))
 
 
 class TimelineWriter:

@@ -210,6 +210,10 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     return config
 
 
+# Settings that take one value or a list with one value per client.
+PER_CLIENT_KEYS = ("staleness",)
+
+
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     """Applies one `a.b.c=value` override in place; the value is a Python literal or a bare string."""
     if "=" not in item:
@@ -229,6 +233,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     except (ValueError, SyntaxError):
         value = raw  # a bare string such as --config.schedule=random
     old = node[leaf]
+    if leaf in PER_CLIENT_KEYS and isinstance(value, (list, tuple)):
+        old = None  # one value, or a list with one per client
     if isinstance(old, float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         value = float(raw)  # literal_eval has no nan/inf; validate() then says what range is allowed
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -300,6 +306,32 @@ def _bool(v):
     return None if isinstance(v, bool) else "True or False"
 
 
+def _int_or_list(lo: int):
+    """An integer >= lo, or a list of them (one per client)."""
+    one = _int(lo)
+
+    def check(v):
+        if isinstance(v, (list, tuple)):
+            return None if v and all(one(x) is None for x in v) else f"an integer >= {lo} or a non-empty list of them"
+        return one(v)
+
+    return check
+
+
+def _list_of(check_one):
+    def check(v):
+        if not isinstance(v, (list, tuple)):
+            return "a list"
+        bad = [check_one(x) for x in v if check_one(x) is not None]
+        return None if not bad else f"a list of {bad[0]}s"
+
+    return check
+
+
+def _optional(check_one):
+    return lambda v: None if v is None else check_one(v)
+
+
 # Every numeric or enumerated run setting and what it allows. Sections with their own dataclass
 # (model, optimizer names/schedules, FedConfig's choices) check themselves as well; this table
 # catches what a dataclass cannot: bools posing as ints, NaN, and values that only fail rounds later.
@@ -311,7 +343,15 @@ _RULES = {
     "rounds": _int(1),
     "num_clients": _int(1),
     "eta": _number(0),
-    "staleness": _int(0),
+    "staleness": _int_or_list(0),
+    "staleness_weight": _optional(_number(0, lo_open=False)),
+    "max_staleness": _int(0),
+    "compression": _choice("none", "topk"),
+    "topk_ratio": _number(0, 1, hi_open=False),
+    "buffer_size": _int(0),
+    "fedbuff_blocks": _bool,
+    "client_slowdown": _list_of(_number(0)),
+    "step_seconds": _number(0, lo_open=False),
     "participation": _number(0, 1, hi_open=False),
     "lr_decay_alpha": _number(0, 1, lo_open=False, hi_open=False),
     "optimizer.learning_rate": _number(0),
@@ -424,7 +464,24 @@ def base_config() -> ml_collections.ConfigDict:
     config.rounds = 10
     config.num_clients = 10
     config.eta = 1.0  # global learning rate
-    config.staleness = 1  # ParaBlock: rounds an upload takes (the paper's s)
+    # ParaBlock: rounds an upload takes (the paper's s); a list gives each client its own (Table 8's
+    # slow client: client i's delta of round r is merged at the end of round r + s_i).
+    config.staleness = ml_collections.FieldReference(1, field_type=object)
+    # Late deltas' weight (1 + tau)^-a (tau: rounds later than the fastest client's; FedBuff: versions
+    # behind); None = the algorithm's own (FedBuff 0.5, ParaBlock 0). Later than max_staleness: dropped.
+    config.staleness_weight = None
+    config.max_staleness = 0  # 0 = no limit
+    # Top-k compression with error feedback (ParaBlock, FedBCD): 'none' or 'topk' (the top topk_ratio
+    # of each leaf of a delta goes up as int32 index + value; the client keeps the rest for next time).
+    config.compression = "none"
+    config.topk_ratio = 0.2
+    # FedBuff (asynchronous, modelled times): the server applies every buffer_size arrivals (0 = all
+    # clients); fedbuff_blocks trains one random block per pull instead of every parameter; a client's
+    # local training takes step_seconds x local_steps x client_slowdown[i] modelled seconds.
+    config.buffer_size = 0
+    config.fedbuff_blocks = False
+    config.client_slowdown = []  # one factor per client, [] = all 1
+    config.step_seconds = 0.1
     config.participation = 1.0  # fraction of clients sampled each round
     config.aggregation = "uniform"  # or 'samples': weights proportional to client sizes
     config.schedule = "random"  # random, sequential, reverse, cyclic, gradient

@@ -108,10 +108,10 @@ class Setup:
     def local_train(self):
         return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
 
-    def trainer(self, store: transport.Store | None = None) -> federated.Trainer:
+    def trainer(self, store: transport.Store | None = None, links=None) -> federated.Trainer:
         return federated.Trainer(
             self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store,
-            self.algorithm,
+            self.algorithm, links and tuple(links),
         )  # fmt: skip
 
     def abstract_params(self) -> dict:
@@ -172,10 +172,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         raise ValueError(f"--workdir {workdir} is a file, not a directory")
     run = setup(config)  # every user error is raised here, before anything is written
     fed, partition = run.fed, run.partition
-    # The simulator's exchanges go through the configured TensorStore (memory:// by default).
-    trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None)
-    loss_fn, batches_fn = run.loss_fn, run.batches_fn
     links = [transport.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
+    # The simulator's exchanges go through the configured TensorStore (memory:// by default).
+    trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None, links)
+    loss_fn, batches_fn = run.loss_fn, run.batches_fn
 
     restored, steps = None, []
     if os.path.isdir(checkpoint.directory(workdir)):
@@ -194,7 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     if restored is None:
         if step is not None:
             raise ValueError(f"--step {step}: {workdir} has no checkpoints yet")
-        state, wall_before, final = federated.init_state(fed, run.params), 0.0, False
+        state, wall_before, final = trainer.init_state(run.params), 0.0, False
         write_run_files(config, workdir)
     else:
         state, meta, skipped = restored
@@ -253,10 +253,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         "algorithm": fed.algorithm,
         "rounds": fed.rounds,
         "num_clients": fed.num_clients,
-        "staleness": fed.effective_staleness,
+        "staleness": list(fed.stalenesses) if isinstance(fed.staleness, tuple) else fed.effective_staleness,
         "blocks": partition.num_blocks,
         "wall_s": wall_s,
         **{f"per_client_{k}": v for k, v in totals.items()},
+        "modeled_wall_s": comm.modeled_wall_s(timeline_path, history),
         "final_train_loss": train_loss(loss_fn, state["params"], batches_fn, fed.num_clients),
         "checkpoint_step": int(mgr.latest_step()),
         "fed": dataclasses.asdict(fed),

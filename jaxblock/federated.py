@@ -37,7 +37,7 @@ import optax
 
 from jaxblock import algorithms, transport
 from jaxblock import blocks as blocks_lib
-from jaxblock.algorithms import apply_aggregate, axpy, weighted_sum
+from jaxblock.algorithms import apply_aggregate, axpy, topk, weighted_sum
 from jaxblock.local import LossFn, make_local_train
 
 ALGORITHMS = algorithms.NAMES
@@ -56,7 +56,21 @@ class FedConfig:
     num_clients: int = 10  # N
     local_steps: int = 10  # K
     eta: float = 1.0  # global (server) learning rate
-    staleness: int = 1  # s, ParaBlock only: round r's deltas are aggregated at the end of round r + s
+    # s, ParaBlock only: round r's deltas are aggregated at the end of round r + s. A tuple gives each
+    # client its own s_i (a slow link): client i's delta of round r is merged at the end of r + s_i.
+    staleness: int | tuple[int, ...] = 1
+    # Weights of late deltas, (1 + tau)^-a with tau the delta's lateness beyond the fastest client's
+    # (FedBuff: versions behind); None = the algorithm's own (FedBuff 0.5, its paper; else 0, no weights).
+    staleness_weight: float | None = None
+    max_staleness: int = 0  # a delta later than this (tau > max) is dropped, not merged; 0 = no limit
+    compression: str = "none"  # 'topk': clients upload the top `topk_ratio` of each leaf, keep the rest
+    topk_ratio: float = 0.2
+    # FedBuff (asynchronous, modelled times): buffer Z (0 = N), block updates instead of full ones,
+    # each client's compute slowdown (() = all 1), modelled seconds of one local step at slowdown 1.
+    buffer_size: int = 0
+    fedbuff_blocks: bool = False
+    client_slowdown: tuple[float, ...] = ()
+    step_seconds: float = 0.1
     participation: float = 1.0  # fraction of clients sampled each round (M = ceil(fraction * N))
     aggregation: str = "uniform"  # 'uniform' or 'samples' (weights proportional to client sizes)
     schedule: str = "random"  # which block each round trains, see `choose_block`
@@ -76,8 +90,27 @@ class FedConfig:
         for name in ("rounds", "num_clients", "local_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: need at least 1")
-        if self.algorithm == "parablock" and self.staleness < 1:
+        if isinstance(self.staleness, tuple):
+            if len(self.staleness) != self.num_clients:
+                raise ValueError(f"staleness lists {len(self.staleness)} values for num_clients={self.num_clients}")
+            if self.algorithm != "parablock":
+                raise ValueError(f"staleness={list(self.staleness)}: a per-client staleness is ParaBlock's")
+        if self.algorithm == "parablock" and min(self.stalenesses) < 1:
             raise ValueError(f"staleness={self.staleness}: ParaBlock needs staleness >= 1 (0 is FedBCD)")
+        if self.staleness_weight is not None and not self.staleness_weight >= 0:
+            raise ValueError(f"staleness_weight={self.staleness_weight}: must be >= 0")
+        if self.max_staleness < 0:
+            raise ValueError(f"max_staleness={self.max_staleness}: must be >= 0 (0 = no limit)")
+        if self.compression not in ("none", "topk"):
+            raise ValueError(f"compression={self.compression!r}: choose 'none' or 'topk'")
+        if not 0 < self.topk_ratio <= 1:
+            raise ValueError(f"topk_ratio={self.topk_ratio}: must be in (0, 1]")
+        if self.compression != "none" and self.algorithm not in ("parablock", "fedbcd"):
+            raise ValueError(f"compression={self.compression!r}: top-k is for ParaBlock and FedBCD")
+        if self.client_slowdown and len(self.client_slowdown) != self.num_clients:
+            raise ValueError(
+                f"client_slowdown lists {len(self.client_slowdown)} values for num_clients={self.num_clients}"
+            )
         if not 0 < self.participation <= 1:
             raise ValueError(f"participation={self.participation}: must be in (0, 1]")
         if self.lr_decay not in LR_DECAYS:
@@ -88,9 +121,15 @@ class FedConfig:
             raise ValueError(f"wire_dtype={self.wire_dtype!r}: choose 'float32' or 'bfloat16'")
 
     @property
+    def stalenesses(self) -> tuple[int, ...]:
+        """Each client's rounds between an upload and its merge: s_i for ParaBlock, 0 for the others."""
+        s = algorithms.REGISTRY[self.algorithm].staleness(self)
+        return tuple(s) if isinstance(s, tuple) else (s,) * self.num_clients
+
+    @property
     def effective_staleness(self) -> int:
-        """Rounds between an upload and its aggregation: s for ParaBlock, 0 for the others."""
-        return algorithms.REGISTRY[self.algorithm].staleness(self)
+        """The most rounds an upload takes to be merged (the final flush drains that many)."""
+        return max(self.stalenesses)
 
     @property
     def clients_per_round(self) -> int:
@@ -240,10 +279,19 @@ class Trainer:
     client_sizes: np.ndarray | None = None
     store: transport.Store | None = None  # if set, every exchange goes through this TensorStore
     algorithm: algorithms.Algorithm | None = None  # default: algorithms.make(fed)
+    links: tuple[transport.Link, ...] | None = None  # each client's link (FedBuff's modelled times)
 
     def __post_init__(self):
         if self.algorithm is None:
             object.__setattr__(self, "algorithm", algorithms.make(self.fed))
+        if self.links is None:
+            object.__setattr__(self, "links", (transport.Link(),) * self.fed.num_clients)
+
+    def init_state(self, params: dict) -> dict:
+        """Round 0's state (an asynchronous algorithm's own, with its clients' clocks)."""
+        if self.algorithm.asynchronous:
+            return self.algorithm.init_state(params, self.links)
+        return init_state(self.fed, params)
 
 
 def make_trainer(
@@ -258,13 +306,14 @@ def make_trainer(
     param_shardings=None,
     store: transport.Store | None = None,
     algorithm: algorithms.Algorithm | None = None,
+    links=None,
 ) -> Trainer:
     """Binds the problem to the algorithm; `partition` is the one it trains over (`algorithm_partition`)."""
     train = make_local_train(loss_fn, optimizer, layout=layout, param_shardings=param_shardings)
     sizes = None if client_sizes is None else np.asarray(client_sizes)
     if sizes is not None and len(sizes) != fed.num_clients:
         raise ValueError(f"client_sizes has {len(sizes)} entries for num_clients={fed.num_clients}")
-    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes, store, algorithm)
+    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes, store, algorithm, links and tuple(links))
 
 
 def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
@@ -273,9 +322,11 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     Returns the new state and the round's metrics.
     """
     fed, part, algo = trainer.fed, trainer.partition, trainer.algorithm
+    if algo.asynchronous:
+        return algo.run_round(trainer, state)
     t = state["round"]
     start = time.perf_counter()
-    clients = participants(fed, t)
+    clients = algo.participants(t)
     positions = np.array(state["positions"], copy=True)
 
     schedule_s = 0.0
@@ -288,12 +339,13 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
             return block_gradient_norms(trainer.loss_fn, state["params"], part, jax.tree.map(lambda x: x[0], batch))
 
         s0 = time.perf_counter()
-        b = choose_block(fed, t, part.num_blocks, norms)
+        b = algo.choose_block(t, part.num_blocks, norms)
         schedule_s = time.perf_counter() - s0
     else:
-        b = choose_block(fed, t, part.num_blocks)
+        b = algo.choose_block(t, part.num_blocks)
 
-    deltas, losses, compute_s = {}, [], {}
+    deltas, uploads, losses, compute_s = {}, {}, [], {}
+    residuals = state.get("extra", {}).get("residuals", {})
     lr_scale = lr_factor(fed, t)
     for c in clients:
         c0 = time.perf_counter()
@@ -301,21 +353,25 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         block, frozen = part.split(params_c, b)
         batches, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
         delta, loss = trainer.local_train(block, frozen, batches, lr_scale)
-        deltas[c] = algo.upload(block, delta)
+        deltas[c] = uploads[c] = algo.upload(block, delta)
+        if fed.compression == "topk":  # the client's model keeps its whole delta; the wire gets the top k
+            uploads[c], residual = topk.compress(deltas[c], topk.residual_of(residuals, c, b), fed.topk_ratio)
+            residuals = topk.with_residual(residuals, c, b, residual)
         losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
         compute_s[c] = time.perf_counter() - c0
         del params_c, block, frozen
 
     pending = dict(state["pending"])
     pending[t] = {"block": b, "clients": clients, "deltas": deltas}
+    if fed.compression != "none":
+        pending[t]["uploads"] = uploads
     state = {**state, "round": t + 1, "positions": positions, "pending": pending}
-    aggregated = None
-    due = t - fed.effective_staleness
-    if due in pending:
-        state = aggregate(trainer, state, due)
-        aggregated = due
+    if fed.compression == "topk":
+        state["extra"] = {**state.get("extra", {}), "residuals": residuals}
+    state, merged, dropped = merge_arrivals(trainer, state, t)
     losses = np.stack(losses)  # [M, K]
-    up, down = algo.wire_params(part, b, clients)
+    up, down = algo.wire_params(part, b, clients, t)
+    itemsize = transport.WIRE_DTYPES[fed.wire_dtype].itemsize
     metrics = {
         "round": t,
         "block": b,
@@ -324,9 +380,13 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "loss": float(losses.mean()),
         "loss_first_step": float(losses[:, 0].mean()),
         "loss_last_step": float(losses[:, -1].mean()),
-        "aggregated_round": aggregated,
-        "params_up": up,  # values each participant uploads (the link model turns them into bytes)
-        "params_down": down,  # values every client downloads
+        "aggregated_round": merged[0][0] if merged else None,
+        "merged": merged,  # [[round, [clients]], ...]: the deltas merged at the end of this round
+        "dropped": dropped,  # [[round, client], ...]: deltas later than max_staleness, discarded
+        "params_up": up,  # values each participant uploads
+        "params_down": down,  # values a client downloads (an int: every client; a dict: those clients)
+        "bytes_up": [transport.payload_bytes(uploads[c], fed.wire_dtype) for c in clients],  # exact, sparse too
+        "bytes_down": {str(c): n * itemsize for c, n in down.items()} if isinstance(down, dict) else down * itemsize,
         "lr_factor": lr_scale,
         "seconds": time.perf_counter() - start,
         "client_compute_s": compute_s,
@@ -336,28 +396,110 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     return state, metrics
 
 
-def aggregate(trainer: Trainer, state: dict, round_: int) -> dict:
-    """Aggregates round `round_`'s pending uploads into the server model and drops them.
+def arrivals(fed: FedConfig, state: dict, t: int) -> list[tuple[int, list[int]]]:
+    """[(round r, clients)] whose pending deltas of round r reach the server by the end of round t
+    (client c's delta of round r arrives at the end of round r + s_c), oldest round first."""
+    s = fed.stalenesses
+    due = []
+    for r in sorted(state["pending"]):
+        entry = state["pending"][r]
+        arrived = [c for c in entry["clients"] if c in entry["deltas"] and r + s[c] <= t]
+        if arrived:
+            due.append((r, arrived))
+    return due
 
-    A NaN/Inf in any upload raises FloatingPointError before the server model is touched.
+
+def merges_at(fed: FedConfig, t: int, participants_of: Callable[[int], list[int]]) -> list[tuple[int, list[int]]]:
+    """The same from the rounds' plans (the multi-process runtime): [(round r, clients whose delta of
+    round r arrives at the end of round t)], oldest round first."""
+    s = fed.stalenesses
+    rounds = range(max(0, t - max(s)), min(t, fed.rounds - 1) + 1)
+    due = [(r, [c for c in participants_of(r) if r + s[c] == t]) for r in rounds]
+    return [(r, arrived) for r, arrived in due if arrived]
+
+
+def lateness(fed: FedConfig, client: int) -> int:
+    """tau of a client's deltas: rounds later than the fastest client's (0 for everyone when s is one value)."""
+    return fed.stalenesses[client] - min(fed.stalenesses)
+
+
+def too_late(fed: FedConfig, client: int) -> bool:
+    """Whether `max_staleness` drops this client's deltas instead of merging them."""
+    return bool(fed.max_staleness) and lateness(fed, client) > fed.max_staleness
+
+
+def merge_weights(fed: FedConfig, round_clients: list[int], merged: list[int], client_sizes=None) -> np.ndarray:
+    """Each merged delta's weight: its weight among the round's participants (1/M, or by sample count),
+    times (1 + tau)^-a when `staleness_weight` a is set. A late delta adds its share; it does not
+    renormalise the others."""
+    everyone = aggregation_weights(fed, list(round_clients), client_sizes)
+    weights = np.array([everyone[list(round_clients).index(c)] for c in merged])
+    a = fed.staleness_weight or 0.0
+    if a > 0:
+        weights = weights * np.array([(1.0 + lateness(fed, c)) ** -a for c in merged])
+    return weights
+
+
+def merge_arrivals(trainer: Trainer, state: dict, t: int) -> tuple[dict, list, list]:
+    """Merges every delta that has arrived by the end of round t (see `arrivals`); deltas later than
+    `max_staleness` are dropped instead. Returns (state, merged [[r, clients]], dropped [[r, c]])."""
+    fed = trainer.fed
+    merged, dropped = [], []
+    for r, arrived in arrivals(fed, state, t):
+        late = [c for c in arrived if too_late(fed, c)]
+        on_time = [c for c in arrived if c not in late]
+        if on_time:
+            state = aggregate(trainer, state, r, on_time, at=t)
+            merged.append([r, on_time])
+        if late:
+            state = _forget(state, r, late)
+            dropped += [[r, c] for c in late]
+    return state, merged, dropped
+
+
+def aggregate(
+    trainer: Trainer, state: dict, round_: int, clients: list[int] | None = None, *, at: int | None = None
+) -> dict:
+    """Merges `clients`' pending uploads of round `round_` (default: all of them) into the server
+    model and drops them; a round whose deltas have all been merged leaves `pending`. `at`: the
+    round at whose end they are merged (default: round_ + its staleness), naming the exchange.
+
+    Weights: `merge_weights`. A NaN/Inf in any upload raises FloatingPointError before the server
+    model is touched.
     """
     entry = state["pending"][round_]
-    clients = list(entry["clients"])
-    uploads = [entry["deltas"][c] for c in clients]
+    clients = [c for c in entry["clients"] if c in entry["deltas"]] if clients is None else list(clients)
+    sent = entry.get("uploads", entry["deltas"])
+    uploads = [sent[c] for c in clients]
     check_finite(uploads, clients, round_, entry["block"])
     fed, algo = trainer.fed, trainer.algorithm
-    weights = aggregation_weights(fed, clients, trainer.client_sizes)
+    weights = merge_weights(fed, entry["clients"], clients, trainer.client_sizes)
+    shapes = None
+    if fed.compression == "topk":  # the server densifies what it received
+        shapes = jax.eval_shape(lambda: trainer.partition.block(state["params"], entry["block"]))
 
     def reduce(received):  # the server's side: what it sends down, rounded to the wire
+        if shapes is not None:
+            received = [topk.densify(u, shapes) for u in received]
         return _on_wire(algo.reduce(received, weights, clients), fed.wire_dtype)
 
     if trainer.store is not None:
-        down = _exchange_through(trainer.store, fed, round_, clients, uploads, reduce)
+        at = round_ + fed.stalenesses[clients[0]] if at is None else at
+        down = _exchange_through(trainer.store, fed, round_, at, clients, uploads, reduce)
     else:  # the same rounding, in memory: what the server receives and what it sends back
         down = reduce([_on_wire(u, fed.wire_dtype) for u in uploads])
     params = algo.apply(state["params"], trainer.partition, entry["block"], down, fed.eta)
+    return {**_forget(state, round_, clients), "params": params}
+
+
+def _forget(state: dict, round_: int, clients: list[int]) -> dict:
+    """The state without `clients`' pending deltas of `round_` (and without the round once it is empty)."""
+    entry = state["pending"][round_]
+    left = {k: {c: v for c, v in entry[k].items() if c not in clients} for k in ("deltas", "uploads") if k in entry}
     pending = {r: e for r, e in state["pending"].items() if r != round_}
-    return {**state, "params": params, "pending": pending}
+    if left["deltas"]:
+        pending[round_] = {**entry, **left}
+    return {**state, "pending": pending}
 
 
 def check_finite(deltas: list[dict], clients: list[int], round_: int, block: int) -> None:
@@ -367,7 +509,7 @@ def check_finite(deltas: list[dict], clients: list[int], round_: int, block: int
             raise FloatingPointError(f"round {round_}: client {c}'s delta for block {block} has NaN/Inf")
 
 
-def _exchange_through(store: transport.Store, fed: FedConfig, round_: int, clients, uploads, reduce) -> dict:
+def _exchange_through(store: transport.Store, fed: FedConfig, round_: int, at: int, clients, uploads, reduce) -> dict:
     """Round `round_`'s exchange through a real Store: clients publish, the server fetches, reduces,
     publishes the result, clients fetch it. The round's keys are deleted afterwards."""
     for c, u in zip(clients, uploads, strict=True):
@@ -375,16 +517,23 @@ def _exchange_through(store: transport.Store, fed: FedConfig, round_: int, clien
     received = [
         store.wait_fetch(transport.delta_prefix(round_, c), 60.0, f"round {round_}: client {c}")[0] for c in clients
     ]
-    store.publish(transport.aggregate_prefix(round_), jax.device_get(reduce(received)), fed.wire_dtype)
-    aggregate_, _ = store.wait_fetch(transport.aggregate_prefix(round_), 60.0, f"round {round_}: aggregate")
+    prefix = transport.aggregate_prefix(round_, at)
+    store.publish(prefix, jax.device_get(reduce(received)), fed.wire_dtype)
+    aggregate_, _ = store.wait_fetch(prefix, 60.0, f"round {round_}: aggregate")
     store.delete_round(round_)
     return aggregate_
 
 
 def flush(trainer: Trainer, state: dict) -> dict:
-    """After the last round: aggregate every round still in flight, oldest first."""
-    for r in sorted(state["pending"]):
-        state = aggregate(trainer, state, r)
+    """After the last round: merge every delta still in flight, in the order the rounds after the last
+    would have merged them (for one staleness s: round T-s's deltas, then T-s+1's, ...). An
+    asynchronous run ends with its last apply: what is still in flight is discarded."""
+    if trainer.algorithm.asynchronous:
+        return state
+    s = trainer.fed.stalenesses
+    while state["pending"]:
+        t = min(r + s[c] for r, e in state["pending"].items() for c in e["deltas"])
+        state = merge_arrivals(trainer, state, t)[0]
     return state
 
 
@@ -411,7 +560,7 @@ def run(
     trainer = make_trainer(
         fed, loss_fn, batches_fn, partition, optimizer, client_sizes=client_sizes, algorithm=algorithm, **trainer_kw
     )
-    state = init_state(fed, params) if state is None else state
+    state = trainer.init_state(params) if state is None else state
     history = []
     while state["round"] < fed.rounds:
         state, metrics = run_round(trainer, state)

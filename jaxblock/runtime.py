@@ -55,7 +55,11 @@ def server_shapes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
 def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
     """The federated algorithm's settings, from the run config's top-level keys (a key that a run
     written before it existed lacks takes its default, as `check_same_run` assumes)."""
-    return FedConfig(**{f.name: config[f.name] for f in dataclasses.fields(FedConfig) if f.name in config})
+    values = {f.name: config[f.name] for f in dataclasses.fields(FedConfig) if f.name in config}
+    for name in ("staleness", "client_slowdown"):  # lists in a config, tuples in the frozen FedConfig
+        if isinstance(values.get(name), (list, tuple)):
+            values[name] = tuple(values[name])
+    return FedConfig(**values)
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:

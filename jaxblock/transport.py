@@ -6,8 +6,9 @@ TensorStore untouched):
     round/<t>/plan                    JSON {block, clients}: what round t trains (server)
     round/<t>/client/<i>/<leaf>/      zarr3 array per leaf of client i's Delta_t^i
     round/<t>/client/<i>/COMMIT       JSON manifest, written after every array: the commit marker
-    round/<t>/aggregate/<leaf>/       the aggregated Delta_t, and its COMMIT
-    round/<t>/ack/<i>                 JSON {}: client i holds the aggregate of round t
+    round/<t>/aggregate/<u>/<leaf>/   the aggregate of round t's deltas merged at the end of round u
+                                      (u = t + s; several u when clients' stalenesses differ), COMMIT
+    round/<u>/ack/<i>                 JSON {}: client i has applied every merge of the end of round u
     server/done                       JSON {rounds}, when the server has published every aggregate
     server/error                      JSON {message}, when the server gives up
 
@@ -15,8 +16,8 @@ A reader waits for a COMMIT before it reads any array, so it never sees half an 
 trained block's leaves ever cross the wire. Byte counts are the exact payload (array bytes in the
 wire dtype); the link model turns them into wall time.
 
-Cleanup: the client that sees every client's ack of round t deletes `round/<t>/` (see comm.py for
-why nobody reads it again), so a finished run leaves only `server/done`; `comm.keep_rounds` keeps
+Cleanup: the client that sees every client's ack of round u deletes `round/<u - max s>/` (see
+comm.py for why nobody reads it again), so a finished run leaves only `server/done`; `comm.keep_rounds` keeps
 every round. The file:// driver leaves each round's directory behind, empty.
 """
 
@@ -27,6 +28,7 @@ import json
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
@@ -146,30 +148,33 @@ class Store:
 
         Returns the payload bytes (array bytes in the wire dtype).
         """
-        dtype = WIRE_DTYPES[wire_dtype]
-        leaves = [(_path(p), np.asarray(x).astype(dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        leaves = [(_path(p), on_wire_dtype(x, wire_dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
         writes = []
         for path, array in leaves:
             spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
             store = ts.open(
-                spec, create=True, delete_existing=True, dtype=ts.dtype(dtype.name), shape=array.shape,
+                spec, create=True, delete_existing=True, dtype=ts.dtype(array.dtype.name), shape=array.shape,
                 context=self.context,
             ).result()  # fmt: skip
             writes.append(store.write(array))
         for w in writes:
             w.result()
         nbytes = sum(a.nbytes for _, a in leaves)
-        manifest = {"leaves": [[p, list(a.shape)] for p, a in leaves], "dtype": dtype.name, "bytes": nbytes}
+        manifest = {
+            "leaves": [[p, list(a.shape), a.dtype.name] for p, a in leaves],
+            "dtype": WIRE_DTYPES[wire_dtype].name,
+            "bytes": nbytes,
+        }
         self.put_json(f"{prefix}/COMMIT", manifest)
         return nbytes
 
     def fetch(self, prefix: str, manifest: dict) -> tuple[dict, int]:
-        """Reads a committed tree (arrays as float32) and its payload bytes."""
+        """Reads a committed tree (floating arrays as float32, integer ones as they are) and its payload bytes."""
         reads = []
-        for path, _ in manifest["leaves"]:
+        for path, *_ in manifest["leaves"]:
             spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
             reads.append((path, ts.open(spec, open=True, context=self.context).result().read()))
-        tree = _unflatten((path, np.asarray(r.result()).astype(np.float32)) for path, r in reads)
+        tree = _unflatten((path, _as_float32(np.asarray(r.result()))) for path, r in reads)
         return tree, int(manifest["bytes"])
 
     def delete_round(self, t: int) -> None:
@@ -198,8 +203,9 @@ def delta_prefix(t: int, client: int) -> str:
     return f"round/{t}/client/{client}"
 
 
-def aggregate_prefix(t: int) -> str:
-    return f"round/{t}/aggregate"
+def aggregate_prefix(t: int, at: int) -> str:
+    """Round t's deltas merged at the end of round `at` (t + s; per-client staleness splits a round)."""
+    return f"round/{t}/aggregate/{at}"
 
 
 def ack_key(t: int, client: int) -> str:
@@ -215,7 +221,23 @@ def holds_a_run(store: Store) -> bool:
     return bool(store.keys("round/") or store.keys("server/"))
 
 
+def on_wire_dtype(x, wire_dtype: str) -> np.ndarray:
+    """A leaf as it is sent: floating values in the wire dtype, integers (top-k indices) as int32."""
+    x = np.asarray(x)
+    return x.astype(np.int32) if np.issubdtype(x.dtype, np.integer) else x.astype(WIRE_DTYPES[wire_dtype])
+
+
+def _as_float32(x: np.ndarray) -> np.ndarray:
+    return x if np.issubdtype(x.dtype, np.integer) else x.astype(np.float32)
+
+
+def payload_bytes(tree: dict, wire_dtype: str) -> int:
+    """The exact bytes a tree costs on the wire (what `Store.publish` returns for it)."""
+    itemsize = WIRE_DTYPES[wire_dtype].itemsize
+    leaves = jax.tree.leaves(tree)
+    return sum(x.size * (4 if jnp.issubdtype(x.dtype, jnp.integer) else itemsize) for x in leaves)
+
+
 def to_wire(tree: dict, wire_dtype: str) -> dict:
     """The tree as it arrives after a trip over the wire (rounded to the wire dtype, as float32)."""
-    dtype = WIRE_DTYPES[wire_dtype]
-    return jax.tree.map(lambda x: np.asarray(x).astype(dtype).astype(np.float32), tree)
+    return jax.tree.map(lambda x: _as_float32(on_wire_dtype(x, wire_dtype)), tree)

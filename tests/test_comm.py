@@ -145,10 +145,10 @@ def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
         plan = store.get_json(transport.plan_key(t))
         assert plan["clients"] == [0, 1]
         block_shape = jax.tree.map(np.shape, part.split(params, plan["block"])[0])
-        for prefix in [transport.delta_prefix(t, 0), transport.delta_prefix(t, 1), transport.aggregate_prefix(t)]:
+        for prefix in [transport.delta_prefix(t, 0), transport.delta_prefix(t, 1), transport.aggregate_prefix(t, t + 1)]:
             tree, _ = store.wait_fetch(prefix, 0.1, prefix)
             assert jax.tree.map(np.shape, tree) == block_shape, prefix
-        assert store.acked(t) == set()  # nobody acks when rounds are kept
+        assert store.acked(t + 1) == set()  # nobody acks when rounds are kept
     assert store.get_json("server/done") == {"rounds": 3}
     report(
         f"store after a toy 3-round, 2-client run with keep_rounds: {sum(files_under(tmp_path / 'store').values())} bytes"
@@ -156,16 +156,20 @@ def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
 
 
 def test_the_last_client_to_ack_deletes_the_round():
+    fed = federated.FedConfig(num_clients=2, rounds=3, staleness=1)  # merges at the end of rounds 1, 2, 3
     store = transport.Store("memory://")
-    store.put_json(transport.plan_key(0), {"block": 0, "clients": [0, 1]})
-    store.publish(transport.aggregate_prefix(0), {"w": np.ones(3, np.float32)})
-    store.put_json(transport.plan_key(1), {"block": 1, "clients": [0, 1]})
-    comm._release(store, 1, 0, num_clients=2)
-    assert store.acked(0) == {1} and store.get_json(transport.plan_key(0)) is not None  # client 0 still needs it
-    comm._release(store, 0, 0, num_clients=2)
-    assert store.keys("round/") == ["1/plan"]  # round 0 gone, round 1 untouched
+    for t in range(2):
+        store.put_json(transport.plan_key(t), {"block": t, "clients": [0, 1]})
+        store.publish(transport.aggregate_prefix(t, t + 1), {"w": np.ones(3, np.float32)})
+    comm._release(store, 1, 1, fed)
+    assert store.acked(1) == {1} and store.get_json(transport.plan_key(0)) is not None  # client 0 still needs it
+    comm._release(store, 0, 1, fed)
+    assert {k.split("/")[0] for k in store.keys("round/")} == {"1"}  # round 0 gone, round 1 untouched
     store.delete_round(0)  # both clients saw every ack and both delete: harmless
-    assert store.keys("round/") == ["1/plan"]
+    for t in (2, 3):  # round 2's acks delete round 1; the last merge's, every round left
+        comm._release(store, 0, t, fed)
+        comm._release(store, 1, t, fed)
+    assert store.keys("round/") == []
 
 
 def test_holds_a_run_after_cleanup():

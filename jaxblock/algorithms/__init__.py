@@ -6,12 +6,16 @@ Each module says only how its method differs from FedBCD (`base.Algorithm`'s def
 from jaxblock.algorithms.base import Algorithm, apply_aggregate, axpy, weighted_sum
 from jaxblock.algorithms.fedavg_full import FedAvgFull
 from jaxblock.algorithms.fedbcd import FedBCD
+from jaxblock.algorithms.fedbuff import FedBuff
+from jaxblock.algorithms.fedcybgd import FedCyBGD
 from jaxblock.algorithms.fedit import FedIT
 from jaxblock.algorithms.ffa_lora import FFALoRA
 from jaxblock.algorithms.flora import FLoRA
 from jaxblock.algorithms.parablock import ParaBlock
 
-REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ParaBlock, FedBCD, FedAvgFull, FedIT, FFALoRA, FLoRA)}
+REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (ParaBlock, FedBCD, FedAvgFull, FedIT, FFALoRA, FLoRA, FedCyBGD, FedBuff)
+}
 NAMES = tuple(REGISTRY)
 
 

@@ -5,12 +5,17 @@ it differs from FedBCD; `federated.run_round` is the one round loop that calls t
 
     server_params   the server model at round 0, from the base model (LoRA: adapters added)
     partition       which leaves train, as blocks (FedBCD: the layer blocks of `config.blocks`)
-    staleness       rounds between an upload and its aggregation (FedBCD 0, ParaBlock s)
+    participants    who trains in round t (FedBCD: the seeded sample; FedCyBGD: client t mod N)
+    choose_block    which block round t trains (FedBCD: `schedule`; FedCyBGD: the client's own)
+    staleness       rounds between an upload and its aggregation (FedBCD 0, ParaBlock s or s_i)
     client_model    the model a client trains from (FLoRA: the server's plus a fresh adapter)
     upload          what a client sends up (FedBCD: its block delta)
     reduce          what the server sends down, from the uploads (FedBCD: their weighted mean)
     apply           how the server and every client fold that into the model (FedBCD: block += eta * mean)
     wire_params     how many values cross the wire, up per client and down, for the link model
+
+An asynchronous method (FedBuff) replaces the round itself: `asynchronous = True` and its own
+`init_state(params, links)` and `run_round(trainer, state)`.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class Algorithm:
     name = "fedbcd"
     runtime = True  # scripts/server.py and client.py can run it (else: the simulator only)
     uses_lora = False
+    asynchronous = False  # True: the algorithm runs its own rounds (init_state, run_round)
 
     def __post_init__(self):  # subclasses check what they need here (the dataclass __init__ calls it)
         pass
@@ -64,8 +70,21 @@ class Algorithm:
     def apply(self, params: dict, partition: blocks_lib.Partition, block_id: int, down: dict, eta: float) -> dict:
         return apply_aggregate(params, partition, block_id, down, eta)
 
-    def wire_params(self, partition: blocks_lib.Partition, block_id: int, clients: list[int]) -> tuple[list[int], int]:
-        """(values each participant uploads, values every client downloads) in one round."""
+    def participants(self, round_: int) -> list[int]:
+        from jaxblock import federated  # here: federated imports this package
+
+        return federated.participants(self.fed, round_)
+
+    def choose_block(self, round_: int, num_blocks: int, gradient_norms=None) -> int:
+        from jaxblock import federated
+
+        return federated.choose_block(self.fed, round_, num_blocks, gradient_norms)
+
+    def wire_params(
+        self, partition: blocks_lib.Partition, block_id: int, clients: list[int], round_: int
+    ) -> tuple[list[int], int | dict[int, int]]:
+        """(values each participant uploads, values a client downloads: an int for every client,
+        or {client: values} for the clients that download anything) in round `round_`."""
         n = partition.blocks[block_id].params
         return [n] * len(clients), n
 

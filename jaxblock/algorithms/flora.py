@@ -52,7 +52,7 @@ class FLoRA(Algorithm):
     def apply(self, params, partition, block_id, down, eta):
         return lora_lib.add_products(params, down, eta)
 
-    def wire_params(self, partition, block_id, clients):
+    def wire_params(self, partition, block_id, clients, round_):
         up = [self.adapter_params(c) for c in clients]
         return up, sum(up)  # the stack holds every participant's adapter
 
