@@ -149,29 +149,31 @@ def serve(
 
 def _upload(store: Store, link: Link, client: int, r: int, tree: dict, wire: str) -> tuple[int, float]:
     """Publishes this client's delta of round r (device -> host here, in the upload thread) over its
-    link; returns (bytes, seconds)."""
+    link, committed when the link would have delivered it; returns (bytes, seconds)."""
     start = time.perf_counter()
     host = jax.device_get(tree)
-    t0 = time.perf_counter()
-    nbytes = store.publish(transport.delta_prefix(r, client), host, wire)
-    link.hold(nbytes, t0)
+    t0 = time.perf_counter()  # the server sees it once the link would have delivered it
+    nbytes = store.publish(transport.delta_prefix(r, client), host, wire, before_commit=lambda n: link.hold(n, t0))
     return nbytes, time.perf_counter() - start
 
 
 def _download(
     store: Store, comm: CommConfig, link: Link, fed: federated.FedConfig, t: int, plans: dict
 ) -> tuple[list[tuple[int, dict]], int, float]:
-    """Waits for and fetches the aggregates merged at the end of round t: ([(r, aggregate)], bytes, seconds)."""
+    """Waits for and fetches the aggregates merged at the end of round t: ([(r, aggregate)], bytes, seconds).
+    They are one download over the link (one latency), however many rounds they come from."""
     start = time.perf_counter()
-    pieces, total = [], 0
+    pieces, total, fetching = [], 0, 0.0
     for r, _ in _merged(fed, t, plans):
         prefix = transport.aggregate_prefix(r, t)
         manifest = store.wait_json(f"{prefix}/COMMIT", comm.timeout_s, f"round {r}: no aggregate from the server")
         t0 = time.perf_counter()
         agg, nbytes = store.fetch(prefix, manifest)
-        link.hold(nbytes, t0)
+        fetching += time.perf_counter() - t0
         pieces.append((r, agg))
         total += nbytes
+    if pieces:
+        link.hold(total, time.perf_counter() - fetching)
     return pieces, total, time.perf_counter() - start
 
 
@@ -257,6 +259,11 @@ def run_client(
             plans[t] = plan
             b = plan["block"]
             start = time.perf_counter()
+            up, merges = 0, None
+            if overlap:  # last round's upload and this round's merges, beside this round's compute (started
+                # first: a compute call can block, e.g. while a block's step compiles)
+                up = submit_upload(t - 1)
+                merges = downloader.submit(_download, store, comm, link, fed, t, plans)
             delta = losses = None
             if client in plan["clients"]:
                 model = federated.client_params(replica, partition, client, fed.eta)
@@ -264,10 +271,6 @@ def run_client(
                 batches, position = batches_fn(client, position, fed.local_steps)
                 lr_scale = federated.lr_factor(fed, t)
                 delta, losses = local_train(block, frozen, batches, lr_scale)  # dispatched; runs asynchronously
-            up, merges = 0, None
-            if overlap:  # last round's upload and this round's merges, beside this round's compute
-                up = submit_upload(t - 1)
-                merges = downloader.submit(_download, store, comm, link, fed, t, plans)
             if delta is not None:
                 jax.block_until_ready(delta)
             compute_end = time.perf_counter()

@@ -533,7 +533,10 @@ def flush(trainer: Trainer, state: dict) -> dict:
     s = trainer.fed.stalenesses
     while state["pending"]:
         t = min(r + s[c] for r, e in state["pending"].items() for c in e["deltas"])
+        before = sum(len(e["deltas"]) for e in state["pending"].values())
         state = merge_arrivals(trainer, state, t)[0]
+        if sum(len(e["deltas"]) for e in state["pending"].values()) == before:  # never loop forever
+            raise RuntimeError(f"flush: nothing arrives at the end of round {t}; pending: {sorted(state['pending'])}")
     return state
 
 

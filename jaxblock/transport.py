@@ -143,10 +143,12 @@ class Store:
             poll = min(poll * 1.5, max_poll_s)
 
     # -- arrays
-    def publish(self, prefix: str, tree: dict, wire_dtype: str = "float32") -> int:
+    def publish(self, prefix: str, tree: dict, wire_dtype: str = "float32", before_commit=None) -> int:
         """Writes every leaf of `tree` as a zarr3 array under `prefix`, then the COMMIT marker.
 
-        Returns the payload bytes (array bytes in the wire dtype).
+        Returns the payload bytes (array bytes in the wire dtype). `before_commit(nbytes)` runs
+        between the arrays and the marker: a modelled link holds the upload there, so that readers
+        see it no earlier than the link would have delivered it.
         """
         leaves = [(_path(p), on_wire_dtype(x, wire_dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
         writes = []
@@ -165,6 +167,8 @@ class Store:
             "dtype": WIRE_DTYPES[wire_dtype].name,
             "bytes": nbytes,
         }
+        if before_commit is not None:
+            before_commit(nbytes)
         self.put_json(f"{prefix}/COMMIT", manifest)
         return nbytes
 

@@ -1,6 +1,7 @@
 """The TensorStore transport and the server/client runtime, in threads and in separate processes."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import tensorstore
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT, SMALL, final_params
 
-from jaxblock import blocks, comm, data, experiment, federated, local, transport
+from jaxblock import algorithms, blocks, comm, data, experiment, federated, local, transport
 
 
 def test_publish_fetch_round_trip_and_exact_bytes():
@@ -88,12 +89,20 @@ def files_under(directory) -> dict[str, int]:
 
 
 @pytest.mark.parametrize(
-    "algorithm, participation, wire, lr_decay", [("parablock", 1.0, "float32", "none"),
-                                                  ("fedbcd", 1.0, "float32", "linear"),
-                                                  ("parablock", 0.5, "float32", "cosine"),
-                                                  ("parablock", 1.0, "bfloat16", "none")]
+    "algorithm, participation, wire, lr_decay, extra", [("parablock", 1.0, "float32", "none", {}),
+                                                         ("fedbcd", 1.0, "float32", "linear", {}),
+                                                         ("parablock", 0.5, "float32", "cosine", {}),
+                                                         ("parablock", 1.0, "bfloat16", "none", {}),
+                                                         ("parablock", 1.0, "float32", "none", {"staleness": 2}),
+                                                         ("parablock", 0.5, "float32", "none",
+                                                          {"staleness": (1, 3, 1, 2), "staleness_weight": 0.5}),
+                                                         ("parablock", 1.0, "float32", "none",
+                                                          {"staleness": (1, 1, 3, 1), "max_staleness": 1}),
+                                                         ("parablock", 1.0, "float32", "none", {"compression": "topk"}),
+                                                         ("fedbcd", 1.0, "float32", "none", {"compression": "topk"}),
+                                                         ("fedcybgd", 1.0, "float32", "none", {})]
 )  # fmt: skip
-def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, report, tmp_path):
+def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, extra, report, tmp_path):
     params, clients = toy_params(), toy_clients(4)
     part = blocks.partition(params, RULES)
     fed = federated.FedConfig(
@@ -105,6 +114,7 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
         wire_dtype=wire,
         lr_decay=lr_decay,
         seed=4,
+        **extra,
     )
     optimizer = optax.adamw(0.05, eps=1e-6)
     store = transport.Store(f"file://{tmp_path}/store")
@@ -117,9 +127,12 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
     for replica in replicas.values():  # every client ends with exactly the server's model
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(server))
     trained = [r for r in rows if r["round"] != "flush" and r["loss"] is not None]
-    assert len(trained) == fed.rounds * fed.clients_per_round
+    assert len(trained) == fed.rounds * len(fed_participants(fed, 0))
     up = sum(r["bytes_up"] for r in rows)
     block_bytes = {b.id: b.params * (4 if wire == "float32" else 2) for b in part.blocks}
+    if fed.compression == "topk":  # per leaf k = ceil(0.2 size) int32 indices and float32 values
+        block_bytes = {b.id: sum(8 * math.ceil(0.2 * x.size - 1e-9) for x in jax.tree.leaves(part.block(params, b.id)))
+                       for b in part.blocks}  # fmt: skip
     expected_up = sum(block_bytes[r["block"]] for r in trained)  # exactly one block per trained round
     assert up == expected_up
     if wire == "bfloat16":
@@ -135,6 +148,42 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
         assert 0 < diff < 0.05
 
 
+def fed_participants(fed, t):
+    return algorithms.make(fed).participants(t)
+
+
+def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):
+    """Client 2's link takes 120 ms per transfer, a round's compute 150 ms. With staleness 1 for all,
+    each round's merge waits for its upload and then its download (240 ms), so the fast clients sit
+    idle; with s_2 = 3 its upload overlaps 3 rounds of compute, its download fits in one, and the
+    fast clients never wait (measured in the threaded runtime)."""
+    params, clients = toy_params(), toy_clients(3)
+    part = blocks.partition(params, RULES)
+    train = local.make_local_train(toy_loss, optax.sgd(0.05))
+
+    def slow_train(*args):  # each round's compute takes ~0.15 s, so that link times can be compared to it
+        time.sleep(0.15)
+        return train(*args)
+
+    links = [transport.Link(), transport.Link(), transport.Link(latency_ms=120.0)]
+    waits = {}
+    for staleness in [1, (1, 1, 3)]:
+        fed = federated.FedConfig(rounds=6, num_clients=3, local_steps=2, staleness=staleness)
+        rows = []
+        comm.run_in_threads(
+            fed, params, part, slow_train, data.make_batches_fn(clients, BS), transport.Store("memory://"),
+            comm.CommConfig(timeout_s=20.0), links, on_round=rows.append,
+        )  # fmt: skip
+        fast = [r for r in rows if r["client"] < 2 and r["round"] not in ("flush", 0, 1)]  # 0, 1: compiles
+        waits[staleness] = sum(r["exposed_wait_s"] for r in fast) / len(fast)
+    report(
+        f"slow client (120 ms per transfer, ~150 ms compute per round): fast clients' mean exposed wait per round "
+        f"{waits[1] * 1e3:.0f} ms with staleness 1 for all, {waits[(1, 1, 3)] * 1e3:.0f} ms with its own staleness 3"
+    )
+    assert waits[1] > 0.05  # they wait for the slow upload
+    assert waits[(1, 1, 3)] < 0.02  # they never do
+
+
 def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
@@ -145,7 +194,11 @@ def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
         plan = store.get_json(transport.plan_key(t))
         assert plan["clients"] == [0, 1]
         block_shape = jax.tree.map(np.shape, part.split(params, plan["block"])[0])
-        for prefix in [transport.delta_prefix(t, 0), transport.delta_prefix(t, 1), transport.aggregate_prefix(t, t + 1)]:
+        for prefix in [
+            transport.delta_prefix(t, 0),
+            transport.delta_prefix(t, 1),
+            transport.aggregate_prefix(t, t + 1),
+        ]:
             tree, _ = store.wait_fetch(prefix, 0.1, prefix)
             assert jax.tree.map(np.shape, tree) == block_shape, prefix
         assert store.acked(t + 1) == set()  # nobody acks when rounds are kept

@@ -1,6 +1,5 @@
 """FedBuff's event simulation against synchronous FedAvg, a hand-written event queue and hand-computed applies."""
 
-import dataclasses
 import heapq
 import json
 import math
@@ -21,32 +20,8 @@ LINKS = [transport.Link(100.0, 20.0), transport.Link(50.0, 5.0), transport.Link(
 ASYNC = {"buffer_size": 2, "client_slowdown": (1.0, 1.0, 1.5, 5.0), "step_seconds": 0.25}
 
 
-@dataclasses.dataclass(frozen=True)
-class _FedBuffConfig:
-    """FedConfig's fields that FedBuff reads, until FedConfig has the FedBuff ones."""
-
-    algorithm: str = "fedbuff"
-    rounds: int = 10
-    num_clients: int = 10
-    local_steps: int = 10
-    eta: float = 1.0
-    lr_decay: str = "none"
-    lr_decay_alpha: float = 0.0
-    seed: int = 0
-    buffer_size: int = 0
-    fedbuff_blocks: bool = False
-    client_slowdown: tuple[float, ...] = ()
-    step_seconds: float = 0.1
-    staleness_weight: float | None = None
-    max_staleness: int = 0
-
-
 def fed_config(**kw):
-    """A FedBuff config: FedConfig once it knows FedBuff, else the stand-in above."""
-    kw = {"algorithm": "fedbuff", "num_clients": NC, "local_steps": K, **kw}
-    if "fedbuff" in federated.ALGORITHMS:
-        return federated.FedConfig(**kw)
-    return _FedBuffConfig(**kw)
+    return federated.FedConfig(**{"algorithm": "fedbuff", "num_clients": NC, "local_steps": K, **kw})
 
 
 def setup(fed, links=LINKS):
