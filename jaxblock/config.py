@@ -323,7 +323,7 @@ def _list_of(check_one):
         if not isinstance(v, (list, tuple)):
             return "a list"
         bad = [check_one(x) for x in v if check_one(x) is not None]
-        return None if not bad else f"a list of {bad[0]}s"
+        return None if not bad else f"a list, each value {bad[0]}"
 
     return check
 

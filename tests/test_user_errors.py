@@ -39,11 +39,23 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
         ("participation=1.5", "config.participation=1.5: must be a number in (0, 1]"),
         ("optimizer.learning_rate=inf", "config.optimizer.learning_rate=inf: must be a finite number > 0"),
         ("data.partition=random", "config.data.partition='random': must be one of 'dirichlet', 'iid'"),
+        # The options of issue 13, and the combinations that would silently ignore a setting.
+        ("staleness=[1,2]", "staleness lists 2 values for num_clients=10"),
+        ("staleness=[1,1,1,1,1,1,1,1,1,0]", "ParaBlock needs staleness >= 1 (0 is FedBCD)"),
+        ("algorithm=fedbcd --config.staleness=[1,1,1,1,1,1,1,1,1,3]", "a per-client staleness is ParaBlock's"),
+        ("compression=zip", "config.compression='zip': must be one of 'none', 'topk'"),
+        ("topk_ratio=0", "config.topk_ratio=0.0: must be a number in (0, 1]"),
+        ("algorithm=fedit --config.compression=topk", "compression='topk': top-k is for ParaBlock and FedBCD"),
+        ("algorithm=fedcybgd --config.participation=0.5", "FedCyBGD's clients take turns, one per round"),
+        ("algorithm=fedcybgd --config.num_clients=4", "num_clients=4 < 5 blocks (raise blocks.layers_per_block or num_clients)"),
+        ("algorithm=fedbuff --config.wire_dtype=bfloat16", "FedBuff runs with wire_dtype='float32'"),
+        ("algorithm=fedbuff --config.client_slowdown=[1,2]", "client_slowdown lists 2 values for num_clients=10"),
+        ("client_slowdown=[1,-2]", "config.client_slowdown=[1, -2]: must be a list, each value a finite number > 0"),
     ],
 )
 def test_bad_value_is_one_line_naming_key_and_range(override, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        runtime.parse_args(argparse.ArgumentParser(), ["--config", TINY, f"--config.{override}"])
+        runtime.parse_args(argparse.ArgumentParser(), ["--config", TINY, *f"--config.{override}".split()])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].endswith(message) and "Traceback" not in "".join(err)
@@ -82,8 +94,8 @@ def test_a_model_override_that_the_checkpoint_would_ignore_is_refused(tmp_path):
             r"^--step 2: .* has no checkpoints yet$",
         ),
         (
-            lambda wd, tmp: experiment.serve(small_config("staleness=2"), wd, f"file://{tmp}/store"),
-            r"^staleness=2: the runtime runs s = 1 \(ParaBlock\) and 0 \(FedBCD\); use the simulator$",
+            lambda wd, tmp: experiment.serve(small_config("algorithm=fedbuff"), wd, f"file://{tmp}/store"),
+            r"^algorithm='fedbuff': the multi-process runtime does not run it; use the simulator$",
         ),
     ],
     ids=["bad link", "--step on a new workdir", "server with an unsupported setting"],

@@ -56,6 +56,10 @@ class FedBuff(Algorithm):
             raise ValueError(f"client_slowdown={fed.client_slowdown}: every value must be > 0")
         if fed.step_seconds < 0:
             raise ValueError(f"step_seconds={fed.step_seconds}: must be >= 0")
+        ignored = {"participation": 1.0, "aggregation": "uniform", "schedule": "random", "wire_dtype": "float32"}
+        for key, default in ignored.items():  # every client always works; blocks are drawn per pull
+            if getattr(fed, key) != default:
+                raise ValueError(f"{key}={getattr(fed, key)!r}: FedBuff runs with {key}={default!r}")
 
     def partition(self, params: dict, layer_partition: blocks_lib.Partition) -> blocks_lib.Partition:
         return layer_partition if self.fed.fedbuff_blocks else blocks_lib.full_partition(params)

@@ -16,6 +16,12 @@ from jaxblock.algorithms.base import Algorithm
 class FedCyBGD(Algorithm):
     name = "fedcybgd"
 
+    def __post_init__(self):  # the turn order decides who trains and what: these settings would be ignored
+        if self.fed.participation != 1.0:
+            raise ValueError(f"participation={self.fed.participation}: FedCyBGD's clients take turns, one per round")
+        if self.fed.schedule != "random":
+            raise ValueError(f"schedule={self.fed.schedule!r}: FedCyBGD trains each client's own block, in turn")
+
     def owner_block(self, client: int, num_blocks: int) -> int:
         return client % num_blocks
 
