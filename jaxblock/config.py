@@ -211,7 +211,7 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
 
 
 # Settings that take one value or a list with one value per client.
-PER_CLIENT_KEYS = ("staleness",)
+PER_CLIENT_KEYS = ("staleness", "bandwidth_mbps", "latency_ms")
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
@@ -233,8 +233,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     except (ValueError, SyntaxError):
         value = raw  # a bare string such as --config.schedule=random
     old = node[leaf]
-    if leaf in PER_CLIENT_KEYS and isinstance(value, (list, tuple)):
-        old = None  # one value, or a list with one per client
+    if leaf in PER_CLIENT_KEYS:
+        old = None  # one value, or a list with one per client: validate() checks which
     if isinstance(old, float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         value = float(raw)  # literal_eval has no nan/inf; validate() then says what range is allowed
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -243,6 +243,9 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     wrong_bool = isinstance(value, bool) != isinstance(old, bool)
     if old is not None and value is not None and (wrong_bool or not isinstance(value, type(old))):
         raise ValueError(f"--config.{key}={raw}: expected {type(old).__name__}, got {type(value).__name__}")
+    if leaf in PER_CLIENT_KEYS and type(value) is not type(node[leaf]):  # one value <-> one per client
+        del node[leaf]
+        value = ml_collections.FieldReference(value, field_type=object)
     try:
         node[leaf] = value
     except TypeError as e:  # ConfigDict's own type check, e.g. a FieldReference

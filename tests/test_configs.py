@@ -62,6 +62,18 @@ def test_overrides_are_typed_and_nested():
     assert config_lib.load_config(path).model.num_layers == 8  # the file itself is untouched
 
 
+def test_per_client_settings_take_one_value_or_a_list_in_any_order():
+    """staleness and the link settings are one value or one per client; a later override may switch."""
+    path = os.path.join(ROOT, "configs", "tiny.py")
+    slow = "[100,100,100,100,100,100,100,100,100,20]"
+    config = config_lib.load_config(path, ["comm.bandwidth_mbps=100", f"comm.bandwidth_mbps={slow}", "staleness=[1,3]"])
+    assert config.comm.bandwidth_mbps == eval(slow) and config.staleness == [1, 3]
+    config = config_lib.load_config(path, [f"comm.bandwidth_mbps={slow}", "comm.bandwidth_mbps=50MBps", "staleness=2"])
+    assert config.comm.bandwidth_mbps == "50MBps" and config.staleness == 2
+    with pytest.raises(ValueError, match=r"config.staleness=\[1, -1\]: must be an integer >= 0 or a non-empty list"):
+        config_lib.validate(config_lib.load_config(path, ["staleness=[1,2]", "staleness=[1,-1]"]))
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
