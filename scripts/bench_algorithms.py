@@ -24,7 +24,7 @@ import numpy as np
 from jaxblock import algorithms, federated, local, runtime
 from jaxblock.config import model_config
 
-ORDER = ("parablock", "fedbcd", "fedavg_full", "fedit", "ffa_lora", "flora")
+ORDER = ("parablock", "fedbcd", "fedavg_full", "fedit", "ffa_lora", "flora", "fedcybgd", "fedbuff")
 
 
 def costs(config, name: str) -> dict:
@@ -46,7 +46,8 @@ def costs(config, name: str) -> dict:
     for b in range(part.num_blocks):
         block, frozen = part.split(model_params, b)
         step = local.step_cost(loss_fn, optimizer, block, frozen, batch)
-        up, down = algo.wire_params(part, b, clients)
+        up, down = algo.wire_params(part, b, clients, 0)
+        down = sum(down.values()) if isinstance(down, dict) else down  # FedCyBGD: the turn's client only
         total = step["argument_bytes"] + step["output_bytes"] + step["temp_bytes"]
         rows.append({"trainable": part.blocks[b].params, **step, "total_bytes": total, "up": float(np.mean(up)) * 4,
                      "down": down * 4})  # fmt: skip
@@ -57,7 +58,7 @@ def costs(config, name: str) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="*", default=[], help="ALG=WORKDIR: exact match, eval loss from eval.json")
-    parser.add_argument("--only", default=",".join(ORDER), help="comma-separated algorithms (default: all six)")
+    parser.add_argument("--only", default=",".join(ORDER), help="comma-separated algorithms (default: all)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     config, args = runtime.parse_args(parser)
     runs = dict(item.split("=", 1) for item in args.runs)

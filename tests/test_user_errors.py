@@ -47,7 +47,10 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
         ("topk_ratio=0", "config.topk_ratio=0.0: must be a number in (0, 1]"),
         ("algorithm=fedit --config.compression=topk", "compression='topk': top-k is for ParaBlock and FedBCD"),
         ("algorithm=fedcybgd --config.participation=0.5", "FedCyBGD's clients take turns, one per round"),
-        ("algorithm=fedcybgd --config.num_clients=4", "num_clients=4 < 5 blocks (raise blocks.layers_per_block or num_clients)"),
+        (
+            "algorithm=fedcybgd --config.num_clients=4",
+            "num_clients=4 < 5 blocks (raise blocks.layers_per_block or num_clients)",
+        ),
         ("algorithm=fedbuff --config.wire_dtype=bfloat16", "FedBuff runs with wire_dtype='float32'"),
         ("algorithm=fedbuff --config.client_slowdown=[1,2]", "client_slowdown lists 2 values for num_clients=10"),
         ("client_slowdown=[1,-2]", "config.client_slowdown=[1, -2]: must be a list, each value a finite number > 0"),

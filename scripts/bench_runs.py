@@ -1,0 +1,103 @@
+"""Compares finished runs: exact match, eval loss, modelled wall time and bytes on the wire.
+
+Each WORKDIR is a finished `scripts/train.py` run evaluated by `scripts/eval.py`. The modelled wall
+time replays the run's `metrics.jsonl` through the link model (`comm.modeled_timeline`): per round
+the slowest client's compute plus its exposed communication, summed over rounds (clients train in
+parallel; a FedCyBGD turn has one client working). `--bandwidth` re-models every run over other
+links (a number in MB/s, a preset such as 100MBps, or a list with one value per client), so that
+runs trained with one link can be compared over another: training never depends on the link.
+FedBuff's clock is modelled while it trains (its arrival order depends on it), so it is always
+reported over the run's own links.
+
+    python scripts/bench_runs.py --runs parablock=runs/i13/parablock fedcybgd=runs/i13/fedcybgd \
+        --bandwidth 100 [--json]
+"""
+
+import argparse
+import ast
+import json
+import os
+
+from jaxblock import comm, experiment, runtime, transport
+from jaxblock.config import model_config
+
+MB = 1e6
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def modeled(workdir: str, bandwidth=None, latency=None) -> dict:
+    """Modelled wall, compute and exposed seconds and per-client MB up/down of a run's metrics."""
+    config = experiment.read_config(workdir)
+    fed = runtime.fed_config(config)
+    history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if "modeled_time_s" in history[-1] or bandwidth is None:  # the run's own links
+        bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
+    links = [transport.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
+    partition = runtime.make_partition(config, model_config(config))
+    rows = []
+    for i in range(len(history)):
+        rows += comm.modeled_timeline(fed, partition, links, history[: i + 1])
+    per_round: dict = {}
+    for r in rows:
+        per_round[r["round"]] = max(per_round.get(r["round"], 0.0), r["compute_s"] + r["exposed_wait_s"])
+    wall = history[-1].get("modeled_time_s", sum(per_round.values()))
+    n = fed.num_clients
+    return {
+        "algorithm": fed.algorithm,
+        "rounds": len(history),
+        "trainings": sum(len(m["clients"]) for m in history),
+        "modeled_wall_s": float(wall),
+        "compute_s": sum(r["compute_s"] for r in rows) / n,
+        "exposed_s": sum(r["exposed_wait_s"] for r in rows) / n,
+        "mb_up": sum(r["bytes_up"] for r in rows) / n / MB,
+        "mb_down": sum(r["bytes_down"] for r in rows) / n / MB,
+        "link": comm_label(bandwidth),
+    }
+
+
+def comm_label(bandwidth) -> str:
+    if isinstance(bandwidth, (list, tuple)):
+        return "per client " + ",".join(f"{b:g}" if isinstance(b, (int, float)) else str(b) for b in bandwidth)
+    return "unlimited" if bandwidth is None else str(bandwidth)
+
+
+def score(workdir: str) -> dict:
+    path = os.path.join(workdir, "eval.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        e = json.load(f)["finetuned"]
+    return {"exact_match": e["exact_match"], "eval_loss": e["eval_loss"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", required=True, help="NAME=WORKDIR of finished, evaluated runs")
+    parser.add_argument("--bandwidth", help="re-model every run over this link: MB/s, a preset or a per-client list")
+    parser.add_argument("--latency", help="per-transfer latency in ms (a number or a per-client list)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    args = parser.parse_args()
+    parse = lambda v: None if v is None else (ast.literal_eval(v) if v[:1] in "[0123456789." else v)  # noqa: E731
+    bandwidth, latency = parse(args.bandwidth), parse(args.latency)
+    summary = {}
+    print(f"{'run':<20} {'algorithm':<10} {'exact match':>11} {'eval loss':>9} {'rounds':>6} {'trainings':>9} "
+          f"{'modelled wall s':>15} {'compute s':>9} {'exposed s':>9} {'MB up':>8} {'MB down':>8}  link")  # fmt: skip
+    for item in args.runs:
+        name, workdir = item.split("=", 1)
+        m = {**modeled(workdir, bandwidth, latency), **score(workdir)}
+        em = f"{m['exact_match']:.1%}" if "exact_match" in m else "-"
+        loss = f"{m['eval_loss']:.3f}" if "eval_loss" in m else "-"
+        print(f"{name:<20} {m['algorithm']:<10} {em:>11} {loss:>9} {m['rounds']:>6} {m['trainings']:>9} "
+              f"{m['modeled_wall_s']:>15.1f} {m['compute_s']:>9.1f} {m['exposed_s']:>9.1f} {m['mb_up']:>8.1f} "
+              f"{m['mb_down']:>8.1f}  {m['link']}")  # fmt: skip
+        summary[name] = m
+    if args.json:
+        print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
