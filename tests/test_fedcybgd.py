@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_federated import BS, LR, RULES, K, toy_clients, toy_grads, toy_loss, toy_params
+from test_federated import BS, LR, RULES, K, numpy_sgd, toy_clients, toy_loss, toy_params
 
 from jaxblock import algorithms, blocks, data, federated
 
@@ -49,12 +49,8 @@ def test_fedcybgd_equals_numpy_sequential_loop(rules, leaves):
     for t in range(fed.rounds):
         c = t % 2
         block = LEAVES[leaves][c % 2]
-        local = _f64(server)
         batches, positions[c] = batches_fn(c, positions[c], K)
-        for k in range(K):
-            g = toy_grads(local, batches["x"][k].astype(np.float64), batches["y"][k].astype(np.float64))
-            for k1, k2 in block:
-                local[k1][k2] -= LR * g[k1][k2]
+        local = numpy_sgd(server, batches, block, LR, K)
         for k1, k2 in block:  # the server's block is replaced by the client's
             server[k1][k2] = local[k1][k2].copy()
         assert history[t]["clients"] == [c] and history[t]["block"] == c % 2

@@ -38,6 +38,16 @@ def toy_grads(p, x, y):
     return {"a": {"w": x.T @ (g @ p["b"]["w"].T)}, "b": {"w": h.T @ g}, "c": {"bias": g.sum(0)}}
 
 
+def numpy_sgd(model, batches, leaves, lr, steps):
+    """LocalBlockTraining by hand: `steps` SGD steps on the (k1, k2) `leaves` of a float64 copy of `model`."""
+    local = {k: {kk: np.array(vv, np.float64) for kk, vv in v.items()} for k, v in model.items()}
+    for k in range(steps):
+        g = toy_grads(local, batches["x"][k].astype(np.float64), batches["y"][k].astype(np.float64))
+        for k1, k2 in leaves:
+            local[k1][k2] -= lr * g[k1][k2]
+    return local
+
+
 def toy_clients(n=N, examples=24, seed=1):
     rng = np.random.RandomState(seed)
     out = []
@@ -87,11 +97,8 @@ def numpy_algorithm2(fed, theta0, batches_fn, schedule, participants_of):
         k1, k2 = BLOCK_KEY[schedule[t]]
         lr = numpy_lr(fed, t)
         for i in participants_of[t]:  # compute thread: LocalBlockTraining with SGD
-            local_model = cp(clients[i])
             batches, positions[i] = batches_fn(i, positions[i], fed.local_steps)
-            for k in range(fed.local_steps):
-                g = toy_grads(local_model, batches["x"][k].astype(np.float64), batches["y"][k].astype(np.float64))
-                local_model[k1][k2] -= lr * g[k1][k2]
+            local_model = numpy_sgd(clients[i], batches, [(k1, k2)], lr, fed.local_steps)
             own[(t, i)] = local_model[k1][k2] - clients[i][k1][k2]
         for i in participants_of[t]:  # the client applies its own delta at once
             clients[i][k1][k2] += eta * own[(t, i)]

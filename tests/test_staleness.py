@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from test_federated import BLOCK_KEY, BS, LR, RULES, K, run_core, toy_clients, toy_grads, toy_loss, toy_params
+from test_federated import BLOCK_KEY, BS, LR, RULES, K, numpy_sgd, run_core, toy_clients, toy_loss, toy_params
 
 from jaxblock import blocks, data, federated
 
@@ -83,11 +83,8 @@ def numpy_per_client_staleness(fed, theta0, batches_fn, schedule, participants_o
     for t in range(fed.rounds):
         k1, k2 = BLOCK_KEY[schedule[t]]
         for i in participants_of[t]:
-            local = cp(models[i])
             batches, positions[i] = batches_fn(i, positions[i], fed.local_steps)
-            for k in range(fed.local_steps):
-                g = toy_grads(local, batches["x"][k].astype(np.float64), batches["y"][k].astype(np.float64))
-                local[k1][k2] -= LR * g[k1][k2]
+            local = numpy_sgd(models[i], batches, [(k1, k2)], LR, fed.local_steps)
             pending[(t, i)] = local[k1][k2] - models[i][k1][k2]
             models[i][k1][k2] += eta * pending[(t, i)]
         end_of_round(t)

@@ -133,17 +133,12 @@ def init_state(fed, params: dict, links: list[transport.Link]) -> dict:
     The buffer is not in the state: a round ends with the apply that empties it. Every client
     starts by pulling version 0 at time 0.
     """
+    from jaxblock import federated  # see run_round
+
     _check_links(fed, links)
     client = {"state": "pull", "at": 0.0, "base": 0, "pulls": 0, "block": 0}
-    return {
-        "params": params,
-        "round": 0,
-        "seed": fed.seed,
-        "positions": np.zeros(fed.num_clients, np.int64),
-        "pending": {},
-        "extra": {},
-        "extra_meta": {"clock": 0.0, "clients": [dict(client) for _ in range(fed.num_clients)]},
-    }
+    clients = [dict(client) for _ in range(fed.num_clients)]
+    return {**federated.init_state(fed, params), "extra": {}, "extra_meta": {"clock": 0.0, "clients": clients}}
 
 
 def _check_links(fed, links) -> None:
