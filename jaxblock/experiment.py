@@ -230,7 +230,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         history.append(metrics)
         for row in comm.modeled_timeline(fed, partition, links, history):
             timeline(row)
-        bar.set_postfix(block=metrics["block"], loss=f"{metrics['loss']:.4f}", s=f"{metrics['seconds']:.1f}")
+        loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # FedBuff: a round may train nobody
+        bar.set_postfix(block=metrics["block"], loss=loss, s=f"{metrics['seconds']:.1f}")
         bar.update(1)
         if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
             checkpoint.save(mgr, state, fed, wall_s=wall_before + time.perf_counter() - start, config=config.to_dict())

@@ -100,7 +100,7 @@ def test_equal_speeds_and_full_buffer_is_fedavg_bitwise(lr_decay, report):
     )  # fmt: skip
     assert [m["clients"] for m in history] == [list(range(NC))] * fed.rounds
     assert [m["staleness"] for m in history] == [[0] * NC] * fed.rounds
-    assert all(m["loss"] == m["loss"] for m in history)  # every round trained (no NaN)
+    assert all(m["loss"] is not None for m in history)  # every round trained
     jax.tree.map(np.testing.assert_array_equal, final["params"], ref["params"])
     np.testing.assert_array_equal(final["positions"], ref["positions"])
     report(f"fedbuff Z=N equal speeds a=0 ({lr_decay}): server params bitwise equal to fedavg_full after 4 rounds")

@@ -155,7 +155,7 @@ def run_round(trainer, state: dict, links: list[transport.Link]) -> tuple[dict, 
     Pure: returns a new state and the round's metrics (see `federated.run_round`'s, plus staleness,
     dropped, blocks, modeled_time_s and modeled_rows); the input state is not modified. `block` is
     the first applied delta's block (0, "all" for full updates), `blocks` every applied delta's.
-    loss* are means over the trainings started in this call (NaN if none was), lr_factor is that
+    loss* are means over the trainings started in this call (None if none was), lr_factor is that
     of trainings started on version t.
     """
     from jaxblock import federated  # here, not at the top: federated imports the algorithms package
@@ -216,7 +216,7 @@ def run_round(trainer, state: dict, links: list[transport.Link]) -> tuple[dict, 
         "extra": {"inflight": inflight} if inflight else {},
         "extra_meta": meta,
     }
-    losses = np.stack(losses) if losses else np.full((1, fed.local_steps), np.nan)  # [trainings, K]
+    losses = np.stack(losses) if losses else None  # [trainings, K]; None: no training started this round
     metrics = {
         "round": t,
         "block": blocks[0],
@@ -225,9 +225,9 @@ def run_round(trainer, state: dict, links: list[transport.Link]) -> tuple[dict, 
         "clients": applied,
         "staleness": taus,
         "dropped": dropped,
-        "loss": float(losses.mean()),
-        "loss_first_step": float(losses[:, 0].mean()),
-        "loss_last_step": float(losses[:, -1].mean()),
+        "loss": None if losses is None else float(losses.mean()),
+        "loss_first_step": None if losses is None else float(losses[:, 0].mean()),
+        "loss_last_step": None if losses is None else float(losses[:, -1].mean()),
         "aggregated_round": t,
         "params_up": [part.blocks[b].params for b in blocks],
         "params_down": trainable_values(part),
