@@ -8,7 +8,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def runtime_bars(rows: list[dict], path: str, title: str) -> None:
+def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds per round") -> None:
     """Stacked bars, one per row: `compute_s` below, `exposed_s` (waiting on the network) above.
 
     Args:
@@ -22,7 +22,7 @@ def runtime_bars(rows: list[dict], path: str, title: str) -> None:
     ax.bar(labels, exposed, bottom=compute, color="#c9a227", label="exposed communication")
     for i, (c, e) in enumerate(zip(compute, exposed, strict=True)):
         ax.text(i, c + e, f"{c + e:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("seconds per round")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8, loc="upper left")
     ax.tick_params(axis="x", labelsize=8)

@@ -10,7 +10,11 @@ FedBuff's clock is modelled while it trains (its arrival order depends on it), s
 reported over the run's own links.
 
     python scripts/bench_runs.py --runs parablock=runs/i13/parablock fedcybgd=runs/i13/fedcybgd \
-        --bandwidth 100 [--json]
+        --bandwidth 100 [--plot runs/i13/wall.png] [--json]
+
+`--plot` draws the paper's Figure 2 for these runs: per run, its modelled wall time split into the
+slowest client's compute and its exposed communication (FedBuff: its clock, split as its clients'
+compute and communication add up).
 """
 
 import argparse
@@ -18,7 +22,7 @@ import ast
 import json
 import os
 
-from jaxblock import comm, experiment, runtime, transport
+from jaxblock import comm, experiment, plots, runtime, transport
 from jaxblock.config import model_config
 
 MB = 1e6
@@ -41,16 +45,23 @@ def modeled(workdir: str, bandwidth=None, latency=None) -> dict:
     rows = []
     for i in range(len(history)):
         rows += comm.modeled_timeline(fed, partition, links, history[: i + 1])
-    per_round: dict = {}
+    slowest: dict = {}  # round -> the row of its slowest client
     for r in rows:
-        per_round[r["round"]] = max(per_round.get(r["round"], 0.0), r["compute_s"] + r["exposed_wait_s"])
-    wall = history[-1].get("modeled_time_s", sum(per_round.values()))
+        if r["compute_s"] + r["exposed_wait_s"] >= sum(slowest.get(r["round"], (0.0, 0.0))):
+            slowest[r["round"]] = (r["compute_s"], r["exposed_wait_s"])
+    wall_compute, wall_exposed = (sum(column) for column in zip(*slowest.values(), strict=True))
+    if "modeled_time_s" in history[-1]:  # FedBuff: its clock, split as its clients' time adds up
+        clock, busy = history[-1]["modeled_time_s"], sum(r["compute_s"] for r in rows)
+        share = busy / (busy + sum(r["exposed_wait_s"] for r in rows))
+        wall_compute, wall_exposed = clock * share, clock * (1 - share)
     n = fed.num_clients
     return {
         "algorithm": fed.algorithm,
         "rounds": len(history),
         "trainings": sum(len(m["clients"]) for m in history),
-        "modeled_wall_s": float(wall),
+        "modeled_wall_s": float(wall_compute + wall_exposed),
+        "wall_compute_s": float(wall_compute),
+        "wall_exposed_s": float(wall_exposed),
         "compute_s": sum(r["compute_s"] for r in rows) / n,
         "exposed_s": sum(r["exposed_wait_s"] for r in rows) / n,
         "mb_up": sum(r["bytes_up"] for r in rows) / n / MB,
@@ -62,6 +73,8 @@ def modeled(workdir: str, bandwidth=None, latency=None) -> dict:
 def comm_label(bandwidth) -> str:
     if isinstance(bandwidth, (list, tuple)):
         return "per client " + ",".join(f"{b:g}" if isinstance(b, (int, float)) else str(b) for b in bandwidth)
+    if isinstance(bandwidth, (int, float)):
+        return f"{bandwidth:g} MB/s"
     return "unlimited" if bandwidth is None else str(bandwidth)
 
 
@@ -79,6 +92,7 @@ def main():
     parser.add_argument("--runs", nargs="+", required=True, help="NAME=WORKDIR of finished, evaluated runs")
     parser.add_argument("--bandwidth", help="re-model every run over this link: MB/s, a preset or a per-client list")
     parser.add_argument("--latency", help="per-transfer latency in ms (a number or a per-client list)")
+    parser.add_argument("--plot", help="a PNG: the runs' modelled wall time, compute vs exposed communication")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args()
     parse = lambda v: None if v is None else (ast.literal_eval(v) if v[:1] in "[0123456789." else v)  # noqa: E731
@@ -95,6 +109,14 @@ def main():
               f"{m['modeled_wall_s']:>15.1f} {m['compute_s']:>9.1f} {m['exposed_s']:>9.1f} {m['mb_up']:>8.1f} "
               f"{m['mb_down']:>8.1f}  {m['link']}")  # fmt: skip
         summary[name] = m
+    if args.plot:
+        bars = [
+            {"label": f"{name}\n{m['algorithm']}", "compute_s": m["wall_compute_s"], "exposed_s": m["wall_exposed_s"]}
+            for name, m in summary.items()
+        ]
+        link = next(iter(summary.values()))["link"]
+        plots.runtime_bars(bars, args.plot, f"Modelled wall time of the whole run (link: {link})", "seconds")
+        print(f"plot: {args.plot}")
     if args.json:
         print(json.dumps(summary))
 

@@ -1,6 +1,7 @@
 """scripts/train.py end to end: workdir contents, resume after a real kill, bad input."""
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -150,7 +151,7 @@ class _Stop(Exception):
 
 @pytest.mark.parametrize(
     "extra",
-    [["algorithm=fedcybgd"], ["algorithm=fedbuff", "client_slowdown=[1,1,3]", "buffer_size=2"],
+    [["algorithm=fedcybgd", "comm.bandwidth_mbps=1"], ["algorithm=fedbuff", "client_slowdown=[1,1,3]", "buffer_size=2"],
      ["algorithm=fedbcd", "compression=topk"]],
     ids=["fedcybgd", "fedbuff", "fedbcd_topk"],
 )  # fmt: skip
@@ -159,7 +160,8 @@ def test_a_stopped_run_of_each_new_algorithm_resumes_bit_identically(tmp_path, m
     an uninterrupted run, for the state each algorithm adds (FedBuff's updates in flight and clock,
     residuals). ParaBlock with per-client staleness and top-k is killed for real above."""
     config = small_config("rounds=5", *extra)
-    experiment.train(config, str(tmp_path / "straight"), progress=False)
+    summary = experiment.train(config, str(tmp_path / "straight"), progress=False)
+    _check_modeled_wall(str(tmp_path / "straight"), summary)
     real, saved = experiment.checkpoint.save, []
 
     def save_then_stop(mgr, *args, **kw):
@@ -183,3 +185,17 @@ def test_a_stopped_run_of_each_new_algorithm_resumes_bit_identically(tmp_path, m
     assert [{k: v for k, v in m.items() if k not in drop} for m in straight] == [
         {k: v for k, v in m.items() if k not in drop} for m in resumed
     ]
+
+
+def _check_modeled_wall(workdir, summary):
+    """summary.json's modelled wall time equals scripts/bench_runs.py's replay of metrics.jsonl, and
+    for FedCyBGD the sum of the turns (one client works per round, all its communication exposed)."""
+    spec = importlib.util.spec_from_file_location("bench_runs", os.path.join(ROOT, "scripts", "bench_runs.py"))
+    bench_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_runs)
+    assert bench_runs.modeled(workdir)["modeled_wall_s"] == pytest.approx(summary["modeled_wall_s"], rel=1e-9)
+    if summary["algorithm"] == "fedcybgd":
+        rows = read_jsonl(os.path.join(workdir, "timeline.jsonl"))
+        turns = [r for r in rows if r["compute_s"] > 0]
+        assert len(turns) == 5 and all(r["exposed_wait_s"] == r["comm_s"] > 0 for r in turns)
+        assert summary["modeled_wall_s"] == pytest.approx(sum(r["compute_s"] + r["comm_s"] for r in turns))
