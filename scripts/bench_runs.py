@@ -6,6 +6,9 @@ the slowest client's compute plus its exposed communication, summed over rounds 
 parallel; a FedCyBGD turn has one client working). `--bandwidth` re-models every run over other
 links (a number in MB/s, a preset such as 100MBps, or a list with one value per client), so that
 runs trained with one link can be compared over another: training never depends on the link.
+`--compute-s` replaces the measured compute (clients run one after another in the simulator, on a
+machine that other jobs may share) by one figure per client per round, so that runs compare in
+their communication alone.
 FedBuff's clock is modelled while it trains (its arrival order depends on it), so it is always
 reported over the run's own links.
 
@@ -33,11 +36,17 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def modeled(workdir: str, bandwidth=None, latency=None) -> dict:
-    """Modelled wall, compute and exposed seconds and per-client MB up/down of a run's metrics."""
+def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None = None) -> dict:
+    """Modelled wall, compute and exposed seconds and per-client MB up/down of a run's metrics.
+
+    compute_s: every participant's compute per round, in place of the measured one (runs made on a
+    shared machine at different times compare only in their communication then).
+    """
     config = experiment.read_config(workdir)
     fed = runtime.fed_config(config)
     history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if compute_s is not None and "modeled_time_s" not in history[-1]:
+        history = [{**m, "client_compute_s": {c: compute_s for c in m["clients"]}} for m in history]
     if "modeled_time_s" in history[-1] or bandwidth is None:  # the run's own links
         bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
     links = [transport.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
@@ -92,6 +101,7 @@ def main():
     parser.add_argument("--runs", nargs="+", required=True, help="NAME=WORKDIR of finished, evaluated runs")
     parser.add_argument("--bandwidth", help="re-model every run over this link: MB/s, a preset or a per-client list")
     parser.add_argument("--latency", help="per-transfer latency in ms (a number or a per-client list)")
+    parser.add_argument("--compute-s", type=float, help="model each participant's compute per round as this")
     parser.add_argument("--plot", help="a PNG: the runs' modelled wall time, compute vs exposed communication")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args()
@@ -102,7 +112,7 @@ def main():
           f"{'modelled wall s':>15} {'compute s':>9} {'exposed s':>9} {'MB up':>8} {'MB down':>8}  link")  # fmt: skip
     for item in args.runs:
         name, workdir = item.split("=", 1)
-        m = {**modeled(workdir, bandwidth, latency), **score(workdir)}
+        m = {**modeled(workdir, bandwidth, latency, args.compute_s), **score(workdir)}
         em = f"{m['exact_match']:.1%}" if "exact_match" in m else "-"
         loss = f"{m['eval_loss']:.3f}" if "eval_loss" in m else "-"
         print(f"{name:<20} {m['algorithm']:<10} {em:>11} {loss:>9} {m['rounds']:>6} {m['trainings']:>9} "
