@@ -166,7 +166,7 @@ def run_round(trainer, state: dict, links: list[transport.Link]) -> tuple[dict, 
     t = int(state["round"])
     meta = copy.deepcopy(state["extra_meta"])
     clients = meta["clients"]
-    inflight = dict(state["extra"].get("inflight", {}))
+    inflight = dict(state.get("extra", {}).get("inflight", {}))  # a checkpoint omits an empty extra
     positions = np.array(state["positions"], np.int64)
     params = state["params"]
     losses, compute_s, rows, dropped = [], {}, {}, []
