@@ -104,7 +104,7 @@ def serve(
     rounds (module docstring); the server leaves `server/done` when it has finished.
     """
     check_supported(fed)
-    algo = algorithms.make(fed)
+    algo = algorithms.REGISTRY[fed.algorithm]  # plans need the settings alone
     state = federated.init_state(fed, params)
     plans: dict[int, dict] = {}
 
@@ -135,7 +135,7 @@ def serve(
                 on_aggregate(state)
 
     for t in range(fed.rounds):
-        plans[t] = {"block": algo.choose_block(t, partition.num_blocks), "clients": algo.participants(t)}
+        plans[t] = {"block": algo.choose_block(fed, t, partition.num_blocks), "clients": algo.participants(fed, t)}
         store.put_json(transport.plan_key(t), plans[t])
         merge(t)
     for t in range(fed.rounds, final_merge(fed) + 1):  # the final flush

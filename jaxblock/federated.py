@@ -326,7 +326,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         return algo.run_round(trainer, state)
     t = state["round"]
     start = time.perf_counter()
-    clients = algo.participants(t)
+    clients = algo.participants(fed, t)
     positions = np.array(state["positions"], copy=True)
 
     schedule_s = 0.0
@@ -339,10 +339,10 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
             return block_gradient_norms(trainer.loss_fn, state["params"], part, jax.tree.map(lambda x: x[0], batch))
 
         s0 = time.perf_counter()
-        b = algo.choose_block(t, part.num_blocks, norms)
+        b = algo.choose_block(fed, t, part.num_blocks, norms)
         schedule_s = time.perf_counter() - s0
     else:
-        b = algo.choose_block(t, part.num_blocks)
+        b = algo.choose_block(fed, t, part.num_blocks)
 
     deltas, uploads, losses, compute_s = {}, {}, [], {}
     residuals = state.get("extra", {}).get("residuals", {})

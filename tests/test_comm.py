@@ -149,7 +149,7 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
 
 
 def fed_participants(fed, t):
-    return algorithms.make(fed).participants(t)
+    return algorithms.REGISTRY[fed.algorithm].participants(fed, t)
 
 
 def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):

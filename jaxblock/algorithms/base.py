@@ -70,15 +70,19 @@ class Algorithm:
     def apply(self, params: dict, partition: blocks_lib.Partition, block_id: int, down: dict, eta: float) -> dict:
         return apply_aggregate(params, partition, block_id, down, eta)
 
-    def participants(self, round_: int) -> list[int]:
+    # Who trains and what, as classmethods of the settings alone: the server plans rounds without
+    # building the algorithm (a LoRA method needs the model config for that).
+    @classmethod
+    def participants(cls, fed, round_: int) -> list[int]:
         from jaxblock import federated  # here: federated imports this package
 
-        return federated.participants(self.fed, round_)
+        return federated.participants(fed, round_)
 
-    def choose_block(self, round_: int, num_blocks: int, gradient_norms=None) -> int:
+    @classmethod
+    def choose_block(cls, fed, round_: int, num_blocks: int, gradient_norms=None) -> int:
         from jaxblock import federated
 
-        return federated.choose_block(self.fed, round_, num_blocks, gradient_norms)
+        return federated.choose_block(fed, round_, num_blocks, gradient_norms)
 
     def wire_params(
         self, partition: blocks_lib.Partition, block_id: int, clients: list[int], round_: int

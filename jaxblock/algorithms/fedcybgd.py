@@ -22,11 +22,13 @@ class FedCyBGD(Algorithm):
         if self.fed.schedule != "random":
             raise ValueError(f"schedule={self.fed.schedule!r}: FedCyBGD trains each client's own block, in turn")
 
-    def owner_block(self, client: int, num_blocks: int) -> int:
+    @staticmethod
+    def owner_block(client: int, num_blocks: int) -> int:
         return client % num_blocks
 
-    def participants(self, round_):
-        return [round_ % self.fed.num_clients]
+    @classmethod
+    def participants(cls, fed, round_):
+        return [round_ % fed.num_clients]
 
     def partition(self, params, layer_partition):
         if self.fed.num_clients < layer_partition.num_blocks:  # blocks N..B-1 would never train
@@ -36,8 +38,9 @@ class FedCyBGD(Algorithm):
             )
         return layer_partition
 
-    def choose_block(self, round_, num_blocks, gradient_norms=None):
-        return self.owner_block(round_ % self.fed.num_clients, num_blocks)
+    @classmethod
+    def choose_block(cls, fed, round_, num_blocks, gradient_norms=None):
+        return cls.owner_block(round_ % fed.num_clients, num_blocks)
 
     def wire_params(self, partition, block_id, clients, round_):
         """Up: the turn's block. Down, for the turn's client only: every block changed since its
