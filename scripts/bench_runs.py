@@ -120,11 +120,12 @@ def main():
               f"{m['mb_down']:>8.1f}  {m['link']}")  # fmt: skip
         summary[name] = m
     if args.plot:
+        link = comm_label(bandwidth) if bandwidth is not None else next(iter(summary.values()))["link"]
         bars = [
-            {"label": f"{name}\n{m['algorithm']}", "compute_s": m["wall_compute_s"], "exposed_s": m["wall_exposed_s"]}
+            {"label": f"{name}\n{m['algorithm']}" + ("" if m["link"] == link else f"\n(its own {m['link']})"),
+             "compute_s": m["wall_compute_s"], "exposed_s": m["wall_exposed_s"]}
             for name, m in summary.items()
-        ]
-        link = next(iter(summary.values()))["link"]
+        ]  # fmt: skip
         plots.runtime_bars(bars, args.plot, f"Modelled wall time of the whole run (link: {link})", "seconds")
         print(f"plot: {args.plot}")
     if args.json:
