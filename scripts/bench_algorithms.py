@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxblock import algorithms, federated, local, runtime
+from jaxblock import algorithms, local, runtime
 from jaxblock.config import model_config
 
 ORDER = ("parablock", "fedbcd", "fedavg_full", "fedit", "ffa_lora", "flora", "fedcybgd", "fedbuff")
@@ -41,7 +41,7 @@ def costs(config, name: str) -> dict:
         "tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.float32),
     }
-    clients = federated.participants(runtime.fed_config(config), 0)
+    clients = algo.participants(runtime.fed_config(config), 0)
     rows = []
     for b in range(part.num_blocks):
         block, frozen = part.split(model_params, b)
