@@ -1,7 +1,6 @@
 """scripts/train.py end to end: workdir contents, resume after a real kill, bad input."""
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxblock import compare, experiment, runtime
 from jaxblock import config as config_lib
-from jaxblock import experiment, runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config, shrunk so that a run takes seconds: random init, synthetic token data.
@@ -188,12 +187,9 @@ def test_a_stopped_run_of_each_new_algorithm_resumes_bit_identically(tmp_path, m
 
 
 def _check_modeled_wall(workdir, summary):
-    """summary.json's modelled wall time equals scripts/bench_runs.py's replay of metrics.jsonl, and
+    """summary.json's modelled wall time equals the replay of metrics.jsonl (compare.modeled), and
     for FedCyBGD the sum of the turns (one client works per round, all its communication exposed)."""
-    spec = importlib.util.spec_from_file_location("bench_runs", os.path.join(ROOT, "scripts", "bench_runs.py"))
-    bench_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_runs)
-    assert bench_runs.modeled(workdir)["modeled_wall_s"] == pytest.approx(summary["modeled_wall_s"], rel=1e-9)
+    assert compare.modeled(workdir)["modeled_wall_s"] == pytest.approx(summary["modeled_wall_s"], rel=1e-9)
     if summary["algorithm"] == "fedcybgd":
         rows = read_jsonl(os.path.join(workdir, "timeline.jsonl"))
         turns = [r for r in rows if r["compute_s"] > 0]

@@ -1,0 +1,84 @@
+"""Finished runs side by side: exact match and eval loss from eval.json, and the modelled wall time
+and bytes replayed from metrics.jsonl through the link model (`scripts/bench_runs.py`,
+`scripts/reproduce.py`).
+
+The modelled wall time is, per round, the slowest client's compute plus its exposed communication,
+summed over rounds (clients train in parallel; a FedCyBGD turn has one client working). Any link
+can be put in place of the run's own: training never depends on it. FedBuff's clock is modelled
+while it trains (its arrival order depends on it), so it is always over the run's own links.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from jaxblock import comm, experiment, runtime, transport
+from jaxblock.config import model_config
+
+MB = 1e6
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None = None) -> dict:
+    """Modelled wall, compute and exposed seconds and per-client MB up/down of a run's metrics.
+
+    compute_s: every participant's compute per round, in place of the measured one (runs made on a
+    shared machine at different times compare only in their communication then).
+    """
+    config = experiment.read_config(workdir)
+    fed = runtime.fed_config(config)
+    history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if compute_s is not None and "modeled_time_s" not in history[-1]:
+        history = [{**m, "client_compute_s": {c: compute_s for c in m["clients"]}} for m in history]
+    if "modeled_time_s" in history[-1] or bandwidth is None:  # the run's own links
+        bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
+    links = [transport.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
+    partition = runtime.make_partition(config, model_config(config))
+    rows = []
+    for i in range(len(history)):
+        rows += comm.modeled_timeline(fed, partition, links, history[: i + 1])
+    slowest: dict = {}  # round -> the row of its slowest client
+    for r in rows:
+        if r["compute_s"] + r["exposed_wait_s"] >= sum(slowest.get(r["round"], (0.0, 0.0))):
+            slowest[r["round"]] = (r["compute_s"], r["exposed_wait_s"])
+    wall_compute, wall_exposed = (sum(column) for column in zip(*slowest.values(), strict=True))
+    if "modeled_time_s" in history[-1]:  # FedBuff: its clock, split as its clients' time adds up
+        clock, busy = history[-1]["modeled_time_s"], sum(r["compute_s"] for r in rows)
+        share = busy / (busy + sum(r["exposed_wait_s"] for r in rows))
+        wall_compute, wall_exposed = clock * share, clock * (1 - share)
+    n = fed.num_clients
+    return {
+        "algorithm": fed.algorithm,
+        "rounds": len(history),
+        "trainings": sum(len(m["clients"]) for m in history),
+        "modeled_wall_s": float(wall_compute + wall_exposed),
+        "wall_compute_s": float(wall_compute),
+        "wall_exposed_s": float(wall_exposed),
+        "compute_s": sum(r["compute_s"] for r in rows) / n,
+        "exposed_s": sum(r["exposed_wait_s"] for r in rows) / n,
+        "mb_up": sum(r["bytes_up"] for r in rows) / n / MB,
+        "mb_down": sum(r["bytes_down"] for r in rows) / n / MB,
+        "link": comm_label(bandwidth),
+    }
+
+
+def comm_label(bandwidth) -> str:
+    if isinstance(bandwidth, (list, tuple)):
+        return "per client " + ",".join(f"{b:g}" if isinstance(b, (int, float)) else str(b) for b in bandwidth)
+    if isinstance(bandwidth, (int, float)):
+        return f"{bandwidth:g} MB/s"
+    return "unlimited" if bandwidth is None else str(bandwidth)
+
+
+def score(workdir: str) -> dict:
+    path = os.path.join(workdir, "eval.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        e = json.load(f)["finetuned"]
+    return {"exact_match": e["exact_match"], "eval_loss": e["eval_loss"]}
