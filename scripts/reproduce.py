@@ -1,0 +1,188 @@
+"""Runs a table of the paper on any config: every cell, over seeds, with the paper's numbers and verdicts.
+
+    python scripts/reproduce.py --config configs/tiny.py --table T5 --seeds 3 --workdir runs/paper
+    python scripts/reproduce.py --config configs/tiny.py --table all --seeds 3 --workdir runs/paper
+
+Each cell is an ordinary training run (`scripts/train.py`, then `scripts/eval.py --no-base`) in
+`WORKDIR/cells/<name>`, named by its overrides, so a cell that two tables share runs once. A cell
+with an `eval.json` is finished and never rerun; a killed sweep continues where it stopped (the
+cell's own run resumes from its checkpoint). Then `WORKDIR/report.md` and `report.json` hold, per
+table: each row's mean and standard deviation over seeds of exact match, eval loss and modelled
+wall time (`jaxblock.compare`; every client's compute modelled as `--compute-s` per round), its
+rank, the paper's number and its rank, and each claim's verdict (`jaxblock.paper` says how noise is
+judged); and a runtime plot per table. `--config.KEY=VALUE` overrides apply to every cell.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+from jaxblock import compare, paper, plots, runtime
+from jaxblock.config import split_config_args
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
+    """Trains and evaluates one cell, unless its eval.json says it is done."""
+    if os.path.exists(os.path.join(workdir, "eval.json")):
+        log(f"skip {os.path.basename(workdir)}: done")
+        return
+    flags = [f"--config.{o}" for o in overrides]
+    for script, extra in (("train.py", ["--no-progress"]), ("eval.py", ["--no-base"])):
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--workdir", workdir, *extra]
+        if script == "train.py":
+            cmd[2:2] = ["--config", config_path, *flags]
+        log(f"run  {os.path.basename(workdir)}: {script}")
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if done.returncode:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            raise RuntimeError(f"{script} failed for cell {workdir}: {lines[-1] if lines else done.returncode}")
+
+
+def command(config_path: str, overrides: list[str], workdir: str) -> str:
+    flags = " ".join(f"--config.{o}" for o in overrides)
+    return f"python scripts/train.py --config {config_path} {flags} --workdir {workdir}"
+
+
+def summarize(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def run_table(table: paper.Table, config, config_path: str, user: list[str], seeds: list[int], root: str, args, log):
+    """Runs a table's cells; returns its report as a dict."""
+    rows = []
+    for row in table.rows:
+        entry = {"label": row.label, "paper": row.paper, "missing": row.missing, "seeds": [], "commands": []}
+        rows.append(entry)
+        if row.missing:
+            continue
+        for seed in seeds:
+            overrides = [*user, *paper.resolve(row.overrides, config.rounds, config.num_clients), f"seed={seed}"]
+            workdir = os.path.join(root, "cells", paper.cell_name(tuple(overrides)))
+            run_cell(config_path, overrides, workdir, log)
+            m = {**compare.modeled(workdir, table.link, None, args.compute_s), **compare.score(workdir)}
+            with open(os.path.join(workdir, "eval.json")) as f:
+                m["n_eval"] = json.load(f)["n"]
+            entry["seeds"].append({"seed": seed, "workdir": workdir, **m})
+            entry["commands"].append(command(config_path, overrides, workdir))
+        for key in ("exact_match", "eval_loss", "modeled_wall_s", "wall_compute_s", "wall_exposed_s", "mb_up"):
+            entry[key] = summarize([s[key] for s in entry["seeds"]])
+    ran = {r["label"]: r for r in rows if r["seeds"]}
+    for key, higher in (("exact_match", True), ("modeled_wall_s", False)):
+        for label, rank in paper.ranks({k: r[key]["mean"] for k, r in ran.items()}, higher).items():
+            ran[label][f"{key}_rank"] = rank
+    for key, higher in (("gsm8k", True), ("rt_min", False)):
+        known = {r["label"]: r["paper"][key] for r in rows if key in r["paper"]}
+        for label, rank in paper.ranks(known, higher).items():
+            next(r for r in rows if r["label"] == label)[f"paper_{key}_rank"] = rank
+    claims = []
+    for claim in table.claims:
+        if claim.better not in ran or claim.worse not in ran:
+            claims.append({"text": claim.text, "verdict": "missing rows"})
+            continue
+        key = "exact_match" if claim.metric == "exact_match" else "modeled_wall_s"
+        better, worse = ([s[key] for s in ran[label]["seeds"]] for label in (claim.better, claim.worse))
+        n_eval = ran[claim.better]["seeds"][0]["n_eval"]
+        claims.append({"text": claim.text, **paper.verdict(better, worse, claim.metric, n_eval)})
+    return {"table": table.name, "title": table.title, "link": table.bandwidth, "rows": rows, "claims": claims}
+
+
+def markdown(report: dict) -> str:
+    """One table's report as Markdown."""
+
+    def cell(r, key, fmt):
+        if key not in r:
+            return "-"
+        v = r[key]
+        text = f"{fmt(v['mean'])} ± {fmt(v['sd'])}" if v["sd"] else fmt(v["mean"])
+        return f"{text} ({r[key + '_rank']})" if key + "_rank" in r else text
+
+    def pct(x):
+        return f"{100 * x:.1f}%"
+
+    lines = [
+        f"## {report['table']}: {report['title']}",
+        "",
+        f"Modelled wall time over the link {report['link']} MB/s. (n) = rank among the rows.",
+        "",
+        "| row | seeds | exact match | eval loss | modelled wall s | paper GSM8K | paper runtime (min) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        p = r["paper"]
+        paper_acc = f"{p['gsm8k']} ({r['paper_gsm8k_rank']})" if "gsm8k" in p else "-"
+        paper_rt = f"{p['rt_min']} ({r['paper_rt_min_rank']})" if "rt_min" in p else "-"
+        if r["missing"]:
+            lines.append(f"| {r['label']} | missing: {r['missing']} | | | | {paper_acc} | {paper_rt} |")
+            continue
+        lines.append(
+            f"| {r['label']} | {len(r['seeds'])} | {cell(r, 'exact_match', pct)} | "
+            f"{cell(r, 'eval_loss', lambda x: f'{x:.3f}')} | {cell(r, 'modeled_wall_s', lambda x: f'{x:.1f}')} | "
+            f"{paper_acc} | {paper_rt} |"
+        )
+    lines += ["", "| the paper's claim | verdict | difference | 2 x standard error |", "|---|---|---|---|"]
+    for c in report["claims"]:
+        if "diff" in c:
+            lines.append(f"| {c['text']} | **{c['verdict']}** | {c['diff']:+.4g} | {2 * c['se']:.4g} |")
+        else:
+            lines.append(f"| {c['text']} | {c['verdict']} | | |")
+    lines += ["", "Commands (one per cell and seed; then `python scripts/eval.py --workdir WORKDIR --no-base`):", "",
+              "```bash"]  # fmt: skip
+    lines += [cmd for r in report["rows"] for cmd in r["commands"]]
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    bars = [
+        {"label": r["label"].replace(" ", "\n", 1), "compute_s": r["wall_compute_s"]["mean"],
+         "exposed_s": r["wall_exposed_s"]["mean"]}
+        for r in report["rows"] if r["seeds"]
+    ]  # fmt: skip
+    if bars:
+        title = f"{report['table']}: modelled wall time, mean over seeds (link {report['link']} MB/s)"
+        plots.runtime_bars(bars, path, title, "seconds")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--table", required=True, help=f"{', '.join(paper.ORDER)} or all")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: the config's seed, +1, ...")
+    parser.add_argument("--workdir", default="runs/paper")
+    parser.add_argument("--compute-s", type=float, default=0.6, help="every client's modelled compute per round")
+    config, args = runtime.parse_args(parser)
+    names = list(paper.ORDER) if args.table == "all" else [args.table]
+    unknown = [n for n in names if n not in paper.TABLES]
+    if unknown or args.seeds < 1:
+        parser.error(f"--table {args.table}: choose {', '.join(paper.ORDER)} or all" if unknown else "--seeds >= 1")
+    config_path, user, _ = split_config_args(sys.argv[1:])
+    seeds = [config.seed + i for i in range(args.seeds)]
+    os.makedirs(args.workdir, exist_ok=True)
+    path = os.path.join(args.workdir, "report.json")
+    reports = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            reports = json.load(f)["tables"]
+    for name in names:
+        try:
+            reports[name] = run_table(paper.TABLES[name], config, config_path, user, seeds, args.workdir, args, print)
+        except RuntimeError as e:
+            parser.exit(1, f"error: {e}\n")
+        plot(reports[name], os.path.join(args.workdir, f"{name}_runtime.png"))
+        ordered = {n: reports[n] for n in paper.ORDER if n in reports}
+        with open(path, "w") as f:
+            json.dump({"config": config_path, "overrides": user, "tables": ordered}, f, indent=1)
+        with open(os.path.join(args.workdir, "report.md"), "w") as f:
+            f.write(f"# The paper's tables on `{config_path}` {' '.join(user)}\n\n")
+            f.write(paper.__doc__.split("Noise:")[1].strip().join(["Noise: ", "\n\n"]))
+            f.writelines(markdown(r) + "\n" for r in ordered.values())
+        print(f"{name}: " + "; ".join(f"{c['text']}: {c['verdict']}" for c in reports[name]["claims"]))
+    print(f"report: {os.path.join(args.workdir, 'report.md')}")
+
+
+if __name__ == "__main__":
+    main()

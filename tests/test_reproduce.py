@@ -1,0 +1,69 @@
+"""scripts/reproduce.py: the paper's tables as resumable cells, reports and verdicts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_train import ROOT
+
+from jaxblock import paper
+
+
+@pytest.mark.parametrize(
+    "better, worse, metric, n_eval, expected",
+    [
+        ([0.90, 0.88, 0.92], [0.80, 0.82, 0.78], "exact_match", 200, "holds"),  # 10 points, se ~1.6
+        ([0.80, 0.82, 0.78], [0.90, 0.88, 0.92], "exact_match", 200, "does not hold"),
+        ([0.85, 0.70, 0.95], [0.80, 0.90, 0.75], "exact_match", 200, "within noise"),  # seeds disagree
+        ([0.86], [0.84], "exact_match", 200, "within noise"),  # one seed: binomial se ~3.6 points
+        ([0.95], [0.50], "exact_match", 200, "holds"),
+        ([30.0, 30.5], [54.0, 55.0], "wall_s", None, "holds"),  # lower wall time is better
+        ([54.0], [30.0], "wall_s", None, "does not hold"),  # modelled time: one seed has no noise
+    ],
+)
+def test_verdicts_on_hand_made_numbers(better, worse, metric, n_eval, expected):
+    assert paper.verdict(better, worse, metric, n_eval)["verdict"] == expected
+
+
+def test_verdict_standard_error_by_hand():
+    v = paper.verdict([0.9, 0.7], [0.5], "exact_match", 100)  # var of the mean 0.02 / 2, binomial 0.25 / 100
+    assert v["diff"] == pytest.approx(0.3) and v["se"] == pytest.approx((0.01 + 0.0025) ** 0.5)
+
+
+def test_ranks_share_ties_and_cells_are_named_by_their_overrides():
+    assert paper.ranks({"a": 0.5, "b": 0.9, "c": 0.5}, higher_is_better=True) == {"a": 2, "b": 1, "c": 2}
+    assert paper.ranks({"a": 3.0, "b": 1.0}, higher_is_better=False) == {"a": 2, "b": 1}
+    assert paper.cell_name(("a=1", "b=2")) == paper.cell_name(("b=2", "a=1")) != paper.cell_name(("a=1", "b=3"))
+    assert paper.resolve(("rounds={rounds_x_clients}",), 50, 10) == ("rounds=500",)
+    for table in paper.TABLES.values():  # every claim names two of its table's rows
+        labels = {r.label for r in table.rows}
+        assert all({c.better, c.worse} <= labels for c in table.claims), table.name
+
+
+def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
+    """Two cells of 2 rounds; the second invocation only reads them."""
+    workdir = tmp_path / "paper"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
+           "--config.rounds=2", "--config.local_steps=2", "--config.eval.num_examples=8", "--table", "T5", "--seeds",
+           "1", "--workdir", str(workdir)]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert first.stdout.count("train.py") == 2 and "skip" not in first.stdout
+    report = json.loads((workdir / "report.json").read_text())["tables"]["T5"]
+    assert [r["label"] for r in report["rows"]] == ["one-round staleness", "two-round staleness"]
+    assert all(len(r["seeds"]) == 1 and 0 <= r["exact_match"]["mean"] <= 1 for r in report["rows"])
+    assert report["claims"][0]["verdict"] in ("holds", "does not hold", "within noise")
+    md = (workdir / "report.md").read_text()
+    assert "## T5: Staleness (Table 5)" in md and "55.88" in md and "two rounds of staleness" in md
+    assert (workdir / "T5_runtime.png").exists()
+    cells = sorted((workdir / "cells").iterdir())
+    mtimes = {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()}
+
+    second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert second.stdout.count("skip") == 2 and "train.py" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()} == mtimes
+    assert json.loads((workdir / "report.json").read_text())["tables"]["T5"]["rows"] == report["rows"]
