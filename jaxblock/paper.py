@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import json
 import math
 import re
 
@@ -247,11 +248,22 @@ def resolve(overrides: tuple[str, ...], rounds: int, num_clients: int) -> tuple[
     return tuple(re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), o) for o in overrides)
 
 
-def cell_name(overrides: tuple[str, ...]) -> str:
-    """A cell's directory name: readable, and the same for the same overrides in any table."""
-    key = "\n".join(sorted(overrides))
-    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(o.split("=", 1)[-1] for o in sorted(overrides)))[:48]
-    return f"{slug or 'base'}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
+def cell_name(config: dict, base: dict) -> str:
+    """A cell's directory name, from its resolved config alone: the settings that differ from the
+    sweep's `base` config (readable) and a hash of the whole config. Cells of different tables with
+    the same settings (T1's ParaBlock is T2's 2 layers, T3's random schedule, ...) are one cell."""
+    mine, theirs = _flat(config), _flat(base)
+    changed = [f"{k.split('.')[-1]}={mine[k]}" for k in sorted(mine) if mine[k] != theirs.get(k)]
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(changed))[:60]
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{slug or 'base'}-{digest}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
 
 
 def verdict(better: list[float], worse: list[float], metric: str, n_eval: int | None = None) -> dict:

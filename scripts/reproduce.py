@@ -4,7 +4,7 @@
     python scripts/reproduce.py --config configs/tiny.py --table all --seeds 3 --workdir runs/paper
 
 Each cell is an ordinary training run (`scripts/train.py`, then `scripts/eval.py --no-base`) in
-`WORKDIR/cells/<name>`, named by its overrides, so a cell that two tables share runs once. A cell
+`WORKDIR/cells/<name>`, named by its resolved config, so a cell that two tables share runs once. A cell
 with an `eval.json` is finished and never rerun; a killed sweep continues where it stopped (the
 cell's own run resumes from its checkpoint). Then `WORKDIR/report.md` and `report.json` hold, per
 table: each row's mean and standard deviation over seeds of exact match, eval loss and modelled
@@ -21,7 +21,7 @@ import subprocess
 import sys
 
 from jaxblock import compare, paper, plots, runtime
-from jaxblock.config import split_config_args
+from jaxblock.config import load_config, split_config_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,8 +61,10 @@ def run_table(table: paper.Table, config, config_path: str, user: list[str], see
         if row.missing:
             continue
         for seed in seeds:
-            overrides = [*user, *paper.resolve(row.overrides, config.rounds, config.num_clients), f"seed={seed}"]
-            workdir = os.path.join(root, "cells", paper.cell_name(tuple(overrides)))
+            cell = [*paper.resolve(row.overrides, config.rounds, config.num_clients), f"seed={seed}"]
+            overrides = [*user, *cell]
+            name = paper.cell_name(load_config(config_path, overrides).to_dict(), config.to_dict())
+            workdir = os.path.join(root, "cells", name)
             run_cell(config_path, overrides, workdir, log)
             m = {**compare.modeled(workdir, table.link, None, args.compute_s), **compare.score(workdir)}
             with open(os.path.join(workdir, "eval.json")) as f:

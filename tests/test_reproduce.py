@@ -9,6 +9,7 @@ import pytest
 from test_train import ROOT
 
 from jaxblock import paper
+from jaxblock.config import load_config
 
 
 @pytest.mark.parametrize(
@@ -35,7 +36,13 @@ def test_verdict_standard_error_by_hand():
 def test_ranks_share_ties_and_cells_are_named_by_their_overrides():
     assert paper.ranks({"a": 0.5, "b": 0.9, "c": 0.5}, higher_is_better=True) == {"a": 2, "b": 1, "c": 2}
     assert paper.ranks({"a": 3.0, "b": 1.0}, higher_is_better=False) == {"a": 2, "b": 1}
-    assert paper.cell_name(("a=1", "b=2")) == paper.cell_name(("b=2", "a=1")) != paper.cell_name(("a=1", "b=3"))
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    base = load_config(tiny).to_dict()
+    name = lambda *o: paper.cell_name(load_config(tiny, list(o)).to_dict(), base)  # noqa: E731
+    assert name("seed=1", "staleness=2") == name("staleness=2", "seed=1") == "seed=1_staleness=2-" + name(
+        "seed=1", "staleness=2").split("-")[-1] != name("seed=1", "staleness=3")  # fmt: skip
+    # The same settings spelled differently are one cell (T1's ParaBlock is T5's one-round staleness).
+    assert name("algorithm=parablock", "seed=2") == name("staleness=1", "seed=2") == name("seed=2")
     assert paper.resolve(("rounds={rounds_x_clients}",), 50, 10) == ("rounds=500",)
     for table in paper.TABLES.values():  # every claim names two of its table's rows
         labels = {r.label for r in table.rows}
