@@ -380,7 +380,11 @@ def modeled_timeline(
             n = partition.blocks[ex["block"]].params  # metrics written before params_up existed
             ups = ex.get("bytes_up") or [itemsize * v for v in ex.get("params_up", [n] * len(ex["clients"]))]
             up = dict(zip(ex["clients"], ups, strict=True)).get(c, 0)
-            down = ex["bytes_down"] if "bytes_down" in ex else itemsize * ex.get("params_down", n)
+            if "bytes_down" in ex:
+                down = ex["bytes_down"]
+            else:  # values: an int for every client, or per client
+                down = ex.get("params_down", n)
+                down = {k: itemsize * v for k, v in down.items()} if isinstance(down, dict) else itemsize * down
             down = _of(down, c, 0) if isinstance(down, dict) else down
         comm_s = (links[c].seconds(up) if up else 0.0) + (links[c].seconds(down) if down else 0.0)
         covered = sum(_of(h["client_compute_s"], c, 0.0) for h in history[len(history) - s :]) if s else 0.0

@@ -82,3 +82,55 @@ def score(workdir: str) -> dict:
     with open(path) as f:
         e = json.load(f)["finetuned"]
     return {"exact_match": e["exact_match"], "eval_loss": e["eval_loss"]}
+
+
+# ----------------------------------------------------------------------------- Figure 2, modelled
+
+
+def block_flops(config, name: str) -> list[float]:
+    """FLOPs of one local step of each block of algorithm `name` on `config` (XLA's static count)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxblock import local
+
+    config = config.copy_and_resolve_references()
+    config.algorithm = name
+    cfg = model_config(config)
+    algo = runtime.make_algorithm(config, cfg)
+    part = runtime.make_partition(config, cfg)
+    params = jax.eval_shape(lambda: algo.client_model(runtime.server_shapes(config, cfg), 0, 0))
+    loss_fn = local.lm_loss(cfg)
+    optimizer = local.make_optimizer(runtime.optimizer_config(config), config.local_steps)
+    batch = {
+        "tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32),
+        "loss_mask": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.float32),
+    }
+    return [local.step_cost(loss_fn, optimizer, *part.split(params, b), batch)["flops"] for b in range(part.num_blocks)]
+
+
+def modeled_run(config, name: str, bandwidth, round_s: list[float]) -> dict:
+    """The modelled wall time of a whole run of `name` on `config` without training it: the rounds'
+    blocks, participants and wire values come from the algorithm, each block's compute per round
+    from `round_s`, communication from the link model (`comm.modeled_timeline`)."""
+    config = config.copy_and_resolve_references()
+    config.algorithm = name
+    if name == "fedcybgd":  # one turn per round: as many client trainings as the others
+        config.rounds = config.rounds * config.num_clients
+    cfg = model_config(config)
+    fed = runtime.fed_config(config)
+    algo = type(runtime.make_algorithm(config, cfg))
+    part = runtime.make_partition(config, cfg)
+    links = [transport.link_for(c, bandwidth, None) for c in range(fed.num_clients)]
+    history, slowest = [], []
+    for t in range(fed.rounds):
+        block, clients = algo.choose_block(fed, t, part.num_blocks), algo.participants(fed, t)
+        up, down = runtime.make_algorithm(config, cfg).wire_params(part, block, clients, t)
+        compute = {c: round_s[block] for c in clients}
+        history.append({"round": t, "block": block, "clients": clients, "params_up": up, "params_down": down,
+                        "client_compute_s": compute})  # fmt: skip
+        rows = comm.modeled_timeline(fed, part, links, history)
+        worst = max(rows, key=lambda r: r["compute_s"] + r["exposed_wait_s"])
+        slowest.append((worst["compute_s"], worst["exposed_wait_s"]))
+    compute_s, exposed_s = (sum(column) for column in zip(*slowest, strict=True))
+    return {"compute_s": compute_s, "exposed_s": exposed_s, "wall_s": compute_s + exposed_s}

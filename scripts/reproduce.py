@@ -150,17 +150,74 @@ def plot(report: dict, path: str) -> None:
         plots.runtime_bars(bars, path, title, "seconds")
 
 
+FIG2_ALGORITHMS = ("parablock", "fedbcd", "fedcybgd", "fedit")
+FIG2_BANDWIDTHS = (50, 100, 150)  # MB/s
+FIG2_BATCHES = (2, 4, 8)
+
+
+def figure2(config, compute_s: float, log) -> dict:
+    """The paper's Figure 2, modelled without training: each algorithm's whole-run wall time over
+    50/100/150 MB/s at per-client batch 2/4/8. A block's compute per round is `compute_s` (a
+    full-model local training at the config's batch) times its step's FLOPs over the full model's
+    (XLA's count, so deterministic); bytes and schedule come from the algorithm itself."""
+    full = compare.block_flops(config, "fedavg_full")[0]
+    results = {}
+    for batch in FIG2_BATCHES:
+        sized = config.copy_and_resolve_references()
+        sized.batch_size = batch
+        for name in FIG2_ALGORITHMS:
+            round_s = [compute_s * f / full for f in compare.block_flops(sized, name)]
+            for bw in FIG2_BANDWIDTHS:
+                results[f"{name}/{bw}/{batch}"] = compare.modeled_run(sized, name, bw, round_s)
+            log(f"fig2: batch {batch}, {name}: " + ", ".join(
+                f"{bw} MB/s {results[f'{name}/{bw}/{batch}']['wall_s']:.1f} s" for bw in FIG2_BANDWIDTHS))  # fmt: skip
+    claims = []
+    for bw in (50, 100):  # "runtime reduction can exceed 30% at 50 and 100 M/s with ebs 2"
+        pb, bcd = results[f"parablock/{bw}/2"]["wall_s"], results[f"fedbcd/{bw}/2"]["wall_s"]
+        cut = 1 - pb / bcd
+        claims.append({"text": f"ParaBlock's runtime is over 30% below FedBCD's at {bw} MB/s, batch 2",
+                       "verdict": "holds" if cut > 0.30 else "does not hold", "diff": cut, "se": 0.0})  # fmt: skip
+    return {"table": "fig2", "results": results, "claims": claims}
+
+
+def figure2_markdown(report: dict) -> str:
+    r = report["results"]
+    settings = [f"{bw} MB/s, batch {b}" for b in FIG2_BATCHES for bw in FIG2_BANDWIDTHS]
+    lines = ["## fig2: modelled runtime over bandwidth and batch (the paper's Figure 2)", "",
+             "Whole-run modelled wall time in seconds (compute + exposed communication); no training.", "",
+             "| algorithm | " + " | ".join(settings) + " |", "|---|" + "---|" * len(settings)]  # fmt: skip
+    for name in FIG2_ALGORITHMS:
+        cells = [f"{r[f'{name}/{bw}/{b}']['wall_s']:.1f}" for b in FIG2_BATCHES for bw in FIG2_BANDWIDTHS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "| the paper's claim | verdict | ParaBlock's cut |", "|---|---|---|"]
+    lines += [f"| {c['text']} | **{c['verdict']}** | {c['diff']:.0%} |" for c in report["claims"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot_figure2(report: dict, path: str) -> None:
+    r = report["results"]
+    panels = {
+        f"batch {b}": [{"label": f"{name}\n{bw} MB/s", "compute_s": r[f"{name}/{bw}/{b}"]["compute_s"],
+                        "exposed_s": r[f"{name}/{bw}/{b}"]["exposed_s"]}
+                       for name in FIG2_ALGORITHMS for bw in FIG2_BANDWIDTHS]
+        for b in FIG2_BATCHES
+    }  # fmt: skip
+    plots.figure2(panels, path, "Modelled whole-run wall time (the paper's Figure 2)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--table", required=True, help=f"{', '.join(paper.ORDER)} or all")
+    parser.add_argument("--table", required=True, help=f"{', '.join(paper.ORDER)}, fig2 or all")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: the config's seed, +1, ...")
     parser.add_argument("--workdir", default="runs/paper")
     parser.add_argument("--compute-s", type=float, default=0.6, help="every client's modelled compute per round")
     config, args = runtime.parse_args(parser)
-    names = list(paper.ORDER) if args.table == "all" else [args.table]
-    unknown = [n for n in names if n not in paper.TABLES]
+    names = [*paper.ORDER, "fig2"] if args.table == "all" else [args.table]
+    unknown = [n for n in names if n not in paper.TABLES and n != "fig2"]
     if unknown or args.seeds < 1:
-        parser.error(f"--table {args.table}: choose {', '.join(paper.ORDER)} or all" if unknown else "--seeds >= 1")
+        parser.error(
+            f"--table {args.table}: choose {', '.join(paper.ORDER)}, fig2 or all" if unknown else "--seeds >= 1"
+        )
     config_path, user, _ = split_config_args(sys.argv[1:])
     seeds = [config.seed + i for i in range(args.seeds)]
     os.makedirs(args.workdir, exist_ok=True)
@@ -170,18 +227,25 @@ def main():
         with open(path) as f:
             reports = json.load(f)["tables"]
     for name in names:
-        try:
-            reports[name] = run_table(paper.TABLES[name], config, config_path, user, seeds, args.workdir, args, print)
-        except RuntimeError as e:
-            parser.exit(1, f"error: {e}\n")
-        plot(reports[name], os.path.join(args.workdir, f"{name}_runtime.png"))
-        ordered = {n: reports[n] for n in paper.ORDER if n in reports}
+        png = os.path.join(args.workdir, f"{name}_runtime.png")
+        if name == "fig2":
+            reports[name] = figure2(config, args.compute_s, print)
+            plot_figure2(reports[name], png)
+        else:
+            try:
+                reports[name] = run_table(
+                    paper.TABLES[name], config, config_path, user, seeds, args.workdir, args, print
+                )
+            except RuntimeError as e:
+                parser.exit(1, f"error: {e}\n")
+            plot(reports[name], png)
+        ordered = {n: reports[n] for n in [*paper.ORDER, "fig2"] if n in reports}
         with open(path, "w") as f:
             json.dump({"config": config_path, "overrides": user, "tables": ordered}, f, indent=1)
         with open(os.path.join(args.workdir, "report.md"), "w") as f:
             f.write(f"# The paper's tables on `{config_path}` {' '.join(user)}\n\n")
             f.write(paper.__doc__.split("Noise:")[1].strip().join(["Noise: ", "\n\n"]))
-            f.writelines(markdown(r) + "\n" for r in ordered.values())
+            f.writelines((figure2_markdown(r) if n == "fig2" else markdown(r)) + "\n" for n, r in ordered.items())
         print(f"{name}: " + "; ".join(f"{c['text']}: {c['verdict']}" for c in reports[name]["claims"]))
     print(f"report: {os.path.join(args.workdir, 'report.md')}")
 

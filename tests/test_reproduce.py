@@ -6,9 +6,9 @@ import subprocess
 import sys
 
 import pytest
-from test_train import ROOT
+from test_train import ROOT, small_config
 
-from jaxblock import paper
+from jaxblock import compare, federated, paper, runtime
 from jaxblock.config import load_config
 
 
@@ -74,3 +74,18 @@ def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
     assert second.stdout.count("skip") == 2 and "train.py" not in second.stdout
     assert {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()} == mtimes
     assert json.loads((workdir / "report.json").read_text())["tables"]["T5"]["rows"] == report["rows"]
+
+
+def test_a_run_modelled_without_training():
+    """compare.modeled_run (the paper's Figure 2): compute from the schedule, communication exposed
+    by FedBCD and hidden by ParaBlock, FedCyBGD's turns one after another."""
+    config = small_config("rounds=4", "blocks.layers_per_block=1")  # 3 clients, 2 blocks
+    round_s = [1.0, 0.5]
+    fed = runtime.fed_config(config)
+    schedule = [federated.choose_block(fed, t, 2) for t in range(4)]
+    pb = compare.modeled_run(config, "parablock", 1.0, round_s)  # 1 MB/s: a block takes ~0.1-0.2 s
+    bcd = compare.modeled_run(config, "fedbcd", 1.0, round_s)
+    assert pb["compute_s"] == bcd["compute_s"] == sum(round_s[b] for b in schedule)
+    assert bcd["exposed_s"] > 0 and pb["exposed_s"] < bcd["exposed_s"]
+    cyc = compare.modeled_run(config, "fedcybgd", 1.0, round_s)  # 4 rounds x 3 clients = 12 turns
+    assert cyc["compute_s"] == sum(round_s[(t % 3) % 2] for t in range(12)) and cyc["exposed_s"] > 0
