@@ -400,20 +400,31 @@ def _of(per_client: dict, client: int, default):
     return per_client.get(client, per_client.get(str(client), default))
 
 
+def replay(fed: federated.FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
+    """Every round's modelled timeline rows of a run's metrics, as training wrote them round by round."""
+    return [row for i in range(len(history)) for row in modeled_timeline(fed, partition, links, history[: i + 1])]
+
+
+def slowest_per_round(rows: list[dict]) -> tuple[float, float]:
+    """(compute, exposed) seconds summed over rounds of each round's slowest client (compute +
+    exposed communication): a run's modelled wall time, split. Clients run in parallel; a FedCyBGD
+    turn has one client working, so its rounds add up to the sum of the turns."""
+    slowest: dict = {}
+    for r in rows:
+        if r["compute_s"] + r["exposed_wait_s"] >= sum(slowest.get(r["round"], (0.0, 0.0))):
+            slowest[r["round"]] = (r["compute_s"], r["exposed_wait_s"])
+    return sum(c for c, _ in slowest.values()), sum(e for _, e in slowest.values())
+
+
 def modeled_wall_s(timeline_path: str, history: list[dict]) -> float:
-    """The run's modelled wall time: an asynchronous run's clock at its last apply; else the sum over
-    rounds of the slowest client's compute + exposed communication (clients run in parallel; a
-    FedCyBGD turn has one client working, so its rounds add up to the sum of the turns)."""
+    """The run's modelled wall time: an asynchronous run's clock at its last apply; else
+    `slowest_per_round` of its timeline."""
     if history and "modeled_time_s" in history[-1]:
         return float(history[-1]["modeled_time_s"])
-    per_round: dict = {}
-    if os.path.exists(timeline_path):
-        with open(timeline_path) as f:
-            for line in f:
-                row = json.loads(line)
-                busy = row["compute_s"] + row["exposed_wait_s"]
-                per_round[row["round"]] = max(per_round.get(row["round"], 0.0), busy)
-    return float(sum(per_round.values()))
+    if not os.path.exists(timeline_path):
+        return 0.0
+    with open(timeline_path) as f:
+        return float(sum(slowest_per_round([json.loads(line) for line in f])))
 
 
 class TimelineWriter:

@@ -39,14 +39,8 @@ def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None 
         bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
     links = [transport.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
     partition = runtime.make_partition(config, model_config(config))
-    rows = []
-    for i in range(len(history)):
-        rows += comm.modeled_timeline(fed, partition, links, history[: i + 1])
-    slowest: dict = {}  # round -> the row of its slowest client
-    for r in rows:
-        if r["compute_s"] + r["exposed_wait_s"] >= sum(slowest.get(r["round"], (0.0, 0.0))):
-            slowest[r["round"]] = (r["compute_s"], r["exposed_wait_s"])
-    wall_compute, wall_exposed = (sum(column) for column in zip(*slowest.values(), strict=True))
+    rows = comm.replay(fed, partition, links, history)
+    wall_compute, wall_exposed = comm.slowest_per_round(rows)
     if "modeled_time_s" in history[-1]:  # FedBuff: its clock, split as its clients' time adds up
         clock, busy = history[-1]["modeled_time_s"], sum(r["compute_s"] for r in rows)
         share = busy / (busy + sum(r["exposed_wait_s"] for r in rows))
@@ -119,18 +113,14 @@ def modeled_run(config, name: str, bandwidth, round_s: list[float]) -> dict:
         config.rounds = config.rounds * config.num_clients
     cfg = model_config(config)
     fed = runtime.fed_config(config)
-    algo = type(runtime.make_algorithm(config, cfg))
+    algo = runtime.make_algorithm(config, cfg)
     part = runtime.make_partition(config, cfg)
     links = [transport.link_for(c, bandwidth, None) for c in range(fed.num_clients)]
-    history, slowest = [], []
+    history = []
     for t in range(fed.rounds):
         block, clients = algo.choose_block(fed, t, part.num_blocks), algo.participants(fed, t)
-        up, down = runtime.make_algorithm(config, cfg).wire_params(part, block, clients, t)
-        compute = {c: round_s[block] for c in clients}
+        up, down = algo.wire_params(part, block, clients, t)
         history.append({"round": t, "block": block, "clients": clients, "params_up": up, "params_down": down,
-                        "client_compute_s": compute})  # fmt: skip
-        rows = comm.modeled_timeline(fed, part, links, history)
-        worst = max(rows, key=lambda r: r["compute_s"] + r["exposed_wait_s"])
-        slowest.append((worst["compute_s"], worst["exposed_wait_s"]))
-    compute_s, exposed_s = (sum(column) for column in zip(*slowest, strict=True))
+                        "client_compute_s": {c: round_s[block] for c in clients}})  # fmt: skip
+    compute_s, exposed_s = comm.slowest_per_round(comm.replay(fed, part, links, history))
     return {"compute_s": compute_s, "exposed_s": exposed_s, "wall_s": compute_s + exposed_s}
