@@ -77,7 +77,7 @@ def final_merge(fed: federated.FedConfig) -> int:
 def _merged(fed: federated.FedConfig, t: int, plans: dict) -> list[tuple[int, list[int]]]:
     """[(round r, clients)] merged (not dropped) at the end of round t, from the plans."""
     pieces = federated.merges_at(fed, t, lambda r: plans[r]["clients"])
-    pieces = [(r, [c for c in arrived if not federated.too_late(fed, c)]) for r, arrived in pieces]
+    pieces = [(r, federated.split_late(fed, arrived)[0]) for r, arrived in pieces]
     return [(r, merged) for r, merged in pieces if merged]
 
 
@@ -117,9 +117,7 @@ def serve(
                     what = f"round {r}: client {c} sent no update"
                     delta, _ = store.wait_fetch(transport.delta_prefix(r, c), comm.timeout_s, what)
                     deltas.append(delta)
-                if fed.compression == "topk":
-                    shapes = jax.eval_shape(lambda: partition.block(state["params"], plan["block"]))  # noqa: B023
-                    deltas = [topk.densify(d, shapes) for d in deltas]
+                deltas = federated.dense_uploads(fed, partition, state["params"], plan["block"], deltas)
                 federated.check_finite(deltas, merged, r, plan["block"])
             except (transport.TransportTimeout, FloatingPointError) as e:
                 store.put_json("server/error", {"message": str(e)})
@@ -278,8 +276,7 @@ def run_client(
                 replica["pending"][t] = {"block": b, "clients": [client], "deltas": {client: delta}}
                 sent[t] = delta
                 if fed.compression == "topk":
-                    sent[t], residual = topk.compress(delta, topk.residual_of(residuals, client, b), fed.topk_ratio)
-                    residuals = topk.with_residual(residuals, client, b, residual)
+                    sent[t], residuals = topk.send(residuals, client, b, delta, fed.topk_ratio)
             if not overlap:  # FedBCD: communicate after computing, nothing overlaps
                 up = submit_upload(t)
                 merges = downloader.submit(_download, store, comm, link, fed, t, plans)

@@ -355,8 +355,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         delta, loss = trainer.local_train(block, frozen, batches, lr_scale)
         deltas[c] = uploads[c] = algo.upload(block, delta)
         if fed.compression == "topk":  # the client's model keeps its whole delta; the wire gets the top k
-            uploads[c], residual = topk.compress(deltas[c], topk.residual_of(residuals, c, b), fed.topk_ratio)
-            residuals = topk.with_residual(residuals, c, b, residual)
+            uploads[c], residuals = topk.send(residuals, c, b, deltas[c], fed.topk_ratio)
         losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
         compute_s[c] = time.perf_counter() - c0
         del params_c, block, frozen
@@ -423,11 +422,6 @@ def lateness(fed: FedConfig, client: int) -> int:
     return fed.stalenesses[client] - min(fed.stalenesses)
 
 
-def too_late(fed: FedConfig, client: int) -> bool:
-    """Whether `max_staleness` drops this client's deltas instead of merging them."""
-    return bool(fed.max_staleness) and lateness(fed, client) > fed.max_staleness
-
-
 def merge_weights(fed: FedConfig, round_clients: list[int], merged: list[int], client_sizes=None) -> np.ndarray:
     """Each merged delta's weight: its weight among the round's participants (1/M, or by sample count),
     times (1 + tau)^-a when `staleness_weight` a is set. A late delta adds its share; it does not
@@ -440,14 +434,27 @@ def merge_weights(fed: FedConfig, round_clients: list[int], merged: list[int], c
     return weights
 
 
+def split_late(fed: FedConfig, arrived: list[int]) -> tuple[list[int], list[int]]:
+    """(the clients whose deltas are merged, those that `max_staleness` drops)."""
+    late = [c for c in arrived if fed.max_staleness and lateness(fed, c) > fed.max_staleness]
+    return [c for c in arrived if c not in late], late
+
+
+def dense_uploads(fed: FedConfig, partition: blocks_lib.Partition, params: dict, block: int, uploads: list[dict]):
+    """The deltas the server received, as dense block trees (top-k uploads are densified)."""
+    if fed.compression != "topk":
+        return uploads
+    shapes = jax.eval_shape(lambda: partition.block(params, block))
+    return [topk.densify(u, shapes) for u in uploads]
+
+
 def merge_arrivals(trainer: Trainer, state: dict, t: int) -> tuple[dict, list, list]:
     """Merges every delta that has arrived by the end of round t (see `arrivals`); deltas later than
     `max_staleness` are dropped instead. Returns (state, merged [[r, clients]], dropped [[r, c]])."""
     fed = trainer.fed
     merged, dropped = [], []
     for r, arrived in arrivals(fed, state, t):
-        late = [c for c in arrived if too_late(fed, c)]
-        on_time = [c for c in arrived if c not in late]
+        on_time, late = split_late(fed, arrived)
         if on_time:
             state = aggregate(trainer, state, r, on_time, at=t)
             merged.append([r, on_time])
@@ -474,13 +481,9 @@ def aggregate(
     check_finite(uploads, clients, round_, entry["block"])
     fed, algo = trainer.fed, trainer.algorithm
     weights = merge_weights(fed, entry["clients"], clients, trainer.client_sizes)
-    shapes = None
-    if fed.compression == "topk":  # the server densifies what it received
-        shapes = jax.eval_shape(lambda: trainer.partition.block(state["params"], entry["block"]))
 
     def reduce(received):  # the server's side: what it sends down, rounded to the wire
-        if shapes is not None:
-            received = [topk.densify(u, shapes) for u in received]
+        received = dense_uploads(fed, trainer.partition, state["params"], entry["block"], received)
         return _on_wire(algo.reduce(received, weights, clients), fed.wire_dtype)
 
     if trainer.store is not None:

@@ -57,6 +57,7 @@ def residual_of(residuals: dict, client: int, block: int) -> dict | None:
     return residuals.get(f"c{client}", {}).get(f"b{block}")
 
 
-def with_residual(residuals: dict, client: int, block: int, residual: dict) -> dict:
-    """A copy of `residuals` with client's residual for `block` replaced."""
-    return {**residuals, f"c{client}": {**residuals.get(f"c{client}", {}), f"b{block}": residual}}
+def send(residuals: dict, client: int, block: int, delta: dict, ratio: float) -> tuple[dict, dict]:
+    """(what `client` uploads for its delta of `block`, the residuals with its new residual for that block)."""
+    upload, residual = compress(delta, residual_of(residuals, client, block), ratio)
+    return upload, {**residuals, f"c{client}": {**residuals.get(f"c{client}", {}), f"b{block}": residual}}
