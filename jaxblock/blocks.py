@@ -71,6 +71,18 @@ def path_str(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
 
 
+def unflatten(paths_and_values) -> dict:
+    """The nested dict of ('layers_0/mlp/up_proj', value) pairs: `path_str`'s inverse."""
+    tree: dict = {}
+    for path, value in paths_and_values:
+        *parents, leaf = path.split("/")
+        node = tree
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
 def _select(tree: dict, labels: dict, keep) -> dict:
     out = {}
     for key, value in tree.items():

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxblock.blocks import Partition
+from jaxblock.blocks import Partition, path_str, unflatten
 
 
 def directory(workdir: str) -> str:
@@ -204,19 +204,16 @@ def restore(
 def shapes(tree: dict) -> dict:
     """{'a/b/c': [shape, dtype]} of a nested dict of arrays with str keys."""
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(k.key for k in path): [list(x.shape), np.dtype(x.dtype).name] for path, x in flat}
+    return {path_str(path): [list(x.shape), np.dtype(x.dtype).name] for path, x in flat}
 
 
 def _target(recorded: dict, sharding) -> dict:
     """The nested dict of ShapeDtypeStructs that `shapes` recorded."""
-    tree: dict = {}
-    for path, (shape, dtype) in recorded.items():
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding)
-    return tree
+    structs = (
+        (path, jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=sharding))
+        for path, (shape, dtype) in recorded.items()
+    )
+    return unflatten(structs)
 
 
 def _replicated(abstract_params: dict):

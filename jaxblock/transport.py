@@ -33,6 +33,8 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from jaxblock.blocks import path_str, unflatten
+
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 # The paper's Figure 2 bandwidths, in MB/s (1 MB = 1e6 bytes).
 LINK_PRESETS = {"50MBps": 50.0, "100MBps": 100.0, "150MBps": 150.0}
@@ -81,24 +83,9 @@ def link_for(client: int, bandwidth_mbps, latency_ms) -> Link:
     return Link(pick(bandwidth_mbps, "bandwidth_mbps"), pick(latency_ms, "latency_ms"))
 
 
-def _path(path) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
 def _under(prefix: str) -> ts.KvStore.KeyRange:
     """The keys that start with `prefix` (ending with '/'): up to, not including, prefix with '/' -> '0'."""
     return ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")  # '0' sorts right after '/'
-
-
-def _unflatten(paths_and_arrays) -> dict:
-    tree: dict = {}
-    for path, array in paths_and_arrays:
-        *parents, leaf = path.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = array
-    return tree
 
 
 class Store:
@@ -150,7 +137,7 @@ class Store:
         between the arrays and the marker: a modelled link holds the upload there, so that readers
         see it no earlier than the link would have delivered it.
         """
-        leaves = [(_path(p), on_wire_dtype(x, wire_dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        leaves = [(path_str(p), on_wire_dtype(x, wire_dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
         writes = []
         for path, array in leaves:
             spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
@@ -178,7 +165,7 @@ class Store:
         for path, *_ in manifest["leaves"]:
             spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
             reads.append((path, ts.open(spec, open=True, context=self.context).result().read()))
-        tree = _unflatten((path, _as_float32(np.asarray(r.result()))) for path, r in reads)
+        tree = unflatten((path, _as_float32(np.asarray(r.result()))) for path, r in reads)
         return tree, int(manifest["bytes"])
 
     def delete_round(self, t: int) -> None:
