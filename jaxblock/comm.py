@@ -181,7 +181,10 @@ def _release(store: Store, client: int, t: int, fed: federated.FedConfig) -> Non
     store.put_json(transport.ack_key(t, client), {})
     if store.acked(t) >= set(range(fed.num_clients)):
         s, last = fed.effective_staleness, final_merge(fed)
-        done = range(max(0, t - s), last + 1) if t == last else range(t - s, t - s + 1) if t >= s else range(0)
+        if t == last:  # the last merge: every round left
+            done = range(max(0, t - s), last + 1)
+        else:
+            done = [t - s] if t >= s else []
         for r in done:
             store.delete_round(r)
 

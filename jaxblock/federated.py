@@ -395,22 +395,10 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     return state, metrics
 
 
-def arrivals(fed: FedConfig, state: dict, t: int) -> list[tuple[int, list[int]]]:
-    """[(round r, clients)] whose pending deltas of round r reach the server by the end of round t
-    (client c's delta of round r arrives at the end of round r + s_c), oldest round first."""
-    s = fed.stalenesses
-    due = []
-    for r in sorted(state["pending"]):
-        entry = state["pending"][r]
-        arrived = [c for c in entry["clients"] if c in entry["deltas"] and r + s[c] <= t]
-        if arrived:
-            due.append((r, arrived))
-    return due
-
-
 def merges_at(fed: FedConfig, t: int, participants_of: Callable[[int], list[int]]) -> list[tuple[int, list[int]]]:
-    """The same from the rounds' plans (the multi-process runtime): [(round r, clients whose delta of
-    round r arrives at the end of round t)], oldest round first."""
+    """[(round r, clients whose delta of round r arrives at the end of round t)], oldest round first:
+    client c's delta of round r arrives at the end of round r + s_c. `participants_of(r)`: round r's
+    clients with a delta in flight (the simulator's pending set, the runtime's plans)."""
     s = fed.stalenesses
     rounds = range(max(0, t - max(s)), min(t, fed.rounds - 1) + 1)
     due = [(r, [c for c in participants_of(r) if r + s[c] == t]) for r in rounds]
@@ -449,11 +437,16 @@ def dense_uploads(fed: FedConfig, partition: blocks_lib.Partition, params: dict,
 
 
 def merge_arrivals(trainer: Trainer, state: dict, t: int) -> tuple[dict, list, list]:
-    """Merges every delta that has arrived by the end of round t (see `arrivals`); deltas later than
+    """Merges every delta that arrives at the end of round t (see `merges_at`); deltas later than
     `max_staleness` are dropped instead. Returns (state, merged [[r, clients]], dropped [[r, c]])."""
     fed = trainer.fed
     merged, dropped = [], []
-    for r, arrived in arrivals(fed, state, t):
+
+    def waiting(r: int) -> list[int]:
+        entry = state["pending"].get(r)
+        return [] if entry is None else [c for c in entry["clients"] if c in entry["deltas"]]
+
+    for r, arrived in merges_at(fed, t, waiting):
         on_time, late = split_late(fed, arrived)
         if on_time:
             state = aggregate(trainer, state, r, on_time, at=t)
