@@ -81,8 +81,9 @@ def score(workdir: str) -> dict:
 # ----------------------------------------------------------------------------- Figure 2, modelled
 
 
-def block_flops(config, name: str) -> list[float]:
-    """FLOPs of one local step of each block of algorithm `name` on `config` (XLA's static count)."""
+def block_costs(config, name: str):
+    """(algorithm, partition, [XLA's static cost of one local step of each block]) of algorithm
+    `name` on `config` (`local.step_cost`: flops and memory; nothing runs)."""
     import jax
     import jax.numpy as jnp
 
@@ -100,7 +101,13 @@ def block_flops(config, name: str) -> list[float]:
         "tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.float32),
     }
-    return [local.step_cost(loss_fn, optimizer, *part.split(params, b), batch)["flops"] for b in range(part.num_blocks)]
+    costs = [local.step_cost(loss_fn, optimizer, *part.split(params, b), batch) for b in range(part.num_blocks)]
+    return algo, part, costs
+
+
+def block_flops(config, name: str) -> list[float]:
+    """FLOPs of one local step of each block of algorithm `name` on `config`."""
+    return [c["flops"] for c in block_costs(config, name)[2]]
 
 
 def modeled_run(config, name: str, bandwidth, round_s: list[float]) -> dict:

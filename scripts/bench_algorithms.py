@@ -17,35 +17,18 @@ import argparse
 import json
 import os
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jaxblock import algorithms, local, runtime
-from jaxblock.config import model_config
+from jaxblock import algorithms, compare, runtime
 
 ORDER = ("parablock", "fedbcd", "fedavg_full", "fedit", "ffa_lora", "flora", "fedcybgd", "fedbuff")
 
 
 def costs(config, name: str) -> dict:
-    config = config.copy_and_resolve_references()
-    config.algorithm = name
-    cfg = model_config(config)
-    algo = runtime.make_algorithm(config, cfg)
-    shapes = runtime.server_shapes(config, cfg)
-    part = runtime.make_partition(config, cfg)
-    model_params = jax.eval_shape(lambda: algo.client_model(shapes, 0, 0))
-    loss_fn = local.lm_loss(cfg)
-    optimizer = local.make_optimizer(runtime.optimizer_config(config), config.local_steps)
-    batch = {
-        "tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32),
-        "loss_mask": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.float32),
-    }
+    algo, part, steps = compare.block_costs(config, name)
     clients = algo.participants(runtime.fed_config(config), 0)
     rows = []
-    for b in range(part.num_blocks):
-        block, frozen = part.split(model_params, b)
-        step = local.step_cost(loss_fn, optimizer, block, frozen, batch)
+    for b, step in enumerate(steps):
         up, down = algo.wire_params(part, b, clients, 0)
         down = sum(down.values()) if isinstance(down, dict) else down  # FedCyBGD: the turn's client only
         total = step["argument_bytes"] + step["output_bytes"] + step["temp_bytes"]
