@@ -31,6 +31,7 @@ from jaxblock import (
     data,
     evaluate,
     federated,
+    hf_io,
     instruct,
     local,
     lora,
@@ -52,7 +53,9 @@ def load_tokenizer(config: ml_collections.ConfigDict):
     path = config.data.tokenizer or config.hf_checkpoint
     if not path:
         raise ValueError("data.tokenizer is empty and there is no hf_checkpoint to take a tokenizer from")
-    return AutoTokenizer.from_pretrained(path)
+    setting = "data.tokenizer" if config.data.tokenizer else "hf_checkpoint"
+    with hf_io.hub_errors(setting, path, "--config.data.tokenizer=/local/dir (a saved tokenizer)"):
+        return AutoTokenizer.from_pretrained(path)
 
 
 def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[list[dict[str, np.ndarray]], str]:
@@ -281,7 +284,9 @@ def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches:
 
 
 # Settings that may differ when a run resumes: they change neither the model nor the logs.
-RESUMABLE_KEYS = ("checkpoint.", "comm.timeout_s", "comm.store", "comm.keep_rounds", "compilation_cache_dir", "eval.")
+RESUMABLE_KEYS = (
+    "checkpoint.", "comm.timeout_s", "comm.store", "comm.keep_rounds", "compilation_cache_dir", "eval.", "memory.",
+)  # fmt: skip
 
 
 def check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -510,7 +515,7 @@ def evaluate_run(
     base_params = runtime.load_model(config)[1] if base else None
     tokenizer = load_tokenizer(config)
     e = config.eval
-    examples = instruct.load_examples(e.source, e.path or None, split="test")
+    examples = instruct.load_examples(e.source, e.path or None, split="test", path_key="eval.path")
     if e.num_examples:
         examples = examples[: e.num_examples]
     results = {"workdir": workdir, "step": step, "eval_source": e.path or e.source, "n": len(examples)}

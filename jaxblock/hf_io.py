@@ -71,14 +71,77 @@ def _name_map(cfg: ModelConfig) -> list[tuple[str, tuple[str, ...], Callable, Ca
 
 
 def resolve(path_or_repo_id: str) -> str:
-    """A local directory, or a hub repo id downloaded (config and safetensors only) to the HF cache."""
+    """A local directory, or a hub repo id downloaded (config and safetensors only) to the HF cache.
+
+    A hub failure is one ValueError line: the repo id, what failed and the fix (`hub_failure`)."""
     if os.path.isdir(path_or_repo_id):
         return path_or_repo_id
     if os.path.exists(path_or_repo_id) or path_or_repo_id.startswith((".", "/")):
         raise ValueError(f"load_hf({path_or_repo_id!r}): not a checkpoint directory")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"])
+    with hub_errors("hf_checkpoint", path_or_repo_id, CHECKPOINT_FIXES):
+        return snapshot_download(path_or_repo_id, allow_patterns=["*.json", "*.safetensors"])
+
+
+# ----------------------------------------------------------------------------- hub failures, in one line
+
+CHECKPOINT_FIXES = (
+    "--config.hf_checkpoint=/local/dir (a checkpoint downloaded with `huggingface-cli download REPO_ID` where "
+    "there is network), or --config.hf_checkpoint= (random init)"
+)
+
+
+def hub_failure(e: BaseException, repo_id: str) -> tuple[str, str | None] | None:
+    """(what failed, its own fix or None) when `e` (or an exception it was raised from) is a failure to reach a
+    hub repo or file; None for any other error. transformers and datasets re-raise the hub's own
+    errors as OSError or ConnectionError, so the whole chain is read."""
+    from huggingface_hub import errors as hub
+
+    chain, x = [], e
+    while x is not None and x not in chain:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    text = " ".join(str(x) for x in chain)
+    login = "run `huggingface-cli login` (or set HF_TOKEN)"
+    for x in chain:
+        if isinstance(x, hub.GatedRepoError) or "gated" in str(x).lower():
+            return "gated: your account has not been granted access", (
+                f"request access at https://huggingface.co/{repo_id}, then {login}")  # fmt: skip
+        status = getattr(getattr(x, "response", None), "status_code", None)
+        if status in (401, 403):
+            return "not logged in, or the token has no access", login
+        if isinstance(x, hub.RevisionNotFoundError):
+            return "no such revision", "check the revision"
+        if isinstance(x, hub.RepositoryNotFoundError) or type(x).__name__ == "DatasetNotFoundError":
+            return "not found (or private)", f"check the id; if it is private, {login}"
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or "OfflineModeIsEnabled" in text
+    for x in chain:
+        if isinstance(x, (hub.LocalEntryNotFoundError, hub.OfflineModeIsEnabled, ConnectionError, TimeoutError)) or (
+            type(x).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+        ):
+            what = "HF_HUB_OFFLINE is set" if offline else "no network (the hub is unreachable)"
+            return f"{what} and it is not in the local HF cache", None
+    return None
+
+
+class hub_errors:  # noqa: N801 (a context manager used like a function)
+    """`with hub_errors("hf_checkpoint", repo_id, fixes):` turns a hub failure inside into one
+    ValueError line naming the setting, the repo id, what failed and the fixes; other errors pass."""
+
+    def __init__(self, setting: str, repo_id: str, fixes: str):
+        self.setting, self.repo_id, self.fixes = setting, repo_id, fixes
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        failure = None if e is None or isinstance(e, ValueError) else hub_failure(e, self.repo_id)
+        if failure is None:
+            return False
+        what, fix = failure
+        fixes = (f"{fix}; or {self.fixes}" if fix else self.fixes).replace("REPO_ID", self.repo_id)
+        raise ValueError(f"{self.setting} {self.repo_id!r} on the hub: {what}. Fix: {fixes}") from None
 
 
 def _one_line(e: BaseException, limit: int = 200) -> str:

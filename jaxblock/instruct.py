@@ -71,12 +71,16 @@ def _file_rows(path: str) -> tuple[str, list[tuple[int, object]]]:
     return "line", [(n, _parse(line, path, n)) for n, line in lines if line.strip()]
 
 
-def _hub_rows(name: str, split: str):
+def _hub_rows(name: str, split: str, path_key: str):
     import datasets  # heavy import, only when hub data is loaded
 
-    if name == "gsm8k":
-        return datasets.load_dataset(HUB[name], "main", split=split)
-    return datasets.load_dataset(HUB[name], split=split)
+    from jaxblock.hf_io import hub_errors
+
+    fix = f"--config.{path_key}=FILE.jsonl (its rows exported where there is network)"
+    with hub_errors(f"{path_key.split('.')[0]}.source={name}: dataset", HUB[name], fix):
+        if name == "gsm8k":
+            return datasets.load_dataset(HUB[name], "main", split=split)
+        return datasets.load_dataset(HUB[name], split=split)
 
 
 def _shown(value) -> str:
@@ -132,11 +136,14 @@ def _example(name: str, row: dict) -> dict:
     return {"instruction": row["question"], "input": "", "output": output, "label": None, "answer": parse_number(final)}
 
 
-def load_examples(name: str, path: str | None = None, *, split: str = "train", sample: int = 0, seed: int = 0):
+def load_examples(
+    name: str, path: str | None = None, *, split: str = "train", sample: int = 0, seed: int = 0, path_key="data.path"
+):
     """Examples of a named dataset (hub) or a local file with its fields; `sample` draws that many.
 
     A file's bad row is a one-line ValueError naming the file and its line (item N in a .json array);
-    a hub row's names the dataset and the row's index (0-based, as in the hub's viewer).
+    a hub row's names the dataset and the row's index (0-based, as in the hub's viewer). A hub that
+    cannot be reached is one line too, whose fix names `path_key` (the setting of a local file).
     """
     if name not in HUB:
         raise ValueError(f"data.name={name!r}: choose one of {', '.join(HUB)}")
@@ -144,7 +151,8 @@ def load_examples(name: str, path: str | None = None, *, split: str = "train", s
         unit, rows = _file_rows(path)
         rows = _checked(rows, name, f"data file {path}", unit)
     else:
-        rows = _checked(enumerate(_hub_rows(name, split)), name, f"{name} data ({HUB[name]}, {split} split)", "row")
+        hub_rows = enumerate(_hub_rows(name, split, path_key))
+        rows = _checked(hub_rows, name, f"{name} data ({HUB[name]}, {split} split)", "row")
     out = [_example(name, r) for r in rows]
     if sample and sample < len(out):
         idx = np.random.default_rng(seed).choice(len(out), sample, replace=False)

@@ -111,11 +111,11 @@ def test_bad_data_file_is_one_line_naming_file_line_and_problem(tmp_path, name, 
 
 def test_bad_hub_row_names_the_dataset_and_row(monkeypatch):
     rows = [{"question": "q", "answer": "a #### 1"}, {"question": "q", "answer": None}]
-    monkeypatch.setattr(instruct, "_hub_rows", lambda name, split: rows)
+    monkeypatch.setattr(instruct, "_hub_rows", lambda name, split, path_key: rows)
     with pytest.raises(ValueError) as e:
         instruct.load_examples("gsm8k", split="test")
     assert str(e.value) == "gsm8k data (openai/gsm8k, test split), row 1: field 'answer' is null, expected a string"
-    monkeypatch.setattr(instruct, "_hub_rows", lambda name, split: [])
+    monkeypatch.setattr(instruct, "_hub_rows", lambda name, split, path_key: [])
     with pytest.raises(
         ValueError, match=r"^mathinstruct data \(TIGER-Lab/MathInstruct, train split\): empty \(no examples\)$"
     ):
