@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 
-from jaxblock import comm, experiment, runtime, transport
+from jaxblock import blocks, comm, experiment, runtime, transport
 from jaxblock.config import model_config
 
 MB = 1e6
@@ -81,9 +81,14 @@ def score(workdir: str) -> dict:
 # ----------------------------------------------------------------------------- Figure 2, modelled
 
 
-def block_costs(config, name: str):
+def block_costs(config, name: str, layout=None, cache: dict | None = None, progress=None, only=None):
     """(algorithm, partition, [XLA's static cost of one local step of each block]) of algorithm
-    `name` on `config` (`local.step_cost`: flops and memory; nothing runs)."""
+    `name` on `config` (`local.step_cost`: flops and memory per device, with the run's memory levers
+    and, given a layout, its mesh shardings; nothing runs).
+
+    cache: a dict shared between calls; a step already compiled (the same leaves trained, e.g.
+    ParaBlock's and FedBCD's blocks) is not compiled again. progress: called with each block's label
+    before it compiles. only: the block ids to compile (the others' costs are None)."""
     import jax
     import jax.numpy as jnp
 
@@ -95,14 +100,37 @@ def block_costs(config, name: str):
     algo = runtime.make_algorithm(config, cfg)
     part = runtime.make_partition(config, cfg)
     params = jax.eval_shape(lambda: algo.client_model(runtime.server_shapes(config, cfg), 0, 0))
-    loss_fn = local.lm_loss(cfg)
+    loss_fn = local.lm_loss(cfg, layout, config.memory.loss_chunk)
     optimizer = local.make_optimizer(runtime.optimizer_config(config), config.local_steps)
     batch = {
         "tokens": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.int32),
         "loss_mask": jax.ShapeDtypeStruct((config.batch_size, config.seq_len), jnp.float32),
     }
-    costs = [local.step_cost(loss_fn, optimizer, *part.split(params, b), batch) for b in range(part.num_blocks)]
+    shardings = None if layout is None else layout.tree_shardings(runtime.logical_axes(config, cfg))
+    cache = {} if cache is None else cache
+    costs = []
+    for b in range(part.num_blocks):
+        if only is not None and b not in only:
+            costs.append(None)
+            continue
+        block, frozen = part.split(params, b)
+        shapes = [(blocks.path_str(p), x.shape) for tree in (block, frozen) for p, x in _leaves(tree)]
+        key = (tuple(shapes), len(_leaves(block)), json.dumps(config.memory.to_dict(), sort_keys=True))
+        if key not in cache:
+            if progress:
+                progress(part.blocks[b].name)
+            cache[key] = local.step_cost(
+                loss_fn, optimizer, block, frozen, batch, layout=layout, param_shardings=shardings,
+                donate=config.memory.donate,
+            )  # fmt: skip
+        costs.append(cache[key])
     return algo, part, costs
+
+
+def _leaves(tree):
+    import jax
+
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def block_flops(config, name: str) -> list[float]:

@@ -51,6 +51,8 @@ class ModelConfig:
     # LoRA scale numerator: an adapter of rank r adds (x @ A) @ B * lora_alpha / r (model._with_lora). Not
     # part of a checkpoint's architecture: the run's `lora.alpha` sets it (model_config).
     lora_alpha: float = 0.0
+    # Rematerialise each decoder layer in backward (the run's `memory.remat`): same numbers, less memory.
+    remat: bool = False
 
     def __post_init__(self):
         for name in (
@@ -410,6 +412,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The frozen ModelConfig of a run config's `model` section (and the LoRA scale, `lora.alpha`)."""
     cfg = ModelConfig.from_dict(config.model.to_dict())
+    if "memory" in config:
+        cfg = cfg.replace(remat=bool(config.memory.remat))
     return cfg.replace(lora_alpha=float(config.lora.alpha)) if "lora" in config else cfg
 
 
@@ -419,9 +423,9 @@ def dump_json(config: ml_collections.ConfigDict) -> str:
 
 def model_section(**fields) -> ml_collections.ConfigDict:
     """A config's `model` section holding every ModelConfig field, so each one can be overridden
-    (except lora_alpha, which the `lora` section sets)."""
+    (except lora_alpha and remat, which the `lora` and `memory` sections set)."""
     section = dataclasses.asdict(ModelConfig(**fields))
-    del section["lora_alpha"]
+    del section["lora_alpha"], section["remat"]
     return ml_collections.ConfigDict(section)
 
 
@@ -514,6 +518,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.lora = ml_collections.ConfigDict(
         {"rank": 32, "alpha": 64.0, "targets": ["q_proj", "v_proj"], "init_seed": 0, "client_ranks": []}
     )
+    # Memory levers for large models (a run may change them on resume: they change how a step runs,
+    # not what it computes). remat: recompute each decoder layer's activations in backward (the frozen
+    # layers above a block still need backward for activations). loss_chunk: the next-token loss over
+    # chunks of this many positions, never forming [B, T, V] float32 logits (0 = off; sums in
+    # another order, so equal to ~1e-6). donate: the local step's executable reuses the buffers of
+    # the block's master copy and optimizer state (scripts/plan.py's per-step figures).
+    config.memory = ml_collections.ConfigDict({"remat": False, "loss_chunk": 0, "donate": True})
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'
     # The communication runtime (scripts/server.py, scripts/client.py, bench_overlap.py).

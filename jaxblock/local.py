@@ -11,6 +11,7 @@ frozen leaf and no backward pass runs through the layers below the block.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 
 import jax
@@ -84,10 +85,40 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) 
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def lm_loss(cfg: ModelConfig, layout: Layout | None = None) -> LossFn:
-    """`loss_fn(params, batch)` for the decoder; batch = {'tokens': [B,T], 'loss_mask': [B,T]}."""
+def chunked_next_token_loss(
+    cfg: ModelConfig, head: jax.Array, x: jax.Array, tokens, loss_mask, chunk: int, layout: Layout | None = None
+) -> jax.Array:
+    """`next_token_loss` from the final hidden states x [B,T,D] and the LM head (`model.head_of`),
+    `chunk` positions at a time: the [B, T, V] float32 logits are never formed. Each chunk's logits
+    are recomputed in backward (jax.checkpoint), so only one chunk's [B, chunk, V] is alive at once.
+    Equal to `next_token_loss` up to summation order."""
+    b, t, d = x.shape
+    n = -(-(t - 1) // chunk)  # chunks over the T-1 predicting positions, the last one padded
+    pad = n * chunk - (t - 1)
+    xs = jnp.pad(x[:, :-1], ((0, 0), (0, pad), (0, 0))).reshape(b, n, chunk, d).swapaxes(0, 1)  # [n,B,c,D]
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, pad))).reshape(b, n, chunk).swapaxes(0, 1)  # [n,B,c]
+    weights = jnp.pad(loss_mask[:, 1:].astype(jnp.float32), ((0, 0), (0, pad)))
+    ws = weights.reshape(b, n, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_nll(xc, tc, wc):
+        logits = model.logits_of(cfg, head, xc, layout)  # [B,c,V]
+        nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * wc)
+
+    total = jax.lax.scan(lambda acc, c: (acc + chunk_nll(*c), None), jnp.float32(0), (xs, targets, ws))[0]
+    return total / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def lm_loss(cfg: ModelConfig, layout: Layout | None = None, loss_chunk: int = 0) -> LossFn:
+    """`loss_fn(params, batch)` for the decoder; batch = {'tokens': [B,T], 'loss_mask': [B,T]}.
+    `loss_chunk` > 0: the loss over that many positions at a time (`chunked_next_token_loss`)."""
 
     def loss_fn(params: dict, batch: dict) -> jax.Array:
+        if loss_chunk:
+            x = model.hidden(cfg, params, batch["tokens"], layout)
+            head = model.head_of(cfg, params)
+            return chunked_next_token_loss(cfg, head, x, batch["tokens"], batch["loss_mask"], loss_chunk, layout)
         logits = model.forward(cfg, params, batch["tokens"], layout=layout)
         return next_token_loss(logits, batch["tokens"], batch["loss_mask"])
 
@@ -171,23 +202,54 @@ def make_local_train(
     return train
 
 
-def step_cost(loss_fn: LossFn, optimizer, block: dict, frozen: dict, batch: dict) -> dict[str, float]:
-    """XLA's static cost of one compiled train step: flops and memory (no timing involved).
+def step_cost(
+    loss_fn: LossFn,
+    optimizer,
+    block: dict,
+    frozen: dict,
+    batch: dict,
+    *,
+    layout: Layout | None = None,
+    param_shardings: dict | None = None,
+    donate: bool = False,
+) -> dict[str, float]:
+    """XLA's static cost of one compiled train step: flops and memory (nothing runs; the arguments
+    may be arrays or `jax.ShapeDtypeStruct`s).
 
-    Returns {'flops', 'temp_bytes', 'argument_bytes', 'output_bytes', 'opt_state_bytes'} for the
-    executable that `train_step` compiles to with these shapes.
+    With a layout, the step is compiled for its mesh as `make_local_train` places it (block and
+    frozen leaves cut from `param_shardings`, the optimizer state sharded as its block, the batch on
+    the batch axes) and every figure is per device. `donate`: the block's master copy and optimizer
+    state are donated, so the step updates them in place, as the K-step scan does.
+
+    Returns {'flops', 'temp_bytes', 'argument_bytes', 'output_bytes', 'alias_bytes', 'peak_bytes'
+    (argument + output - alias + temp), 'opt_state_bytes' (the whole state, all devices),
+    'block_params', 'compile_s'}.
     """
-    master = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), block)
+    master = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), block)
     opt_state = jax.eval_shape(optimizer.init, master)
-    fn = jax.jit(lambda b, f, s, x: train_step(loss_fn, optimizer, b, f, s, x))
+    shardings = {}
+    if layout is not None:
+        block_sh = subtree_like(param_shardings, block)
+        state_sh = optax.tree_map_params(
+            optimizer, lambda _, sh: sh, opt_state, block_sh, transform_non_params=lambda _: layout.replicated
+        )
+        batch_sh = jax.tree.map(lambda x: layout.sharding(("activation_batch", "activation_length")[: x.ndim]), batch)
+        shardings = {"in_shardings": (block_sh, subtree_like(param_shardings, frozen), state_sh, batch_sh)}
+    step = lambda b, f, s, x: train_step(loss_fn, optimizer, b, f, s, x)  # noqa: E731
+    fn = jax.jit(step, donate_argnums=(0, 2) if donate else (), **shardings)
+    start = time.perf_counter()
     compiled = fn.lower(master, frozen, opt_state, batch).compile()
+    compile_s = time.perf_counter() - start
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     memory = compiled.memory_analysis()
+    out = {name: float(getattr(memory, f"{name}_size_in_bytes", 0)) for name in ("temp", "argument", "output", "alias")}
+    out = {f"{k}_bytes": v for k, v in out.items()}
     return {
         "flops": float(cost.get("flops", 0.0)),
-        "temp_bytes": float(getattr(memory, "temp_size_in_bytes", 0)),
-        "argument_bytes": float(getattr(memory, "argument_size_in_bytes", 0)),
-        "output_bytes": float(getattr(memory, "output_size_in_bytes", 0)),
+        **out,
+        "peak_bytes": out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"],
         "opt_state_bytes": float(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(opt_state))),
+        "block_params": float(sum(x.size for x in jax.tree.leaves(block))),
+        "compile_s": compile_s,
     }

@@ -182,14 +182,34 @@ class DecoderLayer(nn.Module):
         return constrain(x, ("activation_batch", "activation_length", "activation_embed"), self.layout), cache
 
 
+def head_of(cfg: ModelConfig, params: dict) -> Array:
+    """The LM head's matrix: the embedding [V,D] if tied, else `lm_head` [D,V]."""
+    return params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+
+
+def logits_of(cfg: ModelConfig, head: Array, x: Array, layout: Layout | None = None) -> Array:
+    """The LM head: final hidden states x [B,T,D] -> logits [B,T,V] float32, `head` from `head_of`.
+    The model's last step, and the chunked loss's (local.py) on a slice of positions."""
+    dt = cfg.jnp_dtype
+    if cfg.tie_word_embeddings:
+        logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dt))
+    else:
+        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt))
+    logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"), layout)
+    return logits.astype(jnp.float32)
+
+
 class Transformer(nn.Module):
-    """Causal decoder. `__call__(tokens[B,T], positions[B,T], cache) -> (logits[B,T,V] fp32, cache)`."""
+    """Causal decoder. `__call__(tokens[B,T], positions[B,T], cache) -> (logits[B,T,V] fp32, cache)`;
+    with `hidden_only`, the final normed hidden states [B,T,D] in place of the logits."""
 
     cfg: ModelConfig
     layout: Layout | None = None
 
     @nn.compact
-    def __call__(self, tokens: Array, positions: Array | None = None, cache: Cache | None = None):
+    def __call__(
+        self, tokens: Array, positions: Array | None = None, cache: Cache | None = None, hidden_only: bool = False
+    ):
         cfg = self.cfg
         b, t = tokens.shape
         if positions is None:
@@ -210,9 +230,11 @@ class Transformer(nn.Module):
             mask = (slot <= query_slot)[None] & cache["valid"][:, None, :]  # [B,T,S]
 
         new_cache = None if cache is None else {"valid": cache["valid"], "index": index + t}
+        # Training with cfg.remat: each layer keeps only its input for backward and recomputes the rest.
+        layer = nn.remat(DecoderLayer) if cfg.remat and cache is None else DecoderLayer
         for i in range(cfg.num_layers):
             name = f"layers_{i}"
-            x, layer_cache = DecoderLayer(cfg, self.layout, name=name)(
+            x, layer_cache = layer(cfg, self.layout, name=name)(
                 x, positions, mask, None if cache is None else cache[name], index
             )
             if cache is not None:
@@ -220,12 +242,12 @@ class Transformer(nn.Module):
 
         x = RMSNorm(cfg, name="norm")(x)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("BTD,VD->BTV", x, embedding.astype(cfg.jnp_dtype))
+            head = embedding
         else:
             head = _param(self, "lm_head", (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"))
-            logits = jnp.einsum("BTD,DV->BTV", x, head.astype(cfg.jnp_dtype))
-        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"), self.layout)
-        return logits.astype(jnp.float32), new_cache
+        if hidden_only:
+            return x, new_cache
+        return logits_of(cfg, head, x, self.layout), new_cache
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -258,6 +280,12 @@ def forward(
     """
     logits, _ = Transformer(cfg, layout).apply({"params": params}, tokens, positions)
     return logits
+
+
+def hidden(cfg: ModelConfig, params: dict, tokens: Array, layout: Layout | None = None) -> Array:
+    """The final normed hidden states [B,T,D] (the LM head's input: `logits_of`)."""
+    x, _ = Transformer(cfg, layout).apply({"params": params}, tokens, None, None, True)
+    return x
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, valid: Array | None = None) -> Cache:

@@ -107,7 +107,7 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
         return cfg, init_params(cfg, jax.random.key(config.seed), layout)
     # config.json first: a disagreeing model section is refused before any weight is read.
     path = hf_io.resolve(config.hf_checkpoint)
-    loaded = hf_io.read_config(path, cfg.param_dtype, cfg.dtype).replace(lora_alpha=cfg.lora_alpha)
+    loaded = hf_io.read_config(path, cfg.param_dtype, cfg.dtype).replace(lora_alpha=cfg.lora_alpha, remat=cfg.remat)
     diff = [
         f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(loaded, f.name)!r})"
         for f in dataclasses.fields(ModelConfig)
@@ -119,7 +119,7 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
             f"defines the model: drop the override, or set --config.hf_checkpoint= to train from a random init"
         )
     loaded_cfg, params = load_hf(path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
-    return loaded_cfg.replace(lora_alpha=cfg.lora_alpha), params
+    return loaded_cfg.replace(lora_alpha=cfg.lora_alpha, remat=cfg.remat), params
 
 
 def config_path(argv: list[str] | None = None) -> str | None:

@@ -3,7 +3,8 @@
 By default on an 8-layer variant of the tiny model with 1-layer blocks, for every block and for
 full fine-tuning: ms per step (median over repeated K-step calls, interleaved across cases),
 tokens/s, XLA flops per step (`cost_analysis`), XLA temp memory per step (`memory_analysis`),
-optimizer-state bytes, and the process's peak RSS (process-wide: mostly the XLA runtime here).
+optimizer-state bytes, and the process's peak RSS (process-wide: mostly the XLA runtime here). The
+step is compiled with the config's memory levers (`config.memory`), as `scripts/plan.py` compiles it.
 
     python scripts/bench_local.py --json
     python scripts/bench_local.py --config configs/tiny.py --layers 8 --batch-size 4 --seq-len 128 --repeats 10
@@ -72,7 +73,7 @@ def main():
     cfg = model_config(config)
     params = runtime.init_params(cfg, jax.random.key(config.seed))
     part = runtime.make_partition(config, cfg)
-    loss_fn = local.lm_loss(cfg)
+    loss_fn = local.lm_loss(cfg, None, config.memory.loss_chunk)
     optimizer = local.make_optimizer(runtime.optimizer_config(config), args.local_steps)
     k, b, t = args.local_steps, args.batch_size, args.seq_len
     tokens = jax.random.randint(jax.random.key(1), (k, b, t), 0, cfg.vocab_size)
@@ -92,7 +93,7 @@ def main():
         block, frozen = part_.split(params, b_)
         names.append(name)
         cases.append((local.make_local_train(loss_fn, optimizer), block, frozen))
-        costs.append(local.step_cost(loss_fn, optimizer, block, frozen, one_batch))
+        costs.append(local.step_cost(loss_fn, optimizer, block, frozen, one_batch, donate=config.memory.donate))
     seconds = measure_interleaved(cases, batches, args.repeats)
     rss = peak_rss_mb()
 
@@ -103,6 +104,8 @@ def main():
             "tokens_per_s": tokens_per_step / sec,
             "flops": cost["flops"],
             "temp_mb": cost["temp_bytes"] / 2**20,
+            "temp_bytes": cost["temp_bytes"],
+            "peak_bytes": cost["peak_bytes"],
             "opt_state_mb": cost["opt_state_bytes"] / 2**20,
         }
         table.append(row)
@@ -131,7 +134,20 @@ def main():
             "full_flops": full["flops"],
             "full_opt_state_mb": full["opt_state_mb"],
             "blocks": [
-                {k_: r[k_] for k_ in ("block", "first_layer", "ms", "flops", "tokens_per_s", "temp_mb", "opt_state_mb")}
+                {
+                    k_: r[k_]
+                    for k_ in (
+                        "block",
+                        "first_layer",
+                        "ms",
+                        "flops",
+                        "tokens_per_s",
+                        "temp_mb",
+                        "opt_state_mb",
+                        "temp_bytes",
+                        "peak_bytes",
+                    )
+                }  # fmt: skip
                 for r in rows
             ],
             "first_over_full": first["ms"] / full["ms"],
