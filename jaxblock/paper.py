@@ -22,11 +22,13 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 
 import numpy as np
 
 # The LoRA methods' learning rates picked on configs/tiny.py (BENCHMARKS.md, issue 12).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LORA_LR = {"fedit": "2e-3", "ffa_lora": "1e-2", "flora": "5e-3"}
 SLOW_LINK = "[" + ",".join(["100"] * 9 + ["2"]) + "]"  # Table 8: the last of 10 clients on a slow link
 
@@ -251,11 +253,15 @@ def resolve(overrides: tuple[str, ...], rounds: int, num_clients: int) -> tuple[
 def cell_name(config: dict, base: dict) -> str:
     """A cell's directory name, from its resolved config alone: the settings that differ from the
     sweep's `base` config (readable) and a hash of the whole config. Cells of different tables with
-    the same settings (T1's ParaBlock is T2's 2 layers, T3's random schedule, ...) are one cell."""
+    the same settings (T1's ParaBlock is T2's 2 layers, T3's random schedule, ...) are one cell.
+    The memory levers (`memory.*`) change how a cell runs, not what it computes: they are left out.
+    Paths inside this checkout are hashed relative to it, so a moved or fresh clone finds its cells."""
+    config = {k: v for k, v in config.items() if k != "memory"}
     mine, theirs = _flat(config), _flat(base)
     changed = [f"{k.split('.')[-1]}={mine[k]}" for k in sorted(mine) if mine[k] != theirs.get(k)]
     slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(changed))[:60]
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    text = json.dumps(config, sort_keys=True, default=str).replace(_CHECKOUT + os.sep, "")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
     return f"{slug or 'base'}-{digest}"
 
 

@@ -19,6 +19,8 @@ import os
 import statistics
 import subprocess
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 from jaxblock import compare, paper, plots, runtime
 from jaxblock.config import load_config, split_config_args
@@ -27,12 +29,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
-    """Trains and evaluates one cell, unless its eval.json says it is done."""
+    """Trains and evaluates one cell, unless its eval.json says it is done; records the seconds it
+    took in `cell_time.json`."""
     if os.path.exists(os.path.join(workdir, "eval.json")):
         log(f"skip {os.path.basename(workdir)}: done")
         return
     flags = [f"--config.{o}" for o in overrides]
+    seconds = {}
     for script, extra in (("train.py", ["--no-progress"]), ("eval.py", ["--no-base"])):
+        start = time.perf_counter()
         cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--workdir", workdir, *extra]
         if script == "train.py":
             cmd[2:2] = ["--config", config_path, *flags]
@@ -41,6 +46,20 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{script} failed for cell {workdir}: {lines[-1] if lines else done.returncode}")
+        seconds[script] = time.perf_counter() - start
+    with open(os.path.join(workdir, "cell_time.json"), "w") as f:
+        json.dump(seconds, f)
+    log(f"done {os.path.basename(workdir)}: {sum(seconds.values()):.0f} s")
+
+
+def cell_seconds(workdir: str) -> float:
+    """The machine time a finished cell took: `cell_time.json`, or for a cell run before it existed,
+    from its first file (config.json, written at the start) to its eval.json."""
+    path = os.path.join(workdir, "cell_time.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return sum(json.load(f).values())
+    return os.path.getmtime(os.path.join(workdir, "eval.json")) - os.path.getmtime(os.path.join(workdir, "config.json"))
 
 
 def command(config_path: str, overrides: list[str], workdir: str) -> str:
@@ -52,25 +71,39 @@ def summarize(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def run_table(table: paper.Table, config, config_path: str, user: list[str], seeds: list[int], root: str, args, log):
-    """Runs a table's cells; returns its report as a dict."""
+def cells(table: paper.Table, config, config_path: str, user: list[str], seeds: list[int], root: str):
+    """A table's runs: {row label: [(seed, overrides, workdir), ...]} for its rows that exist."""
+    out = {}
+    for row in table.rows:
+        if row.missing:
+            continue
+        for seed in seeds:
+            overrides = [*user, *paper.resolve(row.overrides, config.rounds, config.num_clients), f"seed={seed}"]
+            name = paper.cell_name(load_config(config_path, overrides).to_dict(), config.to_dict())
+            out.setdefault(row.label, []).append((seed, overrides, os.path.join(root, "cells", name)))
+    return out
+
+
+def run_table(table: paper.Table, runs: dict, config_path: str, args):
+    """A table's report, as a dict, from its finished cells."""
     rows = []
     for row in table.rows:
         entry = {"label": row.label, "paper": row.paper, "missing": row.missing, "seeds": [], "commands": []}
         rows.append(entry)
         if row.missing:
             continue
-        for seed in seeds:
-            cell = [*paper.resolve(row.overrides, config.rounds, config.num_clients), f"seed={seed}"]
-            overrides = [*user, *cell]
-            name = paper.cell_name(load_config(config_path, overrides).to_dict(), config.to_dict())
-            workdir = os.path.join(root, "cells", name)
-            run_cell(config_path, overrides, workdir, log)
+        for seed, overrides, workdir in runs[row.label]:
+            if not os.path.exists(os.path.join(workdir, "eval.json")):  # --report-only on a running sweep
+                continue
             m = {**compare.modeled(workdir, table.link, None, args.compute_s), **compare.score(workdir)}
             with open(os.path.join(workdir, "eval.json")) as f:
                 m["n_eval"] = json.load(f)["n"]
+            m["cell_s"] = cell_seconds(workdir)
             entry["seeds"].append({"seed": seed, "workdir": workdir, **m})
             entry["commands"].append(command(config_path, overrides, workdir))
+        if not entry["seeds"]:
+            entry["missing"] = "not run yet"
+            continue
         for key in ("exact_match", "eval_loss", "modeled_wall_s", "wall_compute_s", "wall_exposed_s", "mb_up"):
             entry[key] = summarize([s[key] for s in entry["seeds"]])
     ran = {r["label"]: r for r in rows if r["seeds"]}
@@ -109,7 +142,9 @@ def markdown(report: dict) -> str:
     lines = [
         f"## {report['table']}: {report['title']}",
         "",
-        f"Modelled wall time over the link {report['link']} MB/s. (n) = rank among the rows.",
+        f"Modelled wall time over the link {report['link']} MB/s. (n) = rank among the rows. "
+        f"Its cells took {sum(s['cell_s'] for r in report['rows'] for s in r['seeds']) / 60:.0f} min "
+        "of this machine's time (train + eval).",
         "",
         "| row | seeds | exact match | eval loss | modelled wall s | paper GSM8K | paper runtime (min) |",
         "|---|---|---|---|---|---|---|",
@@ -205,19 +240,27 @@ def plot_figure2(report: dict, path: str) -> None:
     plots.figure2(panels, path, "Modelled whole-run wall time (the paper's Figure 2)")
 
 
+def say(line: str) -> None:
+    """Prints one whole line (cells run on threads)."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", required=True, help=f"{', '.join(paper.ORDER)}, fig2 or all")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: the config's seed, +1, ...")
     parser.add_argument("--workdir", default="runs/paper")
     parser.add_argument("--compute-s", type=float, default=0.6, help="every client's modelled compute per round")
+    parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (each is its own process)")
+    parser.add_argument("--report-only", action="store_true", help="report the finished cells; train nothing")
     config, args = runtime.parse_args(parser)
     names = [*paper.ORDER, "fig2"] if args.table == "all" else [args.table]
     unknown = [n for n in names if n not in paper.TABLES and n != "fig2"]
-    if unknown or args.seeds < 1:
-        parser.error(
-            f"--table {args.table}: choose {', '.join(paper.ORDER)}, fig2 or all" if unknown else "--seeds >= 1"
-        )
+    if unknown:
+        parser.error(f"--table {args.table}: choose {', '.join(paper.ORDER)}, fig2 or all")
+    if args.seeds < 1 or args.jobs < 1:
+        parser.error("--seeds and --jobs must be >= 1")
     config_path, user, _ = split_config_args(sys.argv[1:])
     seeds = [config.seed + i for i in range(args.seeds)]
     os.makedirs(args.workdir, exist_ok=True)
@@ -226,24 +269,32 @@ def main():
     if os.path.exists(path):
         with open(path) as f:
             reports = json.load(f)["tables"]
+    runs = {n: cells(paper.TABLES[n], config, config_path, user, seeds, args.workdir) for n in names if n != "fig2"}
+    todo = {workdir: overrides for r in runs.values() for cell in r.values() for _, overrides, workdir in cell}
+    say(f"{len(todo)} cells, {sum(os.path.exists(os.path.join(w, 'eval.json')) for w in todo)} done")
+    if args.report_only:
+        todo = {w: o for w, o in todo.items() if os.path.exists(os.path.join(w, "eval.json"))}
+    with ThreadPoolExecutor(args.jobs) as pool:
+        try:
+            list(pool.map(lambda w: run_cell(config_path, todo[w], w, say), todo))
+        except RuntimeError as e:
+            parser.exit(1, f"error: {e}\n")
+    machine_s = sum(cell_seconds(w) for w in todo)
     for name in names:
         png = os.path.join(args.workdir, f"{name}_runtime.png")
         if name == "fig2":
-            reports[name] = figure2(config, args.compute_s, print)
+            reports[name] = figure2(config, args.compute_s, say)
             plot_figure2(reports[name], png)
         else:
-            try:
-                reports[name] = run_table(
-                    paper.TABLES[name], config, config_path, user, seeds, args.workdir, args, print
-                )
-            except RuntimeError as e:
-                parser.exit(1, f"error: {e}\n")
+            reports[name] = run_table(paper.TABLES[name], runs[name], config_path, args)
             plot(reports[name], png)
         ordered = {n: reports[n] for n in [*paper.ORDER, "fig2"] if n in reports}
         with open(path, "w") as f:
             json.dump({"config": config_path, "overrides": user, "tables": ordered}, f, indent=1)
         with open(os.path.join(args.workdir, "report.md"), "w") as f:
             f.write(f"# The paper's tables on `{config_path}` {' '.join(user)}\n\n")
+            f.write(f"{len(todo)} distinct cells ({args.seeds} seeds each), {machine_s / 3600:.1f} h of machine "
+                    "time in all (train + eval, summed over cells).\n\n")  # fmt: skip
             f.write(paper.__doc__.split("Noise:")[1].strip().join(["Noise: ", "\n\n"]))
             f.writelines((figure2_markdown(r) if n == "fig2" else markdown(r)) + "\n" for n, r in ordered.items())
         print(f"{name}: " + "; ".join(f"{c['text']}: {c['verdict']}" for c in reports[name]["claims"]))

@@ -33,7 +33,7 @@ def test_verdict_standard_error_by_hand():
     assert v["diff"] == pytest.approx(0.3) and v["se"] == pytest.approx((0.01 + 0.0025) ** 0.5)
 
 
-def test_ranks_share_ties_and_cells_are_named_by_their_overrides():
+def test_ranks_share_ties_and_cells_are_named_by_their_overrides(monkeypatch):
     assert paper.ranks({"a": 0.5, "b": 0.9, "c": 0.5}, higher_is_better=True) == {"a": 2, "b": 1, "c": 2}
     assert paper.ranks({"a": 3.0, "b": 1.0}, higher_is_better=False) == {"a": 2, "b": 1}
     tiny = os.path.join(ROOT, "configs", "tiny.py")
@@ -44,17 +44,24 @@ def test_ranks_share_ties_and_cells_are_named_by_their_overrides():
     # The same settings spelled differently are one cell (T1's ParaBlock is T5's one-round staleness).
     assert name("algorithm=parablock", "seed=2") == name("staleness=1", "seed=2") == name("seed=2")
     assert paper.resolve(("rounds={rounds_x_clients}",), 50, 10) == ("rounds=500",)
+    # A clone elsewhere names its cells as this one does: bundled paths are hashed relative to the checkout.
+    moved = lambda d: json.loads(json.dumps(d).replace(ROOT, "/elsewhere/clone"))  # noqa: E731
+    here = load_config(tiny, ["seed=2"]).to_dict()
+    mine = paper.cell_name(here, base)
+    assert paper.cell_name(moved(here), moved(base)) != mine  # other files, seen from this checkout
+    monkeypatch.setattr(paper, "_CHECKOUT", "/elsewhere/clone")
+    assert paper.cell_name(moved(here), moved(base)) == mine
     for table in paper.TABLES.values():  # every claim names two of its table's rows
         labels = {r.label for r in table.rows}
         assert all({c.better, c.worse} <= labels for c in table.claims), table.name
 
 
 def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
-    """Two cells of 2 rounds; the second invocation only reads them."""
+    """Two cells of 2 rounds, run at once; the second invocation only reads them."""
     workdir = tmp_path / "paper"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
            "--config.rounds=2", "--config.local_steps=2", "--config.eval.num_examples=8", "--table", "T5", "--seeds",
-           "1", "--workdir", str(workdir)]  # fmt: skip
+           "1", "--workdir", str(workdir), "--jobs", "2"]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -67,6 +74,8 @@ def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
     assert "## T5: Staleness (Table 5)" in md and "55.88" in md and "two rounds of staleness" in md
     assert (workdir / "T5_runtime.png").exists()
     cells = sorted((workdir / "cells").iterdir())
+    times = [json.loads((c / "cell_time.json").read_text()) for c in cells]  # both cells ran, two at a time
+    assert all(t["train.py"] > 0 and t["eval.py"] > 0 for t in times) and "distinct cells" in md
     mtimes = {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()}
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -89,3 +98,15 @@ def test_a_run_modelled_without_training():
     assert bcd["exposed_s"] > 0 and pb["exposed_s"] < bcd["exposed_s"]
     cyc = compare.modeled_run(config, "fedcybgd", 1.0, round_s)  # 4 rounds x 3 clients = 12 turns
     assert cyc["compute_s"] == sum(round_s[(t % 3) % 2] for t in range(12)) and cyc["exposed_s"] > 0
+
+
+def test_report_only_trains_nothing_and_marks_rows_not_run(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
+           "--table", "T5", "--seeds", "1", "--workdir", str(tmp_path), "--report-only"]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "train.py" not in done.stdout and not (tmp_path / "cells").exists()
+    report = json.loads((tmp_path / "report.json").read_text())["tables"]["T5"]
+    assert [r["missing"] for r in report["rows"]] == ["not run yet", "not run yet"]
+    assert report["claims"][0]["verdict"] == "missing rows"
