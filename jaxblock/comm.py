@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import os
 import threading
@@ -49,7 +50,7 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxblock import algorithms, federated, transport
+from jaxblock import algorithms, federated, signing, transport, validate
 from jaxblock.algorithms import topk
 from jaxblock.blocks import Partition
 from jaxblock.transport import Link, Store
@@ -60,6 +61,16 @@ class CommConfig:
     store: str = "memory://"
     timeout_s: float = 600.0  # how long the server waits for a client's update (and clients for the server)
     keep_rounds: bool = False  # keep every round's keys (default: clients delete round t once all hold its aggregate)
+    keys: str = ""  # this party's key directory (scripts/keys.py); "" = nothing is signed or checked
+
+    def load_keys(self) -> signing.Keys | None:
+        return signing.Keys(self.keys) if self.keys else None
+
+    @property
+    def server_wait_s(self) -> float:
+        """How long a client waits for the server: three times `timeout_s`, as the server itself may
+        first wait up to that for its clients (`_collect`) before it publishes the round."""
+        return 3 * self.timeout_s
 
 
 def check_supported(fed: federated.FedConfig) -> None:
@@ -92,87 +103,212 @@ def serve(
     comm: CommConfig,
     *,
     client_sizes=None,
+    policy: validate.Policy | None = None,
     on_aggregate: Callable[[dict], None] | None = None,
+    on_merge: Callable[[dict], None] | None = None,
 ) -> dict:
     """Publishes each round's plan, merges uploads, publishes aggregates; returns theta_T.
 
-    At the end of round t it merges the deltas that arrive then (client c's of round r when
-    r + s_c = t): per round r, their weighted sum goes to `round/<r>/aggregate/<t>`. A client that
-    sends nothing within `comm.timeout_s` stops the server with TransportTimeout (after it has
-    written `server/error` so that clients stop too); `on_aggregate(state)` runs whenever a round
-    is fully merged (e.g. to checkpoint), so the last good model is saved. The clients delete the
-    rounds (module docstring); the server leaves `server/done` when it has finished.
+    At the end of round t it merges the deltas due then (client c's of round r when r + s_c = t):
+    it waits for them (`_collect` says how long), checks each (`validate`), and publishes the weighted
+    sum of the accepted ones (weights renormalised over the round's clients not left out) to
+    `round/<r>/aggregate/<t>`, whose COMMIT lists `merged` and `left_out` {client: reason}: a client
+    left out learns it there. Fewer than `policy.min_clients` arrivals stop the run. Any failure is
+    published in `server/error` before it is raised, so that clients stop at once with its reason.
+    `on_aggregate(state)` runs whenever a round is fully merged (e.g. to checkpoint); `on_merge(row)`
+    gets {round: t, merged: [[r, clients]], left_out: [[r, client, reason]]} at the end of each round.
     """
     check_supported(fed)
+    policy = policy or validate.Policy()
+    keys = comm.load_keys()
+    seal = keys.seal if keys else (lambda doc: doc)
     algo = algorithms.REGISTRY[fed.algorithm]  # plans need the settings alone
     state = federated.init_state(fed, params)
     plans: dict[int, dict] = {}
+    lost: dict[int, list[int]] = {}  # round -> its clients left out so far (weights renormalise without them)
 
     def merge(t: int) -> None:
-        for r, merged in _merged(fed, t, plans):
+        row = {"round": t, "merged": [], "left_out": []}
+        for r, due in _merged(fed, t, plans):
             plan = plans[r]
-            deltas = []
-            try:
-                for c in merged:
-                    what = f"round {r}: client {c} sent no update"
-                    delta, _ = store.wait_fetch(transport.delta_prefix(r, c), comm.timeout_s, what)
-                    deltas.append(delta)
-                deltas = federated.dense_uploads(fed, partition, state["params"], plan["block"], deltas)
-                federated.check_finite(deltas, merged, r, plan["block"])
-            except (transport.TransportTimeout, FloatingPointError) as e:
-                store.put_json("server/error", {"message": str(e)})
-                raise
-            weights = federated.merge_weights(fed, plan["clients"], merged, client_sizes)
-            agg = federated.aggregate_deltas(deltas, weights, fed.wire_dtype)
-            store.publish(transport.aggregate_prefix(r, t), jax.device_get(agg), fed.wire_dtype)
-            state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
+            accepted, left_out = _collect(
+                fed, partition, state["params"], plan["block"], r, due, store, comm, policy, keys
+            )
+            lost[r] = [*lost.get(r, []), *left_out]
+            merged = [c for c in due if c in accepted]
+            record = {"merged": merged, "left_out": {str(c): why for c, why in left_out.items()}}
+            if merged:
+                deltas = federated.dense_uploads(
+                    fed, partition, state["params"], plan["block"], [accepted[c] for c in merged]
+                )
+                weights = federated.merge_weights(fed, plan["clients"], merged, client_sizes, lost[r])
+                agg = jax.device_get(federated.aggregate_deltas(deltas, weights, fed.wire_dtype))
+                state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
+            signed = {"kind": "aggregate", "round": r, "at": t, "block": plan["block"]}
+            store.publish(
+                transport.aggregate_prefix(r, t), agg if merged else {}, fed.wire_dtype, extra=record,
+                seal=keys and (lambda m, signed=signed: keys.seal({**m, **signed})),
+            )  # fmt: skip
+            row["merged"].append([r, merged])
+            row["left_out"] += [[r, c, why] for c, why in left_out.items()]
+        if on_merge is not None:
+            on_merge(row)
         done = t - fed.effective_staleness + 1  # rounds whose every delta is merged
         if done >= 1:
             state["round"] = done
             if on_aggregate is not None:
                 on_aggregate(state)
 
-    for t in range(fed.rounds):
-        plans[t] = {"block": algo.choose_block(fed, t, partition.num_blocks), "clients": algo.participants(fed, t)}
-        store.put_json(transport.plan_key(t), plans[t])
-        merge(t)
-    for t in range(fed.rounds, final_merge(fed) + 1):  # the final flush
-        merge(t)
-    store.put_json("server/done", {"rounds": fed.rounds})
+    try:
+        for t in range(fed.rounds):
+            plans[t] = {"block": algo.choose_block(fed, t, partition.num_blocks), "clients": algo.participants(fed, t)}
+            store.put_json(transport.plan_key(t), seal({**plans[t], "kind": "plan", "round": t}))
+            merge(t)
+        for t in range(fed.rounds, final_merge(fed) + 1):  # the final flush
+            merge(t)
+    except BaseException as e:  # every failure is published: no client waits for a dead server
+        message = str(e) or type(e).__name__
+        store.put_json("server/error", seal({"kind": "error", "message": message}))
+        raise
+    store.put_json("server/done", seal({"kind": "done", "rounds": fed.rounds}))
     return state["params"]
+
+
+def _collect(fed, partition, params, block, r, clients, store: Store, comm: CommConfig, policy, keys):
+    """Round r's uploads from `clients`, each checked as it arrives: ({client: update}, {client: reason}).
+
+    Silence is measured against the peers: a client that has sent nothing `comm.timeout_s` after the
+    round's first update arrived is left out (clients train the same block at once, so a slow
+    compile, e.g. a block's first, delays everyone alike). If fewer than `policy.min_clients` have
+    arrived `2 x timeout_s` after the server began waiting, the run stops."""
+    shapes = jax.eval_shape(lambda: partition.block(params, block))
+    expected = validate.expected_leaves(shapes, fed.compression, fed.topk_ratio, fed.wire_dtype)
+    limit = validate.upload_bytes(expected)
+    if policy.max_upload_mb:
+        limit = min(limit, int(policy.max_upload_mb * 1e6))
+    accepted, left_out, waiting = {}, {}, list(clients)
+    need = min(policy.min_clients, len(clients))
+    start, first, poll = time.perf_counter(), None, 0.001
+    while waiting:
+        for c in list(waiting):
+            prefix = transport.delta_prefix(r, c)
+            try:
+                manifest = store.get_json(f"{prefix}/COMMIT")
+                if manifest is None:
+                    continue
+                waiting.remove(c)
+                signed = {"kind": "delta", "round": r, "block": block, "client": c}
+                verify = keys and (lambda m, c=c, s=signed: keys.check(m, signing.client_name(c), s))
+                accepted[c] = validate.read_checked(store, prefix, manifest, expected, limit, verify)
+            except validate.BadUpdate as e:
+                left_out[c] = str(e)
+            except json.JSONDecodeError:
+                waiting.remove(c)
+                left_out[c] = "garbage: the COMMIT marker is not JSON"
+            first = first or time.perf_counter()
+        now, arrived = time.perf_counter(), len(clients) - len(waiting)
+        if not waiting or (arrived >= need and now > first + comm.timeout_s):
+            break
+        if arrived < need and now > start + 2 * comm.timeout_s:
+            break
+        time.sleep(poll)
+        poll = min(poll * 1.5, 0.02)
+    arrived = len(clients) - len(waiting)
+    if arrived < need:
+        silent = ", ".join(str(c) for c in waiting)
+        raise transport.TransportTimeout(
+            f"round {r}: client {silent} sent no update: nothing after {2 * comm.timeout_s:g}s, and {arrived} of "
+            f"{len(clients)} updates are fewer than comm.min_clients={policy.min_clients}"
+        )
+    left_out.update({c: f"missing: no update within {comm.timeout_s:g}s" for c in waiting})
+    left_out.update(validate.screen_norms({c: validate.norm(u) for c, u in accepted.items()}, policy))
+    for c in left_out:
+        accepted.pop(c, None)
+    validate.stop_if_asked(policy, r, {c: why for c, why in left_out.items() if not why.startswith("missing")})
+    return accepted, dict(sorted(left_out.items()))
 
 
 # ----------------------------------------------------------------------------- client
 
 
-def _upload(store: Store, link: Link, client: int, r: int, tree: dict, wire: str) -> tuple[int, float]:
+def _upload(
+    store: Store, link: Link, client: int, r: int, block: int, tree: dict, wire: str, keys
+) -> tuple[int, float]:
     """Publishes this client's delta of round r (device -> host here, in the upload thread) over its
-    link, committed when the link would have delivered it; returns (bytes, seconds)."""
+    link, committed (signed, with keys) when the link would have delivered it; returns (bytes, seconds)."""
     start = time.perf_counter()
     host = jax.device_get(tree)
     t0 = time.perf_counter()  # the server sees it once the link would have delivered it
-    nbytes = store.publish(transport.delta_prefix(r, client), host, wire, before_commit=lambda n: link.hold(n, t0))
+    signed = {"kind": "delta", "round": r, "block": block, "client": client}
+    nbytes = store.publish(
+        transport.delta_prefix(r, client), host, wire, before_commit=lambda n: link.hold(n, t0),
+        seal=keys and (lambda m: keys.seal({**m, **signed})),
+    )  # fmt: skip
     return nbytes, time.perf_counter() - start
 
 
 def _download(
-    store: Store, comm: CommConfig, link: Link, fed: federated.FedConfig, t: int, plans: dict
+    store: Store,
+    comm: CommConfig,
+    link: Link,
+    fed: federated.FedConfig,
+    t: int,
+    plans: dict,
+    partition: Partition,
+    params: dict,
+    keys=None,
 ) -> tuple[list[tuple[int, dict]], int, float]:
-    """Waits for and fetches the aggregates merged at the end of round t: ([(r, aggregate)], bytes, seconds).
-    They are one download over the link (one latency), however many rounds they come from."""
+    """Waits for and fetches the aggregates merged at the end of round t: ([(r, aggregate or None if
+    nothing of round r was merged)], bytes, seconds). They are one download over the link (one
+    latency), however many rounds they come from. An aggregate that is not the block's shape (or not
+    finite) was not written by the server: RuntimeError naming the store."""
     start = time.perf_counter()
     pieces, total, fetching = [], 0, 0.0
     for r, _ in _merged(fed, t, plans):
         prefix = transport.aggregate_prefix(r, t)
-        manifest = store.wait_json(f"{prefix}/COMMIT", comm.timeout_s, f"round {r}: no aggregate from the server")
+        manifest = store.wait_json(f"{prefix}/COMMIT", comm.server_wait_s, f"round {r}: no aggregate from the server")
         t0 = time.perf_counter()
-        agg, nbytes = store.fetch(prefix, manifest)
+        agg = None
+        signed = {"kind": "aggregate", "round": r, "at": t, "block": plans[r]["block"]}
+        if keys is not None:
+            try:
+                keys.check(manifest, "server", signed)
+            except signing.BadSignature as e:
+                raise RuntimeError(f"round {r}: the aggregate in the store is not the server's ({e})") from None
+        if manifest.get("merged"):
+            shapes = jax.eval_shape(lambda b=plans[r]["block"]: partition.block(params, b))
+            expected = validate.expected_leaves(shapes, "none", 1.0, fed.wire_dtype)
+            try:
+                verify = keys and (lambda m, s=signed: keys.check(m, "server", s))
+                agg = validate.read_checked(store, prefix, manifest, expected, validate.upload_bytes(expected), verify)
+            except validate.BadUpdate as e:
+                raise RuntimeError(f"round {r}: the aggregate in the store is not the server's ({e})") from None
+            total += int(manifest["bytes"])
         fetching += time.perf_counter() - t0
         pieces.append((r, agg))
-        total += nbytes
     if pieces:
         link.hold(total, time.perf_counter() - fetching)
     return pieces, total, time.perf_counter() - start
+
+
+def _checked_plan(plan, t: int, fed: federated.FedConfig, partition: Partition, keys) -> dict:
+    """Round t's plan, if the server signed it (with keys) and could have written it; RuntimeError
+    naming the store otherwise."""
+    if keys is not None:
+        try:
+            keys.check(plan, "server", {"kind": "plan", "round": t})
+        except signing.BadSignature as e:
+            raise RuntimeError(f"round {t}: the plan in the store is not the server's ({e})") from None
+    ok = (
+        isinstance(plan, dict)
+        and isinstance(plan.get("block"), int)
+        and 0 <= plan["block"] < partition.num_blocks
+        and isinstance(plan.get("clients"), list)
+        and all(isinstance(c, int) and 0 <= c < fed.num_clients for c in plan["clients"])
+    )
+    if not ok:
+        raise RuntimeError(f"round {t}: the plan in the store is not the server's ({json.dumps(plan)[:120]})")
+    return plan
 
 
 def _release(store: Store, client: int, t: int, fed: federated.FedConfig) -> None:
@@ -201,8 +337,12 @@ def run_client(
     link: Link,
     *,
     on_round: Callable[[dict], None] | None = None,
+    on_absorb: Callable[[int, dict], None] | None = None,
 ) -> dict:
     """Runs client `client` through every round and the final flush; returns its model replica.
+
+    `on_absorb(t, state)` sees its lean state {params: server model, pending: own deltas} once the
+    merges of the end of round t are applied (tests check the lean-form invariant there).
 
     `on_round(timeline_row)` receives, per round: round, client, block, compute_s, comm_s,
     exposed_wait_s (time the compute thread sat idle waiting for communication), bytes_up,
@@ -210,6 +350,8 @@ def run_client(
     a finished run leaves a clean store.
     """
     check_supported(fed)
+    keys = comm.load_keys()
+    store.keys_ = keys
     overlap = fed.effective_staleness >= 1  # ParaBlock; FedBCD and FedCyBGD exchange after computing
     replica = {"params": params, "pending": {}}  # the lean client state (federated.client_params)
     residuals: dict = {}  # top-k error feedback, per block
@@ -227,7 +369,8 @@ def run_client(
         if r not in sent:
             return 0
         tree = sent.pop(r)
-        uploads.append(uploader.submit(_upload, store, link, client, r, tree, fed.wire_dtype))
+        block = plans[r]["block"]
+        uploads.append(uploader.submit(_upload, store, link, client, r, block, tree, fed.wire_dtype, keys))
         return transport.payload_bytes(tree, fed.wire_dtype)
 
     def upload_seconds(wait: bool = False) -> float:  # of the uploads finished since the last row
@@ -239,10 +382,15 @@ def run_client(
     def absorb(t: int, pieces: list[tuple[int, dict]]) -> None:
         """The merges of round t: replica += each aggregate; own deltas merged (or dropped) leave pending."""
         for r, agg in pieces:
-            replica["params"] = federated.apply_aggregate(replica["params"], partition, plans[r]["block"], agg, fed.eta)
+            if agg is not None:
+                replica["params"] = federated.apply_aggregate(
+                    replica["params"], partition, plans[r]["block"], agg, fed.eta
+                )
         for r, arrived in federated.merges_at(fed, t, lambda r: plans[r]["clients"]):
-            if client in arrived:
+            if client in arrived:  # merged or left out (the aggregate's record says which): pending no more
                 replica["pending"].pop(r, None)
+        if on_absorb is not None:
+            on_absorb(t, replica)
         if not comm.keep_rounds:  # its own thread: neither the compute nor the next upload waits for a delete
             releases.append(cleaner.submit(_release, store, client, t, fed))
 
@@ -256,15 +404,15 @@ def run_client(
 
     try:
         for t in range(fed.rounds):
-            plan = store.wait_json(transport.plan_key(t), comm.timeout_s, f"round {t}: no plan from the server")
-            plans[t] = plan
+            plan = store.wait_json(transport.plan_key(t), comm.server_wait_s, f"round {t}: no plan from the server")
+            plans[t] = _checked_plan(plan, t, fed, partition, keys)
             b = plan["block"]
             start = time.perf_counter()
             up, merges = 0, None
             if overlap:  # last round's upload and this round's merges, beside this round's compute (started
                 # first: a compute call can block, e.g. while a block's step compiles)
                 up = submit_upload(t - 1)
-                merges = downloader.submit(_download, store, comm, link, fed, t, plans)
+                merges = downloader.submit(_download, store, comm, link, fed, t, plans, partition, params, keys)
             delta = losses = None
             if client in plan["clients"]:
                 model = federated.client_params(replica, partition, client, fed.eta)
@@ -282,7 +430,7 @@ def run_client(
                     sent[t], residuals = topk.send(residuals, client, b, delta, fed.topk_ratio)
             if not overlap:  # FedBCD: communicate after computing, nothing overlaps
                 up = submit_upload(t)
-                merges = downloader.submit(_download, store, comm, link, fed, t, plans)
+                merges = downloader.submit(_download, store, comm, link, fed, t, plans, partition, params, keys)
             pieces, down, down_s = merges.result()
             absorb(t, pieces)
             end = time.perf_counter()
@@ -291,7 +439,7 @@ def run_client(
             start = time.perf_counter()
             up, down, down_s = submit_upload(fed.rounds - 1), 0, 0.0
             for t in range(fed.rounds, final_merge(fed) + 1):
-                pieces, nbytes, seconds = _download(store, comm, link, fed, t, plans)
+                pieces, nbytes, seconds = _download(store, comm, link, fed, t, plans, partition, params, keys)
                 absorb(t, pieces)
                 down, down_s = down + nbytes, down_s + seconds
             comm_s = down_s + upload_seconds(wait=True)
@@ -316,12 +464,17 @@ def run_in_threads(
     *,
     clients: list[int] | None = None,
     client_sizes=None,
+    policy: validate.Policy | None = None,
     on_round: Callable[[dict], None] | None = None,
+    on_merge: Callable[[dict], None] | None = None,
+    on_aggregate: Callable[[dict], None] | None = None,
+    on_absorb: Callable[[int, int, dict], None] | None = None,
 ) -> tuple[dict, dict[int, dict]]:
     """The server and each client in threads of this process (benchmarks, tests, one-box runs).
 
     Returns (the server's theta_T, {client: its final model replica}). The first client error,
-    or the server's, is re-raised.
+    or the server's, is re-raised. With `comm.keys` set, it is a directory of scripts/keys.py's: each
+    party signs with its own subdirectory (server/, client_<i>/).
     """
     clients = list(range(fed.num_clients)) if clients is None else clients
     links = links or [Link()] * fed.num_clients
@@ -330,9 +483,12 @@ def run_in_threads(
 
     def client_main(i: int) -> None:
         try:
+            absorbed = None if on_absorb is None else functools.partial(on_absorb, i)
+            mine = party(comm, signing.client_name(i))
             replicas[i] = run_client(
-                i, fed, params, partition, local_train, batches_fn, store, comm, links[i], on_round=on_round
-            )
+                i, fed, params, partition, local_train, batches_fn, transport.Store(store.url, store.context), mine,
+                links[i], on_round=on_round, on_absorb=absorbed,
+            )  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
@@ -340,13 +496,21 @@ def run_in_threads(
     for th in threads:
         th.start()
     try:
-        server_params = serve(fed, params, partition, store, comm, client_sizes=client_sizes)
+        server_params = serve(
+            fed, params, partition, store, party(comm, "server"), client_sizes=client_sizes, policy=policy,
+            on_merge=on_merge, on_aggregate=on_aggregate,
+        )  # fmt: skip
     finally:
         for th in threads:
             th.join()
     if errors:
         raise errors[0]
     return server_params, replicas
+
+
+def party(comm: CommConfig, name: str) -> CommConfig:
+    """One party's settings in a one-process run: its own key directory under `comm.keys`."""
+    return dataclasses.replace(comm, keys=os.path.join(comm.keys, name)) if comm.keys else comm
 
 
 # ----------------------------------------------------------------------------- timelines

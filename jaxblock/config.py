@@ -389,6 +389,11 @@ _RULES = {
     "checkpoint.max_to_keep": _int(1),
     "comm.timeout_s": _number(0),
     "comm.keep_rounds": _bool,
+    "comm.min_clients": _int(1),
+    "comm.max_delta_norm": _number(0, lo_open=False),
+    "comm.max_norm_ratio": _number(0, lo_open=False),
+    "comm.max_upload_mb": _number(0, lo_open=False),
+    "comm.on_bad_update": _choice("drop", "stop"),
 }
 
 
@@ -539,6 +544,20 @@ def base_config() -> ml_collections.ConfigDict:
             # Server mode deletes round t's keys once every client has its aggregate (the store
             # would otherwise grow by one delta per client per round); True keeps them all.
             "keep_rounds": False,
+            # Which uploads the server (and the simulator) accepts, see jaxblock/validate.py: a round
+            # needs min_clients updates; an update above max_delta_norm (L2; 0 = no bound), above
+            # max_norm_ratio x the round's median norm (0 = off) or above max_upload_mb (0 = the
+            # block's exact size) is rejected, as is a malformed or non-finite one; on_bad_update:
+            # 'drop' it and go on, or 'stop' the run.
+            "min_clients": 1,
+            "max_delta_norm": 0.0,
+            "max_norm_ratio": 0.0,
+            "max_upload_mb": 0.0,
+            "on_bad_update": "drop",
+            # This party's key directory from scripts/keys.py (keys/server on the server,
+            # keys/client_<i> on client i): every delta, plan and aggregate is signed and checked
+            # (jaxblock/signing.py). "" = nothing is signed: for one trusted box only.
+            "keys": "",
         }
     )
     return config

@@ -12,9 +12,12 @@ uninterrupted run's. The workdir receives:
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 import operator
 import os
+import sys
 import time
 
 import jax
@@ -37,7 +40,9 @@ from jaxblock import (
     lora,
     plots,
     runtime,
+    signing,
     transport,
+    validate,
 )
 from jaxblock import config as config_lib
 from jaxblock.blocks import Partition, subtree_like
@@ -107,6 +112,7 @@ class Setup:
     optimizer: optax.GradientTransformation
     shardings: dict
     partition_table: str
+    policy: validate.Policy
 
     def local_train(self):
         return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
@@ -114,7 +120,7 @@ class Setup:
     def trainer(self, store: transport.Store | None = None, links=None) -> federated.Trainer:
         return federated.Trainer(
             self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store,
-            self.algorithm, links and tuple(links),
+            self.algorithm, links and tuple(links), self.policy,
         )  # fmt: skip
 
     def abstract_params(self) -> dict:
@@ -150,6 +156,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     partition = algorithm.partition(params, layers)
     clients, table = client_data(config, cfg)
     return Setup(
+        policy=runtime.policy(config),
         fed=fed,
         algorithm=algorithm,
         cfg=cfg,
@@ -289,6 +296,40 @@ RESUMABLE_KEYS = (
 )  # fmt: skip
 
 
+# Settings a client may hold differently from the server: where files are, and its own link.
+PER_PARTY_KEYS = (
+    "comm.keys",
+    *RESUMABLE_KEYS,
+    "hf_checkpoint",
+    "data.path",
+    "data.tokenizer",
+    "comm.bandwidth_mbps",
+    "comm.latency_ms",
+)
+
+
+def agreed_settings(config: ml_collections.ConfigDict) -> dict:
+    """Every setting that changes the result, as {flat key: JSON text}: server and clients must agree."""
+    return {k: _json(v) for k, v in sorted(_flat(config.to_dict()).items()) if not k.startswith(PER_PARTY_KEYS)}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def check_agreement(published: dict, config: ml_collections.ConfigDict) -> None:
+    """ValueError listing every key where this client's config differs from the one the server published."""
+    mine = agreed_settings(config)
+    if settings_hash(mine) == published.get("hash"):
+        return
+    theirs = published.get("settings", {})
+    diff = [f"{k}={mine.get(k, '(unset)')} (server: {theirs.get(k, '(unset)')})" for k in sorted({*mine, *theirs})
+            if mine.get(k) != theirs.get(k)]  # fmt: skip
+    raise ValueError(
+        f"this config differs from the server's in {', '.join(diff) or 'its hash'}: rerun with the server's settings"
+    )
+
+
 def check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
     """Refuses to resume a run with settings that change its result, listing every differing key.
 
@@ -391,6 +432,7 @@ def comm_config(config: ml_collections.ConfigDict, store: str | None = None) -> 
         store=store or config.comm.store,
         timeout_s=float(config.comm.timeout_s),
         keep_rounds=bool(config.comm.get("keep_rounds", False)),
+        keys=config.comm.get("keys", ""),
     )
 
 
@@ -410,6 +452,10 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
             f"--workdir {workdir} already holds checkpoints (the server does not resume): use a new workdir"
         )
     write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
+    settings = agreed_settings(config)
+    keys = cc.load_keys()
+    published = {"kind": "config", "hash": settings_hash(settings), "settings": settings}
+    store.put_json("server/config", keys.seal(published) if keys else published)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     start = time.perf_counter()
 
@@ -420,8 +466,9 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
 
     try:
         params = comm.serve(
-            run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, on_aggregate=save
-        )
+            run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
+            on_aggregate=save, on_merge=functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl")),
+        )  # fmt: skip
     except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
         raise RunFailed(f"the server failed: {e}") from e
     finally:
@@ -440,15 +487,35 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     return summary
 
 
+def log_merge(path: str, row: dict) -> None:
+    """The server's record of round t's merges: a line in metrics.jsonl (with the left-out updates
+    counted by reason) and a line on stderr per update left out."""
+    reasons = [why.split(":")[0] for _, _, why in row["left_out"]]
+    row = {**row, "left_out_by_reason": {k: reasons.count(k) for k in sorted(set(reasons))}}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    for r, c, why in row["left_out"]:
+        print(f"round {r}: client {c}'s update left out: {why}", file=sys.stderr, flush=True)
+
+
 def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, store_url: str | None = None) -> dict:
     """A client process: trains its blocks and exchanges deltas; appends to workdir/timeline.jsonl."""
-    run = setup(config)
-    comm.check_supported(run.fed)
-    if not 0 <= client_id < run.fed.num_clients:
-        raise ValueError(f"--client-id {client_id}: the run has clients 0..{run.fed.num_clients - 1}")
+    if not 0 <= client_id < config.num_clients:
+        raise ValueError(f"--client-id {client_id}: the run has clients 0..{config.num_clients - 1}")
     cc = comm_config(config, store_url)
     link = transport.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
     store = transport.Store(cc.store)
+    # Before anything is built: a client with other settings would train another run.
+    published = store.wait_json("server/config", cc.server_wait_s, "the server's config")
+    keys = cc.load_keys()
+    if keys is not None:
+        try:
+            keys.check(published, "server", {"kind": "config"})
+        except signing.BadSignature as e:
+            raise RunFailed(f"the server's config in the store is not the server's ({e})") from None
+    check_agreement(published, config)
+    run = setup(config)
+    comm.check_supported(run.fed)
     os.makedirs(workdir, exist_ok=True)
     timeline = comm.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
     try:

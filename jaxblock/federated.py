@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxblock import algorithms, transport
+from jaxblock import algorithms, transport, validate
 from jaxblock import blocks as blocks_lib
 from jaxblock.algorithms import apply_aggregate, axpy, topk, weighted_sum
 from jaxblock.local import LossFn, make_local_train
@@ -280,6 +280,7 @@ class Trainer:
     store: transport.Store | None = None  # if set, every exchange goes through this TensorStore
     algorithm: algorithms.Algorithm | None = None  # default: algorithms.make(fed)
     links: tuple[transport.Link, ...] | None = None  # each client's link (FedBuff's modelled times)
+    policy: validate.Policy = validate.Policy()  # which uploads the server accepts (validate.py)
 
     def __post_init__(self):
         if self.algorithm is None:
@@ -307,13 +308,17 @@ def make_trainer(
     store: transport.Store | None = None,
     algorithm: algorithms.Algorithm | None = None,
     links=None,
+    policy: validate.Policy | None = None,
 ) -> Trainer:
     """Binds the problem to the algorithm; `partition` is the one it trains over (`algorithm_partition`)."""
     train = make_local_train(loss_fn, optimizer, layout=layout, param_shardings=param_shardings)
     sizes = None if client_sizes is None else np.asarray(client_sizes)
     if sizes is not None and len(sizes) != fed.num_clients:
         raise ValueError(f"client_sizes has {len(sizes)} entries for num_clients={fed.num_clients}")
-    return Trainer(fed, loss_fn, batches_fn, partition, train, sizes, store, algorithm, links and tuple(links))
+    return Trainer(
+        fed, loss_fn, batches_fn, partition, train, sizes, store, algorithm, links and tuple(links),
+        policy or validate.Policy(),
+    )  # fmt: skip
 
 
 def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
@@ -367,7 +372,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     state = {**state, "round": t + 1, "positions": positions, "pending": pending}
     if fed.compression == "topk":
         state["extra"] = {**state.get("extra", {}), "residuals": residuals}
-    state, merged, dropped = merge_arrivals(trainer, state, t)
+    state, merged, dropped, rejected = merge_arrivals(trainer, state, t)
     losses = np.stack(losses)  # [M, K]
     up, down = algo.wire_params(part, b, clients, t)
     itemsize = transport.WIRE_DTYPES[fed.wire_dtype].itemsize
@@ -382,6 +387,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "aggregated_round": merged[0][0] if merged else None,
         "merged": merged,  # [[round, [clients]], ...]: the deltas merged at the end of this round
         "dropped": dropped,  # [[round, client], ...]: deltas later than max_staleness, discarded
+        "rejected": rejected,  # [[round, client, reason], ...]: uploads that failed validation, left out
         "params_up": up,  # values each participant uploads
         "params_down": down,  # values a client downloads (an int: every client; a dict: those clients)
         "bytes_up": [transport.payload_bytes(uploads[c], fed.wire_dtype) for c in clients],  # exact, sparse too
@@ -410,12 +416,16 @@ def lateness(fed: FedConfig, client: int) -> int:
     return fed.stalenesses[client] - min(fed.stalenesses)
 
 
-def merge_weights(fed: FedConfig, round_clients: list[int], merged: list[int], client_sizes=None) -> np.ndarray:
+def merge_weights(
+    fed: FedConfig, round_clients: list[int], merged: list[int], client_sizes=None, lost=()
+) -> np.ndarray:
     """Each merged delta's weight: its weight among the round's participants (1/M, or by sample count),
     times (1 + tau)^-a when `staleness_weight` a is set. A late delta adds its share; it does not
-    renormalise the others."""
-    everyone = aggregation_weights(fed, list(round_clients), client_sizes)
-    weights = np.array([everyone[list(round_clients).index(c)] for c in merged])
+    renormalise the others. `lost`: participants left out of the round (silent or rejected): the
+    weights are renormalised over the others."""
+    kept = [c for c in round_clients if c not in lost]
+    everyone = aggregation_weights(fed, kept, client_sizes)
+    weights = np.array([everyone[kept.index(c)] for c in merged])
     a = fed.staleness_weight or 0.0
     if a > 0:
         weights = weights * np.array([(1.0 + lateness(fed, c)) ** -a for c in merged])
@@ -436,11 +446,12 @@ def dense_uploads(fed: FedConfig, partition: blocks_lib.Partition, params: dict,
     return [topk.densify(u, shapes) for u in uploads]
 
 
-def merge_arrivals(trainer: Trainer, state: dict, t: int) -> tuple[dict, list, list]:
+def merge_arrivals(trainer: Trainer, state: dict, t: int) -> tuple[dict, list, list, list]:
     """Merges every delta that arrives at the end of round t (see `merges_at`); deltas later than
-    `max_staleness` are dropped instead. Returns (state, merged [[r, clients]], dropped [[r, c]])."""
+    `max_staleness` are dropped instead, and uploads that fail validation are rejected. Returns
+    (state, merged [[r, clients]], dropped [[r, c]], rejected [[r, c, reason]])."""
     fed = trainer.fed
-    merged, dropped = [], []
+    merged, dropped, rejected = [], [], []
 
     def waiting(r: int) -> list[int]:
         entry = state["pending"].get(r)
@@ -449,31 +460,49 @@ def merge_arrivals(trainer: Trainer, state: dict, t: int) -> tuple[dict, list, l
     for r, arrived in merges_at(fed, t, waiting):
         on_time, late = split_late(fed, arrived)
         if on_time:
-            state = aggregate(trainer, state, r, on_time, at=t)
-            merged.append([r, on_time])
+            state, bad = aggregate(trainer, state, r, on_time, at=t)
+            rejected += [[r, c, reason] for c, reason in bad.items()]
+            if len(bad) < len(on_time):
+                merged.append([r, [c for c in on_time if c not in bad]])
         if late:
             state = _forget(state, r, late)
             dropped += [[r, c] for c in late]
-    return state, merged, dropped
+    return state, merged, dropped, rejected
 
 
 def aggregate(
     trainer: Trainer, state: dict, round_: int, clients: list[int] | None = None, *, at: int | None = None
-) -> dict:
+) -> tuple[dict, dict[int, str]]:
     """Merges `clients`' pending uploads of round `round_` (default: all of them) into the server
     model and drops them; a round whose deltas have all been merged leaves `pending`. `at`: the
     round at whose end they are merged (default: round_ + its staleness), naming the exchange.
 
-    Weights: `merge_weights`. A NaN/Inf in any upload raises FloatingPointError before the server
-    model is touched.
+    Every upload is screened first (`validate.screen`: finite, within the norm bounds): a rejected
+    one is left out and its client's weight renormalised away ('drop'), or UpdateRejected ends the
+    run before the server model is touched ('stop'). Returns (state, {client: reason} rejected).
     """
     entry = state["pending"][round_]
     clients = [c for c in entry["clients"] if c in entry["deltas"]] if clients is None else list(clients)
     sent = entry.get("uploads", entry["deltas"])
+    bad = validate.screen({c: sent[c] for c in clients}, trainer.policy)
+    validate.stop_if_asked(trainer.policy, round_, bad)
+    lost = [*entry.get("lost", []), *bad]
+    clients = [c for c in clients if c not in bad]
+    params = state["params"]
+    if clients:
+        params = _merge(trainer, state, entry, round_, clients, lost, at)
+    state = _forget(state, round_, [*clients, *bad])
+    if bad and round_ in state["pending"]:  # a later merge of this round renormalises without them too
+        state["pending"][round_] = {**state["pending"][round_], "lost": lost}
+    return {**state, "params": params}, bad
+
+
+def _merge(trainer: Trainer, state: dict, entry: dict, round_: int, clients: list[int], lost: list[int], at) -> dict:
+    """The server model with `clients`' uploads of round `round_` merged (through the store if any)."""
+    sent = entry.get("uploads", entry["deltas"])
     uploads = [sent[c] for c in clients]
-    check_finite(uploads, clients, round_, entry["block"])
     fed, algo = trainer.fed, trainer.algorithm
-    weights = merge_weights(fed, entry["clients"], clients, trainer.client_sizes)
+    weights = merge_weights(fed, entry["clients"], clients, trainer.client_sizes, lost)
 
     def reduce(received):  # the server's side: what it sends down, rounded to the wire
         received = dense_uploads(fed, trainer.partition, state["params"], entry["block"], received)
@@ -484,8 +513,7 @@ def aggregate(
         down = _exchange_through(trainer.store, fed, round_, at, clients, uploads, reduce)
     else:  # the same rounding, in memory: what the server receives and what it sends back
         down = reduce([_on_wire(u, fed.wire_dtype) for u in uploads])
-    params = algo.apply(state["params"], trainer.partition, entry["block"], down, fed.eta)
-    return {**_forget(state, round_, clients), "params": params}
+    return algo.apply(state["params"], trainer.partition, entry["block"], down, fed.eta)
 
 
 def _forget(state: dict, round_: int, clients: list[int]) -> dict:
@@ -530,7 +558,7 @@ def flush(trainer: Trainer, state: dict) -> dict:
     while state["pending"]:
         t = min(r + s[c] for r, e in state["pending"].items() for c in e["deltas"])
         before = sum(len(e["deltas"]) for e in state["pending"].values())
-        state = merge_arrivals(trainer, state, t)[0]
+        state = merge_arrivals(trainer, state, t)[0]  # rejections here are in no round's metrics
         if sum(len(e["deltas"]) for e in state["pending"].values()) == before:  # never loop forever
             raise RuntimeError(f"flush: nothing arrives at the end of round {t}; pending: {sorted(state['pending'])}")
     return state

@@ -15,6 +15,7 @@ from jaxblock.federated import FedConfig
 from jaxblock.hf_io import load_hf
 from jaxblock.local import OptimizerConfig
 from jaxblock.sharding import Layout, make_mesh, rules_from_config
+from jaxblock.validate import Policy
 
 
 def make_layout(config: ml_collections.ConfigDict, devices=None) -> Layout:
@@ -60,6 +61,13 @@ def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
         if isinstance(values.get(name), (list, tuple)):
             values[name] = tuple(values[name])
     return FedConfig(**values)
+
+
+def policy(config: ml_collections.ConfigDict) -> Policy:
+    """Which uploads are accepted (`comm.min_clients`, `comm.max_*`, `comm.on_bad_update`); a run
+    written before these keys existed takes the defaults."""
+    names = [f.name for f in dataclasses.fields(Policy)]
+    return Policy(**{n: config.comm[n] for n in names if n in config.comm})
 
 
 def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:

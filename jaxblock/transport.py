@@ -33,6 +33,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from jaxblock import signing
 from jaxblock.blocks import path_str, unflatten
 
 WIRE_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
@@ -91,12 +92,23 @@ def _under(prefix: str) -> ts.KvStore.KeyRange:
 class Store:
     """A kvstore URL holding zarr3 arrays and JSON markers; TensorStore makes it safe to share across threads."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, context: ts.Context | None = None):
         if "://" not in url:
             raise ValueError(f"--store {url!r}: give a URL such as file:///tmp/run or memory://")
         self.url = url if url.endswith("/") else url + "/"
-        self.context = ts.Context()  # memory:// stores are shared through one context
+        self.context = context or ts.Context()  # memory:// stores are shared through one context
         self.kv = ts.KvStore.open(self.url, context=self.context).result()
+        self.keys_: signing.Keys | None = None  # set by a signing party: server/error must be the server's
+
+    def _servers(self, error) -> bool:
+        """Whether `server/error` is the server's (always, in a run without keys)."""
+        if self.keys_ is None:
+            return isinstance(error, dict) and "message" in error
+        try:
+            self.keys_.check(error, "server", {"kind": "error"})
+            return True
+        except signing.BadSignature:
+            return False  # anyone with store access can write it: a forged error stops nobody
 
     # -- JSON markers
     def put_json(self, key: str, value) -> None:
@@ -121,7 +133,7 @@ class Store:
             now = time.perf_counter()
             if now >= next_error_check:
                 error = self.get_json("server/error")
-                if error is not None:
+                if error is not None and self._servers(error):
                     raise RuntimeError(f"the server stopped: {error['message']}")
                 next_error_check = now + 0.5
             if now - start > timeout_s:
@@ -130,12 +142,16 @@ class Store:
             poll = min(poll * 1.5, max_poll_s)
 
     # -- arrays
-    def publish(self, prefix: str, tree: dict, wire_dtype: str = "float32", before_commit=None) -> int:
+    def publish(
+        self, prefix: str, tree: dict, wire_dtype: str = "float32", before_commit=None, extra=None, seal=None
+    ) -> int:
         """Writes every leaf of `tree` as a zarr3 array under `prefix`, then the COMMIT marker.
 
         Returns the payload bytes (array bytes in the wire dtype). `before_commit(nbytes)` runs
         between the arrays and the marker: a modelled link holds the upload there, so that readers
-        see it no earlier than the link would have delivered it.
+        see it no earlier than the link would have delivered it. `extra`: more fields for the
+        marker (an aggregate's record of who was merged and who left out). `seal(manifest)`: the
+        manifest signed (signing.Keys.seal), with the SHA-256 of every array's bytes in it.
         """
         leaves = [(path_str(p), on_wire_dtype(x, wire_dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
         writes = []
@@ -153,18 +169,27 @@ class Store:
             "leaves": [[p, list(a.shape), a.dtype.name] for p, a in leaves],
             "dtype": WIRE_DTYPES[wire_dtype].name,
             "bytes": nbytes,
+            **(extra or {}),
         }
+        if seal is not None:
+            manifest = seal({**manifest, "digests": [signing.digest(a) for _, a in leaves]})
         if before_commit is not None:
             before_commit(nbytes)
         self.put_json(f"{prefix}/COMMIT", manifest)
         return nbytes
 
-    def fetch(self, prefix: str, manifest: dict) -> tuple[dict, int]:
-        """Reads a committed tree (floating arrays as float32, integer ones as they are) and its payload bytes."""
+    def fetch(self, prefix: str, manifest: dict, before_read=None) -> tuple[dict, int]:
+        """Reads a committed tree (floating arrays as float32, integer ones as they are) and its payload bytes.
+
+        `before_read(path, shape, dtype name)` sees each array as stored before anything is read
+        (validate.read_checked refuses an array larger than its manifest there)."""
         reads = []
         for path, *_ in manifest["leaves"]:
             spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
-            reads.append((path, ts.open(spec, open=True, context=self.context).result().read()))
+            array = ts.open(spec, open=True, context=self.context).result()
+            if before_read is not None:
+                before_read(path, tuple(array.shape), array.dtype.name)
+            reads.append((path, array.read()))
         tree = unflatten((path, _as_float32(np.asarray(r.result()))) for path, r in reads)
         return tree, int(manifest["bytes"])
 

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxblock import blocks, data, federated, local, model
+from jaxblock import blocks, data, federated, local, model, validate
 from jaxblock.config import ModelConfig
 
 N, K, BS, LR = 3, 2, 4, 0.05
@@ -288,17 +288,49 @@ def test_partial_participation_leaves_absent_clients_alone():
     assert all(state["positions"][c] == K * BS for c in m["clients"])
 
 
-def test_nan_update_is_a_clear_error_and_keeps_the_server_model():
+def test_a_nan_update_is_left_out_or_stops_the_run_as_the_policy_says():
+    """ParaBlock, 3 clients, client 1's data is NaN: round 0's deltas are merged at the end of round 1
+    without it, renormalised over the other two; with on_bad_update='stop' the run ends naming it."""
     params, clients = toy_params(), toy_clients()
     clients[1]["y"][:] = np.nan
-    fed = federated.FedConfig(algorithm="fedbcd", rounds=1, num_clients=N, local_steps=K, seed=0)
-    trainer = federated.make_trainer(
-        fed, toy_loss, data.make_batches_fn(clients, BS), blocks.partition(params, RULES), optax.sgd(LR)
-    )
-    state = federated.init_state(fed, params)
-    with pytest.raises(FloatingPointError, match=r"round 0: client 1's delta for block \d has NaN/Inf"):
-        federated.run_round(trainer, state)
+    fed = federated.FedConfig(rounds=2, num_clients=N, local_steps=K, seed=0)
+    part = blocks.partition(params, RULES)
+
+    def trainer(policy):
+        return federated.make_trainer(
+            fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR), policy=policy
+        )
+
+    state, _ = federated.run_round(trainer(validate.Policy()), federated.init_state(fed, params))
+    sent = state["pending"][0]
+    after, m = federated.run_round(trainer(validate.Policy()), state)
+    assert m["rejected"] == [[0, 1, "non-finite: NaN/Inf in the update"]] and m["merged"] == [[0, [0, 2]]]
+    mean = jax.tree.map(lambda *d: sum(d) / 2, *[sent["deltas"][c] for c in (0, 2)])
+    expected = federated.apply_aggregate(state["params"], part, sent["block"], mean, fed.eta)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after["params"], expected)
+    assert 0 not in after["pending"]  # nothing of round 0 is waiting any more, the NaN delta neither
+    with pytest.raises(
+        validate.UpdateRejected,
+        match=r"^round 0: client 1's update rejected \(non-finite: NaN/Inf in the update\); comm.on_bad_update='stop'$",
+    ):
+        federated.run_round(trainer(validate.Policy(on_bad_update="stop")), state)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_norm_bounds_reject_a_scaled_update():
+    honest = {c: {"w": np.full(4, 0.1 * (c + 1), np.float32)} for c in range(3)}  # norms 0.2, 0.4, 0.6
+    scaled = {**honest, 3: {"w": np.full(4, 1e6, np.float32)}}
+    assert validate.screen(honest, validate.Policy(max_norm_ratio=5.0)) == {}
+    assert validate.screen(scaled, validate.Policy(max_norm_ratio=5.0)) == {
+        3: "norm: 2e+06 > 5 x the round's median 0.4"
+    }
+    assert validate.screen(scaled, validate.Policy(max_delta_norm=0.5)) == {
+        2: "norm: 0.6 > comm.max_delta_norm=0.5",
+        3: "norm: 2e+06 > comm.max_delta_norm=0.5",
+    }
+    assert validate.screen({0: {"w": np.array([1.0, np.inf], np.float32)}}, validate.Policy()) == {
+        0: "non-finite: NaN/Inf in the update"
+    }
 
 
 def test_config_errors():
