@@ -106,8 +106,14 @@ def serve(
     policy: validate.Policy | None = None,
     on_aggregate: Callable[[dict], None] | None = None,
     on_merge: Callable[[dict], None] | None = None,
+    state: dict | None = None,
 ) -> dict:
     """Publishes each round's plan, merges uploads, publishes aggregates; returns theta_T.
+
+    Resuming (`state`: a checkpointed server state, round R fully merged): it goes on with the merge
+    at the end of round R + max s. A merge it had published before it stopped (checkpoints lag the
+    store) is read back and applied as the clients applied it, not recomputed: its deltas may be
+    gone, and the model stays bit-identical to a run that never stopped.
 
     At the end of round t it merges the deltas due then (client c's of round r when r + s_c = t):
     it waits for them (`_collect` says how long), checks each (`validate`), and publishes the weighted
@@ -123,14 +129,29 @@ def serve(
     keys = comm.load_keys()
     seal = keys.seal if keys else (lambda doc: doc)
     algo = algorithms.REGISTRY[fed.algorithm]  # plans need the settings alone
-    state = federated.init_state(fed, params)
-    plans: dict[int, dict] = {}
-    lost: dict[int, list[int]] = {}  # round -> its clients left out so far (weights renormalise without them)
+    resumed = state is not None
+    first = 0 if state is None else state["round"] + fed.effective_staleness  # the first merge to run
+    state = federated.init_state(fed, params) if state is None else dict(state)
+    # Plans are a function of the settings: a resumed server knows those it published.
+    plans = {t: {"block": algo.choose_block(fed, t, partition.num_blocks), "clients": algo.participants(fed, t)}
+             for t in range(fed.rounds)}  # fmt: skip
+    # round -> its clients left out so far (weights renormalise without them); kept in checkpoints
+    lost: dict[int, list[int]] = {int(r): v for r, v in state.get("extra_meta", {}).get("lost", {}).items()}
 
     def merge(t: int) -> None:
         row = {"round": t, "merged": [], "left_out": []}
         for r, due in _merged(fed, t, plans):
             plan = plans[r]
+            signed = {"kind": "aggregate", "round": r, "at": t, "block": plan["block"]}
+            published = resumed and _published(store, keys, r, t, signed, partition, state["params"], fed, plan)
+            if published:  # before the restart
+                merged, left_out, agg = published
+                lost[r] = [*lost.get(r, []), *left_out]
+                if merged:
+                    state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
+                row["merged"].append([r, merged])
+                row["left_out"] += [[r, c, why] for c, why in left_out.items()]
+                continue
             accepted, left_out = _collect(
                 fed, partition, state["params"], plan["block"], r, due, store, comm, policy, keys
             )
@@ -144,7 +165,6 @@ def serve(
                 weights = federated.merge_weights(fed, plan["clients"], merged, client_sizes, lost[r])
                 agg = jax.device_get(federated.aggregate_deltas(deltas, weights, fed.wire_dtype))
                 state["params"] = federated.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
-            signed = {"kind": "aggregate", "round": r, "at": t, "block": plan["block"]}
             store.publish(
                 transport.aggregate_prefix(r, t), agg if merged else {}, fed.wire_dtype, extra=record,
                 seal=keys and (lambda m, signed=signed: keys.seal({**m, **signed})),
@@ -156,15 +176,14 @@ def serve(
         done = t - fed.effective_staleness + 1  # rounds whose every delta is merged
         if done >= 1:
             state["round"] = done
+            state["extra_meta"] = {"lost": {str(r): v for r, v in lost.items() if v and r >= done - 1}}
             if on_aggregate is not None:
                 on_aggregate(state)
 
     try:
-        for t in range(fed.rounds):
-            plans[t] = {"block": algo.choose_block(fed, t, partition.num_blocks), "clients": algo.participants(fed, t)}
-            store.put_json(transport.plan_key(t), seal({**plans[t], "kind": "plan", "round": t}))
-            merge(t)
-        for t in range(fed.rounds, final_merge(fed) + 1):  # the final flush
+        for t in range(first, final_merge(fed) + 1):  # the rounds, then the final flush
+            if t < fed.rounds:
+                store.put_json(transport.plan_key(t), seal({**plans[t], "kind": "plan", "round": t}))
             merge(t)
     except BaseException as e:  # every failure is published: no client waits for a dead server
         message = str(e) or type(e).__name__
@@ -172,6 +191,27 @@ def serve(
         raise
     store.put_json("server/done", seal({"kind": "done", "rounds": fed.rounds}))
     return state["params"]
+
+
+def _published(store: Store, keys, r: int, t: int, signed: dict, partition, params, fed, plan):
+    """(merged, left_out, aggregate) of the merge of round r at the end of round t if this server
+    published it before a restart (and it is its own), else None."""
+    prefix = transport.aggregate_prefix(r, t)
+    manifest = store.get_json(f"{prefix}/COMMIT")
+    if manifest is None:
+        return None
+    verify = keys and (lambda m: keys.check(m, "server", signed))
+    agg = None
+    try:
+        if manifest.get("merged"):
+            shapes = jax.eval_shape(lambda: partition.block(params, plan["block"]))
+            expected = validate.expected_leaves(shapes, "none", 1.0, fed.wire_dtype)
+            agg = validate.read_checked(store, prefix, manifest, expected, validate.upload_bytes(expected), verify)
+        elif verify:
+            verify(manifest)
+    except (validate.BadUpdate, signing.BadSignature):
+        return None  # not this server's: it merges the round anew (and overwrites it)
+    return list(manifest["merged"]), {int(c): why for c, why in manifest.get("left_out", {}).items()}, agg
 
 
 def _collect(fed, partition, params, block, r, clients, store: Store, comm: CommConfig, policy, keys):

@@ -439,22 +439,38 @@ def comm_config(config: ml_collections.ConfigDict, store: str | None = None) -> 
 def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None = None) -> dict:
     """The server process: plans rounds, aggregates clients' uploads, checkpoints after each aggregate.
 
-    Returns the summary; the final model is the workdir's last orbax checkpoint.
+    Returns the summary; the final model is the workdir's last orbax checkpoint. Rerunning the same
+    command after the server stopped (killed, crashed) resumes: from the workdir's newest checkpoint
+    (none: from round 0), on the store that holds this run, while the clients wait for it.
     """
     run = setup(config)
     comm.check_supported(run.fed)
     cc = comm_config(config, store_url)
     store = transport.Store(cc.store)
-    if transport.holds_a_run(store):
-        raise ValueError(f"--store {cc.store} already holds a run: use an empty store")
-    if os.path.isdir(checkpoint.directory(workdir)):
-        raise ValueError(
-            f"--workdir {workdir} already holds checkpoints (the server does not resume): use a new workdir"
-        )
-    write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
     settings = agreed_settings(config)
     keys = cc.load_keys()
     published = {"kind": "config", "hash": settings_hash(settings), "settings": settings}
+    state = None
+    if transport.holds_a_run(store):  # a restart: the store must hold this very run, unfinished
+        theirs = store.get_json("server/config") or {}
+        if theirs.get("hash") != published["hash"]:
+            raise ValueError(f"--store {cc.store} holds another run (its settings differ): use an empty store")
+        if store.get_json("server/done") is not None:
+            raise ValueError(f"--store {cc.store} holds a finished run: use an empty store")
+        store.delete("server/error")  # the failure that stopped it: clients started anew must not stop on it
+        mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+        if mgr.latest_step() is not None:
+            check_same_run(checkpoint.newest_readable_meta(mgr) or {}, config, workdir)
+            state, meta, skipped = checkpoint.restore_newest(mgr, run.abstract_params(), run.partition)
+            for step, why in skipped:
+                print(f"checkpoint step {step} skipped: {why}", file=sys.stderr)
+        mgr.close()
+        resumed = 0 if state is None else state["round"]
+        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), resumed + run.fed.effective_staleness)
+        print(f"server: resuming the run in {cc.store} after round {resumed}", file=sys.stderr, flush=True)
+    elif os.path.isdir(checkpoint.directory(workdir)):
+        raise ValueError(f"--workdir {workdir} holds checkpoints but --store {cc.store} no run: use the run's store")
+    write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
     store.put_json("server/config", keys.seal(published) if keys else published)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     start = time.perf_counter()
@@ -468,6 +484,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         params = comm.serve(
             run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
             on_aggregate=save, on_merge=functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl")),
+            state=state,
         )  # fmt: skip
     except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
         raise RunFailed(f"the server failed: {e}") from e

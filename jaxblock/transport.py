@@ -193,6 +193,9 @@ class Store:
         tree = unflatten((path, _as_float32(np.asarray(r.result()))) for path, r in reads)
         return tree, int(manifest["bytes"])
 
+    def delete(self, key: str) -> None:
+        self.kv.delete_range(ts.KvStore.KeyRange(key, key + "\x00")).result()
+
     def delete_round(self, t: int) -> None:
         """Removes everything under round/<t>/ (the simulator once it has aggregated round t, server
         mode once every client has acked it). Deleting twice is harmless."""

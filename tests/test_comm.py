@@ -374,6 +374,37 @@ def test_a_killed_client_is_left_out_and_the_run_completes(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
 
 
+def test_a_killed_server_resumes_and_the_final_model_is_bit_identical(tmp_path):
+    """kill -9 the server mid-run and rerun its command: it resumes from its checkpoint on the same
+    store while the clients wait, and ends with exactly the simulator's model (no update was lost)."""
+    common = ["--config.num_clients=2", "--config.rounds=6", "--config.comm.timeout_s=30"]
+    store, workdir = f"file://{tmp_path}/store", str(tmp_path / "server")
+    server = _start("server.py", *common, "--store", store, "--workdir", workdir)
+    clients = [
+        _start("client.py", *common, "--store", store, "--client-id", str(i), "--workdir", str(tmp_path / "c"))
+        for i in range(2)
+    ]
+    sim = _start("train.py", *common, "--workdir", str(tmp_path / "sim"), "--no-progress", quiet=True)
+    ckpt = tmp_path / "server" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpt.is_dir() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpt))):
+        assert server.poll() is None
+        time.sleep(0.05)
+    server.kill()  # kill -9, mid-run
+    server.wait()
+    again = _start("server.py", *common, "--store", store, "--workdir", workdir)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-2000:]
+    assert "server: resuming the run in" in err
+    for p in [*clients, sim]:
+        _, cerr = p.communicate(timeout=300)
+        assert p.returncode == 0, (cerr or "")[-2000:]
+    step_a, a = final_params(workdir)
+    step_b, b = final_params(str(tmp_path / "sim"))
+    assert step_a == step_b == 6
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
 @pytest.mark.parametrize("wire", ["float32", "bfloat16"])
 def test_simulator_through_a_store_equals_the_in_memory_exchange(wire):
     params, clients = toy_params(), toy_clients(3)
