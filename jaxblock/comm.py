@@ -181,6 +181,8 @@ def serve(
                 on_aggregate(state)
 
     try:
+        if not resumed:
+            _wait_for_clients(store, fed, comm, policy, keys)
         for t in range(first, final_merge(fed) + 1):  # the rounds, then the final flush
             if t < fed.rounds:
                 store.put_json(transport.plan_key(t), seal({**plans[t], "kind": "plan", "round": t}))
@@ -191,6 +193,29 @@ def serve(
         raise
     store.put_json("server/done", seal({"kind": "done", "rounds": fed.rounds}))
     return state["params"]
+
+
+def _wait_for_clients(store: Store, fed, comm: CommConfig, policy, keys) -> None:
+    """Round 0 starts once every client is ready, or once `policy.min_clients` are and nobody else
+    has joined for `comm.timeout_s` (a client may take long to load a big model). Fewer than the
+    quorum after 20 x `timeout_s` stop the run, naming the clients not ready."""
+    need, start, poll = min(policy.min_clients, fed.num_clients), time.perf_counter(), 0.01
+    ready, changed = set(), start
+    while True:
+        now_ready = transport.ready_clients(store, keys)
+        now = time.perf_counter()
+        if now_ready != ready:
+            ready, changed = now_ready, now
+        if len(ready) == fed.num_clients or (len(ready) >= need and now - changed > comm.timeout_s):
+            return
+        if len(ready) < need and now - start > 20 * comm.timeout_s:
+            missing = ", ".join(str(c) for c in range(fed.num_clients) if c not in ready)
+            raise transport.TransportTimeout(
+                f"only {len(ready)} of {fed.num_clients} clients ready after {20 * comm.timeout_s:g}s "
+                f"(comm.min_clients={policy.min_clients}); not ready: client {missing}"
+            )
+        time.sleep(poll)
+        poll = min(poll * 1.5, 0.5)
 
 
 def _published(store: Store, keys, r: int, t: int, signed: dict, partition, params, fed, plan):
@@ -378,8 +403,16 @@ def run_client(
     *,
     on_round: Callable[[dict], None] | None = None,
     on_absorb: Callable[[int, dict], None] | None = None,
+    on_state: Callable[[dict], None] | None = None,
+    resume: dict | None = None,
 ) -> dict:
     """Runs client `client` through every round and the final flush; returns its model replica.
+
+    `on_state(state)` gets its state at the end of each round, before it acks the round (so the store
+    never drops what a restart needs): the server-state layout of `checkpoint.save`, with `round` the
+    next round, its replica as `params`, its pending deltas (and top-k uploads), its data position and
+    top-k residuals. `resume`: such a state; the client rejoins the run there, uploads what it had
+    not committed, and skips the rounds the server has already merged without it.
 
     `on_absorb(t, state)` sees its lean state {params: server model, pending: own deltas} once the
     merges of the end of round t are applied (tests check the lean-form invariant there).
@@ -395,9 +428,18 @@ def run_client(
     overlap = fed.effective_staleness >= 1  # ParaBlock; FedBCD and FedCyBGD exchange after computing
     replica = {"params": params, "pending": {}}  # the lean client state (federated.client_params)
     residuals: dict = {}  # top-k error feedback, per block
-    position = 0
+    position, first = 0, 0
     plans: dict[int, dict] = {}
     sent: dict[int, dict] = {}  # round -> what this client uploads for it (its delta, or top-k of it)
+    if resume is not None:
+        first, position = int(resume["round"]), int(resume["positions"][0])
+        replica = {"params": resume["params"], "pending": dict(resume["pending"])}
+        residuals = resume.get("extra", {}).get("residuals", {})
+        for r in range(max(0, first - fed.effective_staleness), first):
+            plans[r] = _checked_plan(store.get_json(transport.plan_key(r)), r, fed, partition, keys)
+        for r, entry in replica["pending"].items():  # uploads it had not committed when it stopped
+            if store.get_json(f"{transport.delta_prefix(r, client)}/COMMIT") is None:
+                sent[r] = entry.get("uploads", entry["deltas"])[client]
     uploader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"upload-{client}")
     downloader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"download-{client}")
     cleaner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"cleanup-{client}")
@@ -431,6 +473,10 @@ def run_client(
                 replica["pending"].pop(r, None)
         if on_absorb is not None:
             on_absorb(t, replica)
+        if on_state is not None and t < fed.rounds:
+            extra = {"residuals": residuals} if residuals else {}
+            on_state({"params": replica["params"], "round": t + 1, "seed": fed.seed, "positions": [position],
+                      "pending": replica["pending"], "extra": extra})  # fmt: skip
         if not comm.keep_rounds:  # its own thread: neither the compute nor the next upload waits for a delete
             releases.append(cleaner.submit(_release, store, client, t, fed))
 
@@ -442,8 +488,15 @@ def run_client(
                  "loss": None if losses is None else float(np.mean(np.asarray(losses)))}
             )  # fmt: skip
 
+    ready = {"kind": "ready", "client": client}
+    store.put_json(transport.ready_key(client), keys.seal(ready) if keys else ready)
     try:
-        for t in range(fed.rounds):
+        if resume is not None:  # what it had not sent of rounds before the last, now (the loop sends the last)
+            for r in sorted(sent):
+                if not (overlap and r == first - 1):
+                    submit_upload(r)
+        catching_up = resume is not None
+        for t in range(first, fed.rounds):
             plan = store.wait_json(transport.plan_key(t), comm.server_wait_s, f"round {t}: no plan from the server")
             plans[t] = _checked_plan(plan, t, fed, partition, keys)
             b = plan["block"]
@@ -454,7 +507,10 @@ def run_client(
                 up = submit_upload(t - 1)
                 merges = downloader.submit(_download, store, comm, link, fed, t, plans, partition, params, keys)
             delta = losses = None
-            if client in plan["clients"]:
+            if catching_up:  # a round the server merged without it while it was down: nothing to train for
+                at = transport.aggregate_prefix(t, t + fed.stalenesses[client])
+                catching_up = store.get_json(f"{at}/COMMIT") is not None
+            if client in plan["clients"] and not catching_up:
                 model = federated.client_params(replica, partition, client, fed.eta)
                 block, frozen = partition.split(model, b)
                 batches, position = batches_fn(client, position, fed.local_steps)
@@ -468,6 +524,7 @@ def run_client(
                 sent[t] = delta
                 if fed.compression == "topk":
                     sent[t], residuals = topk.send(residuals, client, b, delta, fed.topk_ratio)
+                    replica["pending"][t]["uploads"] = {client: sent[t]}  # a restart resends it
             if not overlap:  # FedBCD: communicate after computing, nothing overlaps
                 up = submit_upload(t)
                 merges = downloader.submit(_download, store, comm, link, fed, t, plans, partition, params, keys)
@@ -486,6 +543,7 @@ def run_client(
             row("flush", plans[fed.rounds - 1]["block"], 0.0, comm_s, time.perf_counter() - start, up, down, None)
         for future in [*uploads, *releases]:  # raises a failed upload, ack or delete
             future.result()
+        store.delete(transport.ready_key(client))  # a finished run leaves no trace of it
     finally:
         for executor in (uploader, downloader, cleaner):
             executor.shutdown(wait=False, cancel_futures=True)

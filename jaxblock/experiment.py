@@ -516,7 +516,8 @@ def log_merge(path: str, row: dict) -> None:
 
 
 def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, store_url: str | None = None) -> dict:
-    """A client process: trains its blocks and exchanges deltas; appends to workdir/timeline.jsonl."""
+    """A client process: trains its blocks and exchanges deltas; appends to workdir/timeline.jsonl and
+    checkpoints its state in workdir/client_<i>/ each round; rerunning it resumes from there."""
     if not 0 <= client_id < config.num_clients:
         raise ValueError(f"--client-id {client_id}: the run has clients 0..{config.num_clients - 1}")
     cc = comm_config(config, store_url)
@@ -535,13 +536,29 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     comm.check_supported(run.fed)
     os.makedirs(workdir, exist_ok=True)
     timeline = comm.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    # Its own state, each round (before it acks the round): rerunning the command rejoins the run.
+    mgr = checkpoint.manager(os.path.join(workdir, f"client_{client_id}"), max_to_keep=2)
+    resume = None
+    if mgr.latest_step() is not None:
+        check_same_run(checkpoint.newest_readable_meta(mgr) or {}, config, workdir)
+        resume, _, skipped = checkpoint.restore_newest(mgr, run.abstract_params(), run.partition)
+        for step, why in skipped:
+            print(f"client {client_id}: checkpoint step {step} skipped: {why}", file=sys.stderr)
+        print(f"client {client_id}: rejoining the run at round {resume['round']}", file=sys.stderr, flush=True)
+
+    def save(state: dict) -> None:
+        checkpoint.save(mgr, state, run.fed, wall_s=0.0, config=config.to_dict(), mode="client")
+        mgr.wait_until_finished()
+
     try:
         return comm.run_client(
             client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
-            store, cc, link, on_round=timeline,
+            store, cc, link, on_round=timeline, on_state=save, resume=resume,
         )  # fmt: skip
     except ValueError as e:  # see serve
         raise RunFailed(f"the client failed: {e}") from e
+    finally:
+        mgr.close()
 
 
 class RunFailed(RuntimeError):

@@ -227,6 +227,11 @@ def aggregate_prefix(t: int, at: int) -> str:
     return f"round/{t}/aggregate/{at}"
 
 
+def ready_key(client: int) -> str:
+    """Client i has built its model and data and is ready for round 0 (the server waits for a quorum)."""
+    return f"ready/{client}"
+
+
 def ack_key(t: int, client: int) -> str:
     return f"round/{t}/ack/{client}"
 
@@ -238,6 +243,22 @@ def holds_a_run(store: Store) -> bool:
     server/error, only its later rounds.
     """
     return bool(store.keys("round/") or store.keys("server/"))
+
+
+def ready_clients(store: Store, keys=None) -> set[int]:
+    """The clients that have said they are ready (with keys: signed by themselves)."""
+    ready = set()
+    for k in store.keys("ready/"):
+        if not k.isdigit():
+            continue
+        doc = store.get_json(ready_key(int(k)))
+        try:
+            if keys is not None:
+                keys.check(doc, signing.client_name(int(k)), {"kind": "ready", "client": int(k)})
+            ready.add(int(k))
+        except signing.BadSignature:
+            pass
+    return ready
 
 
 def on_wire_dtype(x, wire_dtype: str) -> np.ndarray:

@@ -267,7 +267,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(server))
 
 
-def test_fewer_updates_than_min_clients_stop_the_run_naming_the_silent_client():
+def test_fewer_clients_than_min_clients_stop_the_run_naming_the_silent_one():
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
     fed = federated.FedConfig(rounds=3, num_clients=2, local_steps=2)
@@ -277,9 +277,9 @@ def test_fewer_updates_than_min_clients_stop_the_run_naming_the_silent_client():
             fed, params, part, local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS),
             store, comm.CommConfig(timeout_s=0.5), clients=[0], policy=validate.Policy(min_clients=2),
         )  # fmt: skip
-    message = "round 0: client 1 sent no update: nothing after 1s, and 1 of 2 updates are fewer than comm.min_clients=2"
+    message = "only 1 of 2 clients ready after 10s (comm.min_clients=2); not ready: client 1"
     assert str(e.value) == message
-    assert store.get_json("server/error") == {"message": message}  # the clients stopped on it
+    assert store.get_json("server/error") == {"kind": "error", "message": message}  # the clients stopped on it
 
 
 def _cmd(script, *extra):
@@ -372,6 +372,35 @@ def test_a_killed_client_is_left_out_and_the_run_completes(tmp_path):
     assert mgr.latest_step() == 5
     state = mgr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+def test_a_killed_client_rejoins_when_its_command_is_rerun(tmp_path):
+    """kill -9 client 2 of 3 mid-run and rerun its command: the rounds it missed are left out (and
+    logged), it restores its own checkpoint, skips what was merged without it and is merged again."""
+    common = ["--config.num_clients=3", "--config.rounds=8", "--config.comm.timeout_s=10"]
+    store, cdir = f"file://{tmp_path}/store", str(tmp_path / "c")
+    server = _start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))
+    client = lambda i: _start("client.py", *common, "--store", store, "--client-id", str(i), "--workdir", cdir)  # noqa: E731
+    clients = [client(i) for i in range(3)]
+    ckpt = tmp_path / "c" / "client_2" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ckpt.is_dir() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpt))):
+        assert server.poll() is None
+        time.sleep(0.05)
+    clients[2].kill()
+    clients[2].wait()
+    time.sleep(11)  # long enough to be left out of a round
+    clients[2] = client(2)
+    _, err = server.communicate(timeout=300)
+    assert server.returncode == 0, err[-2000:]
+    outs = [p.communicate(timeout=120) for p in clients]
+    assert [p.returncode for p in clients] == [0, 0, 0], [e[-1000:] for _, e in outs]
+    assert "client 2: rejoining the run at round" in outs[2][1]
+    rows = compare.read_jsonl(str(tmp_path / "server" / "metrics.jsonl"))
+    missed = [r for row in rows for r, c, _ in row["left_out"] if c == 2]
+    merged = [r for row in rows for r, cs in row["merged"] if 2 in cs]
+    assert missed and merged and max(merged) > max(missed), (missed, merged)
+    assert all(c == 2 for row in rows for _, c, _ in row["left_out"])
 
 
 def test_a_killed_server_resumes_and_the_final_model_is_bit_identical(tmp_path):
