@@ -59,7 +59,7 @@ from jaxblock.transport import Link, Store
 @dataclasses.dataclass(frozen=True)
 class CommConfig:
     store: str = "memory://"
-    timeout_s: float = 600.0  # how long the server waits for a client's update (and clients for the server)
+    timeout_s: float = 600.0  # a client silent this long after a round's first update is left out (see _collect)
     keep_rounds: bool = False  # keep every round's keys (default: clients delete round t once all hold its aggregate)
     keys: str = ""  # this party's key directory (scripts/keys.py); "" = nothing is signed or checked
 

@@ -3,6 +3,9 @@
 Runs ParaBlock, FedBCD, Fed full FT, FedIT and FFA-LoRA (FLoRA runs in the simulator: train.py).
 
 python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0 --workdir runs/client0
+
+Its state is checkpointed in <workdir>/client_<i>/ every round: rerunning the command rejoins the run.
+A config whose result-changing settings differ from the server's is refused, listing the keys.
 """
 
 import argparse

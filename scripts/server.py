@@ -5,8 +5,10 @@ Runs ParaBlock, FedBCD, Fed full FT, FedIT and FFA-LoRA (FLoRA runs in the simul
     python scripts/server.py --config configs/tiny.py --store file:///tmp/run/store --workdir runs/server
     python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0   # one per client
 
-If a client sends nothing for --config.comm.timeout_s seconds, the server stops with an error
-naming it; its checkpoints (after each aggregation) stay in the workdir.
+A client silent for --config.comm.timeout_s after a round's first update is left out of that round
+(fewer than comm.min_clients stop the run); every upload is validated before it is merged, and
+with --config.comm.keys=keys/server (scripts/keys.py) only signed ones are accepted. Rerunning
+the same command after a crash resumes from the workdir's newest checkpoint on the same store.
 """
 
 import argparse

@@ -203,7 +203,7 @@ def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
             tree, _ = store.wait_fetch(prefix, 0.1, prefix)
             assert jax.tree.map(np.shape, tree) == block_shape, prefix
         assert store.acked(t + 1) == set()  # nobody acks when rounds are kept
-    assert store.get_json("server/done") == {"rounds": 3}
+    assert store.get_json("server/done") == {"kind": "done", "rounds": 3}
     report(
         f"store after a toy 3-round, 2-client run with keep_rounds: {sum(files_under(tmp_path / 'store').values())} bytes"
     )
