@@ -11,7 +11,6 @@ import jax
 import ml_dtypes
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 import tensorstore
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
@@ -250,7 +249,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
 
     server, replicas = comm.run_in_threads(
         fed, params, part, local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS),
-        transport.Store("memory://"), comm.CommConfig(timeout_s=2.0), clients=[0, 1], on_merge=merges.append,
+        transport.Store("memory://"), comm.CommConfig(timeout_s=1.0), clients=[0, 1], on_merge=merges.append,
         on_aggregate=lambda state: server_at.__setitem__(state["round"] + staleness - 1, jax.device_get(state["params"])),
         on_absorb=absorbed,
     )  # fmt: skip
@@ -258,7 +257,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
     assert [m["round"] for m in merges] == list(range(final + 1))
     for m in merges[staleness:]:  # round t - s's deltas merge at the end of round t, client 2's left out
         r = m["round"] - staleness
-        assert m["merged"] == [[r, [0, 1]]] and m["left_out"] == [[r, 2, "missing: no update within 2s"]]
+        assert m["merged"] == [[r, [0, 1]]] and m["left_out"] == [[r, 2, "missing: no update within 1s"]]
     assert len(seen) == 2 * (final + 1)
     for client, t, model, pending in seen:
         jax.tree.map(np.testing.assert_array_equal, model, server_at[t])
@@ -275,9 +274,9 @@ def test_fewer_clients_than_min_clients_stop_the_run_naming_the_silent_one():
     with pytest.raises(transport.TransportTimeout) as e:
         comm.run_in_threads(
             fed, params, part, local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS),
-            store, comm.CommConfig(timeout_s=0.5), clients=[0], policy=validate.Policy(min_clients=2),
+            store, comm.CommConfig(timeout_s=0.2), clients=[0], policy=validate.Policy(min_clients=2),
         )  # fmt: skip
-    message = "only 1 of 2 clients ready after 10s (comm.min_clients=2); not ready: client 1"
+    message = "only 1 of 2 clients ready after 4s (comm.min_clients=2); not ready: client 1"
     assert str(e.value) == message
     assert store.get_json("server/error") == {"kind": "error", "message": message}  # the clients stopped on it
 
@@ -344,40 +343,11 @@ def test_a_client_with_other_settings_refuses_to_start_listing_them(tmp_path):
     )
 
 
-def test_a_killed_client_is_left_out_and_the_run_completes(tmp_path):
-    """kill -9 client 1 of 2 mid-run: each later round goes on without it after comm.timeout_s, the
-    server logs who was left out and why, and finishes with every round checkpointed."""
-    common = ["--config.num_clients=2", "--config.rounds=5", "--config.comm.timeout_s=6"]
-    store = f"file://{tmp_path}/store"
-    server = _start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))
-    clients = [
-        _start("client.py", *common, "--store", store, "--client-id", str(i), "--workdir", str(tmp_path / "c"))
-        for i in range(2)
-    ]
-    ckpt = tmp_path / "server" / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (ckpt.is_dir() and any(d.isdigit() and int(d) >= 2 for d in os.listdir(ckpt))):
-        assert server.poll() is None
-        time.sleep(0.05)
-    clients[1].kill()  # client 1 dies mid-run
-    _, err = server.communicate(timeout=120)
-    out0, err0 = clients[0].communicate(timeout=60)
-    assert server.returncode == 0 and clients[0].returncode == 0, (err[-1000:], err0[-1000:])
-    assert "client 1's update left out: missing: no update within 6s" in err
-    rows = compare.read_jsonl(str(tmp_path / "server" / "metrics.jsonl"))
-    left = [c for row in rows for _, c, _ in row["left_out"]]
-    assert left and set(left) == {1} and rows[-1]["merged"] == [[4, [0]]]
-    assert sum(row["left_out_by_reason"].get("missing", 0) for row in rows) == len(left)
-    mgr = ocp.CheckpointManager(str(ckpt), item_names=("state", "meta"))
-    assert mgr.latest_step() == 5
-    state = mgr.restore(5, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
-
-
 def test_a_killed_client_rejoins_when_its_command_is_rerun(tmp_path):
-    """kill -9 client 2 of 3 mid-run and rerun its command: the rounds it missed are left out (and
-    logged), it restores its own checkpoint, skips what was merged without it and is merged again."""
-    common = ["--config.num_clients=3", "--config.rounds=8", "--config.comm.timeout_s=10"]
+    """kill -9 client 2 of 3 mid-run and rerun its command: the run goes on, the rounds it missed are
+    left out (and logged), it restores its own checkpoint, skips what was merged without it and is
+    merged again."""
+    common = ["--config.num_clients=3", "--config.rounds=7", "--config.comm.timeout_s=5"]
     store, cdir = f"file://{tmp_path}/store", str(tmp_path / "c")
     server = _start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))
     client = lambda i: _start("client.py", *common, "--store", store, "--client-id", str(i), "--workdir", cdir)  # noqa: E731
@@ -389,7 +359,7 @@ def test_a_killed_client_rejoins_when_its_command_is_rerun(tmp_path):
         time.sleep(0.05)
     clients[2].kill()
     clients[2].wait()
-    time.sleep(11)  # long enough to be left out of a round
+    time.sleep(6)  # long enough to be left out of a round
     clients[2] = client(2)
     _, err = server.communicate(timeout=300)
     assert server.returncode == 0, err[-2000:]
@@ -401,12 +371,14 @@ def test_a_killed_client_rejoins_when_its_command_is_rerun(tmp_path):
     merged = [r for row in rows for r, cs in row["merged"] if 2 in cs]
     assert missed and merged and max(merged) > max(missed), (missed, merged)
     assert all(c == 2 for row in rows for _, c, _ in row["left_out"])
+    assert sum(row["left_out_by_reason"].get("missing", 0) for row in rows) == len(missed)
+    assert f"round {missed[0]}: client 2's update left out: missing: no update within 5s" in err
 
 
 def test_a_killed_server_resumes_and_the_final_model_is_bit_identical(tmp_path):
     """kill -9 the server mid-run and rerun its command: it resumes from its checkpoint on the same
     store while the clients wait, and ends with exactly the simulator's model (no update was lost)."""
-    common = ["--config.num_clients=2", "--config.rounds=6", "--config.comm.timeout_s=30"]
+    common = ["--config.num_clients=2", "--config.rounds=4", "--config.comm.timeout_s=30"]
     store, workdir = f"file://{tmp_path}/store", str(tmp_path / "server")
     server = _start("server.py", *common, "--store", store, "--workdir", workdir)
     clients = [
@@ -430,7 +402,7 @@ def test_a_killed_server_resumes_and_the_final_model_is_bit_identical(tmp_path):
         assert p.returncode == 0, (cerr or "")[-2000:]
     step_a, a = final_params(workdir)
     step_b, b = final_params(str(tmp_path / "sim"))
-    assert step_a == step_b == 6
+    assert step_a == step_b == 4
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 

@@ -1,0 +1,254 @@
+"""Chaos test of a server + N client deployment: random kills and restarts, a server kill, bad uploads.
+
+    python scripts/chaos.py --clients 10 --rounds 30 --workdir runs/chaos
+
+Runs scripts/server.py and scripts/client.py as OS processes on a file:// store with signed
+traffic (scripts/keys.py), a small random model on synthetic data (override with --config.*). The
+last client's slot is an attacker holding that client's key: round 0 it sends a small honest
+update, then every round one of: unsigned, signed with another client's key, NaN, oversized,
+wrong shape, a 1e6-scaled update, a replay of its round-0 upload. Meanwhile real clients are
+killed (kill -9) and restarted at random, and the server once. At the end it prints the faults
+injected and survived, the uploads rejected by reason, the rounds completed, and whether the
+server's final model equals a replay of exactly the deltas its log says it accepted (read back
+from the store, which keeps every round), applied with the server's own functions. Bounded by
+--max-minutes: past it everything is killed and the script exits 1.
+"""
+
+import argparse
+import collections
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = [
+    "hf_checkpoint=", "data.source=synthetic", "model.vocab_size=256", "model.hidden_size=64",
+    "model.intermediate_size=128", "model.num_layers=2", "model.head_dim=16", "blocks.layers_per_block=1",
+    "seq_len=32", "batch_size=4", "local_steps=2", "data.examples_per_client=16", "blocks.head_block=False",
+    "optimizer.learning_rate=0.003", "comm.keep_rounds=True", "comm.max_norm_ratio=20", "checkpoint.max_to_keep=2",
+]  # fmt: skip
+ATTACKS = ("unsigned", "other key", "nan", "oversized", "wrong shape", "scaled 1e6", "replay")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=10, help="N (the last one is the attacker's slot)")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--timeout-s", type=float, default=8.0, help="comm.timeout_s of every party")
+    parser.add_argument("--kills", type=int, default=6, help="client kills (each restarted)")
+    parser.add_argument("--seed", type=int, default=0, help="of the fault schedule")
+    parser.add_argument("--workdir", default="runs/chaos")
+    parser.add_argument("--max-minutes", type=float, default=30.0)
+    args, extra = parser.parse_known_args()
+    if args.clients < 3:
+        parser.error("--clients must be >= 3 (two honest clients and the attacker's slot)")
+    rng = random.Random(args.seed)
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    os.makedirs(args.workdir)
+    import jax
+
+    from jaxblock import experiment, signing  # after argparse: --help needs no JAX
+    from jaxblock.config import load_config
+
+    signing.make_keys(os.path.join(args.workdir, "keys"), args.clients)
+    store = f"file://{os.path.abspath(args.workdir)}/store"
+    overrides = [*SMALL, f"num_clients={args.clients}", f"rounds={args.rounds}", f"comm.timeout_s={args.timeout_s}"]
+    flags = ["--config", os.path.join(ROOT, "configs", "tiny.py"), *[f"--config.{o}" for o in overrides], *extra]
+    config = load_config(flags[1], [*overrides, *[f.removeprefix("--config.") for f in extra]])
+    run = experiment.setup(config)  # the attacker's block shapes
+    block_shapes = lambda b: jax.eval_shape(lambda: run.partition.block(run.params, b))  # noqa: E731
+    logs = os.path.join(args.workdir, "logs")
+    os.makedirs(logs)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1"}
+    starts = collections.Counter()
+
+    def start(script: str, name: str, *more: str) -> subprocess.Popen:
+        starts[name] += 1
+        log = open(os.path.join(logs, f"{name}.{starts[name]}.log"), "w")  # noqa: SIM115 - the process owns it
+        cmd = [sys.executable, os.path.join(ROOT, "scripts", script), *flags, "--store", store, *more]
+        return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+    def server():
+        keys = os.path.join(args.workdir, "keys", "server")
+        return start(
+            "server.py", "server", "--workdir", os.path.join(args.workdir, "server"), f"--config.comm.keys={keys}"
+        )
+
+    def client(i: int):
+        keys = os.path.join(args.workdir, "keys", f"client_{i}")
+        workdir = os.path.join(args.workdir, "clients")
+        return start(
+            "client.py", f"client_{i}", "--client-id", str(i), "--workdir", workdir, f"--config.comm.keys={keys}"
+        )
+
+    honest = list(range(args.clients - 1))
+    deadline = time.time() + 60 * args.max_minutes
+    procs = {"server": server(), **{i: client(i) for i in honest}}
+    injected = collections.Counter()
+    attacker = Attacker(store, os.path.join(args.workdir, "keys"), args.clients - 1, rng, block_shapes)
+    # The fault schedule, in rounds: client kills spread over the run, the server's in the middle.
+    kill_rounds = sorted(rng.sample(range(2, max(3, args.rounds - 2)), min(args.kills, max(1, args.rounds - 4))))
+    server_kill_round = args.rounds // 2
+    restart_at: dict = {}
+    try:
+        while procs["server"].poll() is None or "server" in restart_at:
+            if time.time() > deadline:
+                raise TimeoutError(f"not finished after {args.max_minutes:g} minutes")
+            t = attacker.step(injected)
+            now = time.time()
+            if kill_rounds and t >= kill_rounds[0]:
+                kill_rounds.pop(0)
+                live = [i for i in honest if i not in restart_at and procs[i].poll() is None]
+                if live:
+                    victim = rng.choice(live)
+                    procs[victim].send_signal(signal.SIGKILL)
+                    injected["client kill -9"] += 1
+                    restart_at[victim] = now + rng.uniform(0, 2 * args.timeout_s)
+            if server_kill_round is not None and t >= server_kill_round:
+                server_kill_round = None
+                procs["server"].send_signal(signal.SIGKILL)
+                procs["server"].wait()
+                injected["server kill -9"] += 1
+                restart_at["server"] = now + 2.0
+            for who, when in list(restart_at.items()):
+                if now >= when:
+                    del restart_at[who]
+                    procs[who].wait()
+                    procs[who] = server() if who == "server" else client(who)
+            time.sleep(0.2)
+        down = {who for who in restart_at if who != "server"}  # killed, the run ended before their restart
+        for i in honest:
+            procs[i].wait(timeout=max(1.0, deadline - time.time()))
+        procs = {who: p for who, p in procs.items() if who not in down}
+    except (TimeoutError, subprocess.TimeoutExpired) as e:
+        for p in procs.values():
+            p.kill()
+        parser.exit(1, f"chaos: {e}; logs in {logs}\n")
+    report(args, procs, injected, starts, store)
+
+
+class Attacker:
+    """Plays the last client's slot with its key: an honest round 0, then one bad upload per round."""
+
+    def __init__(self, store_url: str, keys_dir: str, me: int, rng: random.Random, block_shapes):
+        from jaxblock import signing, transport
+
+        self.block_shapes = block_shapes  # block id -> its leaves' ShapeDtypeStructs
+        self.transport, self.signing = transport, signing
+        self.store = transport.Store(store_url)
+        self.me, self.rng, self.round, self.first = me, rng, 0, None
+        self.mine = signing.Keys(os.path.join(keys_dir, f"client_{me}"))
+        self.other = signing.Keys(os.path.join(keys_dir, "client_0"))
+        self.store.put_json(transport.ready_key(me), self.mine.seal({"kind": "ready", "client": me}))
+
+    def step(self, injected: collections.Counter) -> int:
+        """Uploads into round t's slot once round t's plan is out; returns the newest round planned."""
+        import numpy as np
+
+        t = self.round
+        plan = self.store.get_json(self.transport.plan_key(t))
+        if plan is None:
+            return t - 1
+        import jax
+
+        signed = {"kind": "delta", "round": t, "block": plan["block"], "client": self.me}
+        honest = jax.tree.map(lambda x: np.full(x.shape, 1e-4, np.float32), self.block_shapes(plan["block"]))
+        each = lambda f: jax.tree.map(f, honest)  # noqa: E731
+        seal = lambda m: self.mine.seal({**m, **signed})  # noqa: E731
+        prefix = self.transport.delta_prefix(t, self.me)
+        kind = "honest" if t == 0 else ATTACKS[(t - 1) % len(ATTACKS)]
+        if kind == "honest":
+            self._publish(prefix, honest, seal)
+            self.first = (prefix, self.store.get_json(f"{prefix}/COMMIT"))
+        elif kind == "unsigned":
+            self._publish(prefix, honest, None)
+        elif kind == "other key":
+            self._publish(prefix, honest, lambda m: self.other.seal({**m, **signed}))
+        elif kind == "nan":
+            self._publish(prefix, each(lambda v: np.full_like(v, np.nan)), seal)
+        elif kind == "oversized":
+            self._publish(prefix, each(lambda v: np.zeros((v.shape[0] * 4, *v.shape[1:]), np.float32)), seal)
+        elif kind == "wrong shape":
+            self._publish(prefix, each(lambda v: np.zeros((1, 3), np.float32)), seal)
+        elif kind == "scaled 1e6":
+            self._publish(prefix, each(lambda v: v * 1e10), seal)
+        elif kind == "replay":  # its round-0 upload, arrays and signed manifest copied to round t
+            old_prefix, manifest = self.first
+            tree, _ = self.store.fetch(old_prefix, manifest)
+            self._publish(prefix, tree, None, manifest=manifest)
+        injected[f"upload: {kind}"] += 1
+        self.round += 1
+        return t
+
+    def _publish(self, prefix, tree, seal, manifest=None):
+        if manifest is None:
+            self.store.publish(prefix, tree, seal=seal)
+        else:  # another upload's signed manifest over these arrays
+            self.store.publish(prefix, tree)
+            self.store.put_json(f"{prefix}/COMMIT", manifest)
+
+
+def report(args, procs, injected, starts, store_url):
+    """Prints the summary and the replay check; exits 1 if the replay differs or a party failed."""
+    import jax
+    import numpy as np
+
+    from jaxblock import checkpoint, compare, experiment, federated, transport, validate
+
+    config = experiment.read_config(os.path.join(args.workdir, "server"))
+    run = experiment.setup(config)
+    fed, part = run.fed, run.partition
+    store = transport.Store(store_url)
+    rows = compare.read_jsonl(os.path.join(args.workdir, "server", "metrics.jsonl"))
+    algo = federated.algorithms.REGISTRY[fed.algorithm]
+    plans = {t: {"block": algo.choose_block(fed, t, part.num_blocks), "clients": algo.participants(fed, t)}
+             for t in range(fed.rounds)}  # fmt: skip
+    params, lost = run.params, {}
+    for row in rows:  # exactly the accepted deltas, in the server's order, with its own functions
+        for r, c, _ in row["left_out"]:
+            lost.setdefault(r, []).append(c)
+        for r, merged in row["merged"]:
+            if not merged:
+                continue
+            block = plans[r]["block"]
+            shapes = jax.eval_shape(lambda b=block, p=params: part.block(p, b))
+            expected = validate.expected_leaves(shapes, fed.compression, fed.topk_ratio, fed.wire_dtype)
+            deltas = [
+                validate.read_checked(store, transport.delta_prefix(r, c), store.get_json(
+                    f"{transport.delta_prefix(r, c)}/COMMIT"), expected, validate.upload_bytes(expected))
+                for c in merged
+            ]  # fmt: skip
+            deltas = federated.dense_uploads(fed, part, params, block, deltas)
+            weights = federated.merge_weights(fed, plans[r]["clients"], merged, run.client_sizes, lost.get(r, []))
+            agg = jax.device_get(federated.aggregate_deltas(deltas, weights, fed.wire_dtype))
+            params = federated.apply_aggregate(params, part, block, agg, fed.eta)
+    mgr = checkpoint.manager(os.path.join(args.workdir, "server"), read_only=True)
+    state, _, _ = checkpoint.restore_newest(mgr, run.abstract_params(), part)
+    mine, theirs = jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(state["params"]))
+    equal = all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine, theirs, strict=True))
+    reasons = collections.Counter(why.split(":")[0] for row in rows for _, _, why in row["left_out"])
+    failed = {who: p.returncode for who, p in procs.items() if p.returncode}
+    summary = {
+        "clients": args.clients,
+        "rounds completed": f"{state['round']} of {fed.rounds}",
+        "faults injected": dict(injected),
+        "faults survived": sum(injected.values()) if not failed and state["round"] == fed.rounds else 0,
+        "restarts": {k: v - 1 for k, v in starts.items() if v > 1},
+        "uploads left out by reason": dict(sorted(reasons.items())),
+        "final model equals a replay of the accepted deltas": equal,
+        "parties that failed": failed,
+    }
+    print(json.dumps(summary, indent=1))
+    with open(os.path.join(args.workdir, "chaos.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    if not equal or failed or state["round"] != fed.rounds:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
