@@ -16,6 +16,7 @@ judged); and a runtime plot per table. `--config.KEY=VALUE` overrides apply to e
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -50,6 +51,31 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
     with open(os.path.join(workdir, "cell_time.json"), "w") as f:
         json.dump(seconds, f)
     log(f"done {os.path.basename(workdir)}: {sum(seconds.values()):.0f} s")
+
+
+# What a finished cell's report rows are made of (a few tens of KB): --archive keeps these, not checkpoints.
+RESULT_FILES = ("config.json", "metrics.jsonl", "eval.json", "cell_time.json", "summary.json")
+
+
+def archive(workdir: str, to: str) -> None:
+    """Copies a finished cell's result files to `to`/<cell name>/ (a directory one can commit)."""
+    out = os.path.join(to, os.path.basename(workdir))
+    os.makedirs(out, exist_ok=True)
+    for name in RESULT_FILES:
+        if os.path.exists(os.path.join(workdir, name)):
+            shutil.copy2(os.path.join(workdir, name), os.path.join(out, name))
+
+
+def unarchive(workdir: str, source: str) -> bool:
+    """Restores a cell finished elsewhere from `source`/<cell name>/ into an empty workdir; True if it did."""
+    kept = os.path.join(source, os.path.basename(workdir))
+    if os.path.exists(os.path.join(workdir, "eval.json")) or not os.path.exists(os.path.join(kept, "eval.json")):
+        return False
+    os.makedirs(workdir, exist_ok=True)
+    for name in RESULT_FILES:
+        if os.path.exists(os.path.join(kept, name)):
+            shutil.copy2(os.path.join(kept, name), os.path.join(workdir, name))
+    return True
 
 
 def cell_seconds(workdir: str) -> float:
@@ -254,6 +280,9 @@ def main():
     parser.add_argument("--compute-s", type=float, default=0.6, help="every client's modelled compute per round")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (each is its own process)")
     parser.add_argument("--report-only", action="store_true", help="report the finished cells; train nothing")
+    parser.add_argument(
+        "--archive", default=None, help="a directory of finished cells' result files: read before, written after each"
+    )
     config, args = runtime.parse_args(parser)
     names = [*paper.ORDER, "fig2"] if args.table == "all" else [args.table]
     unknown = [n for n in names if n not in paper.TABLES and n != "fig2"]
@@ -271,12 +300,21 @@ def main():
             reports = json.load(f)["tables"]
     runs = {n: cells(paper.TABLES[n], config, config_path, user, seeds, args.workdir) for n in names if n != "fig2"}
     todo = {workdir: overrides for r in runs.values() for cell in r.values() for _, overrides, workdir in cell}
+    if args.archive:
+        restored = sum(unarchive(w, args.archive) for w in todo)
+        say(f"{restored} finished cells restored from {args.archive}")
     say(f"{len(todo)} cells, {sum(os.path.exists(os.path.join(w, 'eval.json')) for w in todo)} done")
     if args.report_only:
         todo = {w: o for w, o in todo.items() if os.path.exists(os.path.join(w, "eval.json"))}
+
+    def one(w: str) -> None:
+        run_cell(config_path, todo[w], w, say)
+        if args.archive:
+            archive(w, args.archive)
+
     with ThreadPoolExecutor(args.jobs) as pool:
         try:
-            list(pool.map(lambda w: run_cell(config_path, todo[w], w, say), todo))
+            list(pool.map(one, todo))
         except RuntimeError as e:
             parser.exit(1, f"error: {e}\n")
     machine_s = sum(cell_seconds(w) for w in todo)

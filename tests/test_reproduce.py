@@ -61,7 +61,7 @@ def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
     workdir = tmp_path / "paper"
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
            "--config.rounds=2", "--config.local_steps=2", "--config.eval.num_examples=8", "--table", "T5", "--seeds",
-           "1", "--workdir", str(workdir), "--jobs", "2"]  # fmt: skip
+           "1", "--workdir", str(workdir), "--jobs", "2", "--archive", str(tmp_path / "kept")]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     first = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr[-2000:]
@@ -83,6 +83,15 @@ def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
     assert second.stdout.count("skip") == 2 and "train.py" not in second.stdout
     assert {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()} == mtimes
     assert json.loads((workdir / "report.json").read_text())["tables"]["T5"]["rows"] == report["rows"]
+    # The archive alone (a few small files per cell, committable) gives the same report elsewhere.
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == [c.name for c in cells]
+    elsewhere = tmp_path / "elsewhere"
+    third = subprocess.run([*cmd[:-6], "--workdir", str(elsewhere), "--report-only", "--archive", str(tmp_path / "kept")], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert third.returncode == 0 and "2 finished cells restored" in third.stdout, third.stderr[-2000:]
+    rows = json.loads((elsewhere / "report.json").read_text())["tables"]["T5"]["rows"]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("seeds", "commands")} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(report["rows"])
 
 
 def test_a_run_modelled_without_training():
