@@ -62,15 +62,18 @@ class CommConfig:
     timeout_s: float = 600.0  # a client silent this long after a round's first update is left out (see _collect)
     keep_rounds: bool = False  # keep every round's keys (default: clients delete round t once all hold its aggregate)
     keys: str = ""  # this party's key directory (scripts/keys.py); "" = nothing is signed or checked
+    server_timeout_s: float = 1800.0  # how long a client waits for a silent server (a restart included)
 
     def load_keys(self) -> signing.Keys | None:
         return signing.Keys(self.keys) if self.keys else None
 
     @property
     def server_wait_s(self) -> float:
-        """How long a client waits for the server: three times `timeout_s`, as the server itself may
-        first wait up to that for its clients (`_collect`) before it publishes the round."""
-        return 3 * self.timeout_s
+        """How long a client waits for the server: `server_timeout_s` (time for a killed server to be
+        restarted and resume), and at least three times `timeout_s`, as the server itself may first
+        wait up to that for its clients (`_collect`) before it publishes the round. A server that
+        fails says so in `server/error`, which stops clients at once."""
+        return max(self.server_timeout_s, 3 * self.timeout_s)
 
 
 def check_supported(fed: federated.FedConfig) -> None:

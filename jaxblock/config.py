@@ -390,6 +390,7 @@ _RULES = {
     "comm.timeout_s": _number(0),
     "comm.keep_rounds": _bool,
     "comm.min_clients": _int(1),
+    "comm.server_timeout_s": _number(0),
     "comm.max_delta_norm": _number(0, lo_open=False),
     "comm.max_norm_ratio": _number(0, lo_open=False),
     "comm.max_upload_mb": _number(0, lo_open=False),
@@ -541,6 +542,9 @@ def base_config() -> ml_collections.ConfigDict:
             "bandwidth_mbps": None,
             "latency_ms": None,
             "timeout_s": 600.0,
+            # How long a client waits for a silent server (killed, being restarted: it resumes); a
+            # server that fails says so at once in server/error.
+            "server_timeout_s": 1800.0,
             # Server mode deletes round t's keys once every client has its aggregate (the store
             # would otherwise grow by one delta per client per round); True keeps them all.
             "keep_rounds": False,

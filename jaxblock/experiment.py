@@ -299,6 +299,7 @@ RESUMABLE_KEYS = (
 # Settings a client may hold differently from the server: where files are, and its own link.
 PER_PARTY_KEYS = (
     "comm.keys",
+    "comm.server_timeout_s",
     *RESUMABLE_KEYS,
     "hf_checkpoint",
     "data.path",
@@ -433,6 +434,7 @@ def comm_config(config: ml_collections.ConfigDict, store: str | None = None) -> 
         timeout_s=float(config.comm.timeout_s),
         keep_rounds=bool(config.comm.get("keep_rounds", False)),
         keys=config.comm.get("keys", ""),
+        server_timeout_s=float(config.comm.get("server_timeout_s", 1800.0)),
     )
 
 

@@ -57,7 +57,8 @@ def main():
 
     signing.make_keys(os.path.join(args.workdir, "keys"), args.clients)
     store = f"file://{os.path.abspath(args.workdir)}/store"
-    overrides = [*SMALL, f"num_clients={args.clients}", f"rounds={args.rounds}", f"comm.timeout_s={args.timeout_s}"]
+    overrides = [*SMALL, f"num_clients={args.clients}", f"rounds={args.rounds}", f"comm.timeout_s={args.timeout_s}",
+                 "comm.server_timeout_s=180"]  # fmt: skip
     flags = ["--config", os.path.join(ROOT, "configs", "tiny.py"), *[f"--config.{o}" for o in overrides], *extra]
     config = load_config(flags[1], [*overrides, *[f.removeprefix("--config.") for f in extra]])
     run = experiment.setup(config)  # the attacker's block shapes

@@ -108,7 +108,7 @@ def test_forged_and_bad_uploads_are_rejected_and_change_nothing(keys, report):
 
     def run(attack: bool):
         store, merges, stop = transport.Store("memory://"), [], threading.Event()
-        cc = comm.CommConfig(timeout_s=2.0, keys=str(keys))
+        cc = comm.CommConfig(timeout_s=1.0, keys=str(keys))
         attacker = threading.Thread(target=_attacker, args=(store.url, store.context, keys, fed, part, params, stop))
         if attack:
             attacker.start()
