@@ -71,7 +71,7 @@ def test_arrays_changed_after_signing_are_rejected(keys):
 
 def _attacker(store_url, context, keys, fed, part, params, stop):
     """Writes into client 2's slot every round: unsigned, signed by client 1, NaN (client 2's own key),
-    a wrong shape, a huge norm, and a replay of its round-0 upload; each must be rejected."""
+    a wrong shape, a huge norm, and a replay of its round-2 upload; each must be rejected."""
     store = transport.Store(store_url, context)
     c1, c2 = signing.Keys(str(keys / "client_1")), signing.Keys(str(keys / "client_2"))
     for t in range(fed.rounds):
@@ -83,8 +83,13 @@ def _attacker(store_url, context, keys, fed, part, params, stop):
         good = jax.tree.map(lambda s: np.full(s.shape, 1e-3, np.float32), shapes)
         signed = {"kind": "delta", "round": t, "block": b, "client": 2}
         prefix = transport.delta_prefix(t, 2)
-        kind = t % 5
-        if kind == 0:
+        kind = t % 6
+        if kind == 5:  # round 2's upload (client 2's own signature), arrays and manifest re-committed
+            old = transport.delta_prefix(2, 2)
+            manifest = store.get_json(f"{old}/COMMIT")
+            store.publish(prefix, store.fetch(old, manifest)[0])
+            store.put_json(f"{prefix}/COMMIT", manifest)
+        elif kind == 0:
             store.publish(prefix, good)
         elif kind == 1:
             store.publish(prefix, good, seal=lambda m, s=signed: c1.seal({**m, **s}))
@@ -102,7 +107,7 @@ def _attacker(store_url, context, keys, fed, part, params, stop):
 def test_forged_and_bad_uploads_are_rejected_and_change_nothing(keys, report):
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=5, num_clients=3, local_steps=2)
+    fed = federated.FedConfig(rounds=6, num_clients=3, local_steps=2)
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     policy = validate.Policy(max_norm_ratio=100.0)
 
@@ -123,8 +128,8 @@ def test_forged_and_bad_uploads_are_rejected_and_change_nothing(keys, report):
     attacked, replicas, merges = run(attack=True)
     silent, _, _ = run(attack=False)
     reasons = {r: why.split(":")[0] for m in merges for r, c, why in m["left_out"] if c == 2}
-    report(f"client 2's slot, rounds 0-4: {', '.join(reasons[r] for r in sorted(reasons))}")
-    assert reasons == {0: "unsigned", 1: "forged", 2: "non-finite", 3: "shape", 4: "norm"}
+    report(f"client 2's slot, rounds 0-5: {', '.join(reasons[r] for r in sorted(reasons))}")
+    assert reasons == {0: "unsigned", 1: "forged", 2: "non-finite", 3: "shape", 4: "norm", 5: "replayed"}
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(attacked), jax.device_get(silent))
     for replica in replicas.values():
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(attacked))
@@ -151,3 +156,23 @@ def test_a_forged_server_error_stops_no_signed_client(keys):
     store.put_json("server/error", signing.Keys(str(keys / "server")).seal({"kind": "error", "message": "disk full"}))
     with pytest.raises(RuntimeError, match="^the server stopped: disk full$"):
         store.wait_json("round/0/plan", 5, "round 0: no plan from the server")
+
+
+def test_garbage_in_the_store_is_rejected_never_read_as_an_update(tmp_path):
+    """A COMMIT whose arrays were never written (or half written), or one that is not a manifest."""
+    store = transport.Store(f"file://{tmp_path}/store")
+    tree = {"w": np.ones((4, 3), np.float32)}
+    expected = validate.expected_leaves(jax.eval_shape(lambda: tree), "none", 1.0, "float32")
+    store.publish("round/0/client/0", tree)
+    manifest = store.get_json("round/0/client/0/COMMIT")
+    store.put_json("round/0/client/1/COMMIT", manifest)  # a marker with no arrays behind it
+    with pytest.raises(validate.BadUpdate, match="^garbage: unreadable array"):
+        validate.read_checked(store, "round/0/client/1", manifest, expected, 48)
+    for f in (tmp_path / "store" / "round" / "0" / "client" / "0" / "w").rglob("*"):
+        if f.is_file() and f.name != "zarr.json":
+            f.write_bytes(f.read_bytes()[:5])  # a chunk cut short, as by a writer that died
+    with pytest.raises(validate.BadUpdate, match="^garbage: unreadable array"):
+        validate.read_checked(store, "round/0/client/0", manifest, expected, 48)
+    for bad in (None, [], {"leaves": "x"}, {"leaves": [["w", [4, 3], "float32"]]}):
+        with pytest.raises(validate.BadUpdate, match="^garbage: unreadable manifest"):
+            validate.check_manifest(bad, expected, 48)
