@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import jax
@@ -264,6 +265,47 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
         assert pending == [r for r in range(max(0, t - staleness + 1), min(t, fed.rounds - 1) + 1)], (client, t)
     for replica in replicas.values():
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(server))
+
+
+@pytest.mark.parametrize("staleness", [1, 2])
+def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical(staleness):
+    """Client 1 dies right after its round-2 checkpoint (before it acks or sends the round's delta)
+    and restarts from it within the timeout: no update is lost, the final model is the simulator's."""
+    params, clients = toy_params(), toy_clients(2)
+    part = blocks.partition(params, RULES)
+    fed = federated.FedConfig(rounds=5, num_clients=2, local_steps=2, staleness=staleness, seed=2)
+    train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
+    store, cc = transport.Store("memory://"), comm.CommConfig(timeout_s=20.0)
+    saved, result = {}, {}
+
+    class Killed(Exception):
+        pass
+
+    def dies_after_round_2(state):
+        saved["state"] = {**state, "pending": dict(state["pending"])}
+        if state["round"] == 3:
+            raise Killed
+
+    def client_1():
+        other = transport.Store(store.url, store.context)
+        with pytest.raises(Killed):
+            comm.run_client(
+                1, fed, params, part, train, batches, other, cc, transport.Link(), on_state=dies_after_round_2
+            )
+        comm.run_client(1, fed, params, part, train, batches, other, cc, transport.Link(), resume=saved["state"])
+
+    threads = [
+        threading.Thread(target=lambda: comm.run_client(0, fed, params, part, train, batches,
+                                                        transport.Store(store.url, store.context), cc, transport.Link())),
+        threading.Thread(target=client_1),
+    ]  # fmt: skip
+    for th in threads:
+        th.start()
+    result["server"] = comm.serve(fed, params, part, store, cc)
+    for th in threads:
+        th.join()
+    sim, _ = federated.run(fed, params, toy_loss, batches, part, optax.sgd(0.1))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(result["server"]), jax.device_get(sim["params"]))
 
 
 def test_fewer_clients_than_min_clients_stop_the_run_naming_the_silent_one():
