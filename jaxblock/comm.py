@@ -427,7 +427,7 @@ def run_client(
     """
     check_supported(fed)
     keys = comm.load_keys()
-    store.keys_ = keys
+    store.party_keys = keys
     overlap = fed.effective_staleness >= 1  # ParaBlock; FedBCD and FedCyBGD exchange after computing
     replica = {"params": params, "pending": {}}  # the lean client state (federated.client_params)
     residuals: dict = {}  # top-k error feedback, per block

@@ -98,14 +98,14 @@ class Store:
         self.url = url if url.endswith("/") else url + "/"
         self.context = context or ts.Context()  # memory:// stores are shared through one context
         self.kv = ts.KvStore.open(self.url, context=self.context).result()
-        self.keys_: signing.Keys | None = None  # set by a signing party: server/error must be the server's
+        self.party_keys: signing.Keys | None = None  # set by a signing party: server/error must be the server's
 
     def _servers(self, error) -> bool:
         """Whether `server/error` is the server's (always, in a run without keys)."""
-        if self.keys_ is None:
+        if self.party_keys is None:
             return isinstance(error, dict) and "message" in error
         try:
-            self.keys_.check(error, "server", {"kind": "error"})
+            self.party_keys.check(error, "server", {"kind": "error"})
             return True
         except signing.BadSignature:
             return False  # anyone with store access can write it: a forged error stops nobody

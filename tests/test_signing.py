@@ -149,7 +149,7 @@ def test_keys_script_makes_the_directories(tmp_path):
 
 def test_a_forged_server_error_stops_no_signed_client(keys):
     store = transport.Store("memory://")
-    store.keys_ = signing.Keys(str(keys / "client_0"))
+    store.party_keys = signing.Keys(str(keys / "client_0"))
     store.put_json("server/error", {"kind": "error", "message": "forged: stop"})
     with pytest.raises(transport.TransportTimeout):  # it waited on, and named what it waited for
         store.wait_json("round/0/plan", 0.6, "round 0: no plan from the server")
