@@ -232,14 +232,18 @@ def _published(store: Store, keys, r: int, t: int, signed: dict, partition, para
     agg = None
     try:
         if manifest.get("merged"):
-            shapes = jax.eval_shape(lambda: partition.block(params, plan["block"]))
-            expected = validate.expected_leaves(shapes, "none", 1.0, fed.wire_dtype)
-            agg = validate.read_checked(store, prefix, manifest, expected, validate.upload_bytes(expected), verify)
+            agg = _read_aggregate(store, prefix, manifest, partition, params, plan["block"], fed.wire_dtype, verify)
         elif verify:
             verify(manifest)
     except (validate.BadUpdate, signing.BadSignature):
         return None  # not this server's: it merges the round anew (and overwrites it)
     return list(manifest["merged"]), {int(c): why for c, why in manifest.get("left_out", {}).items()}, agg
+
+
+def _read_aggregate(store: Store, prefix: str, manifest, partition, params, block: int, wire: str, verify) -> dict:
+    """An aggregate of `block` read through every check an upload passes (dense, the wire dtype)."""
+    expected = validate.expected_leaves(jax.eval_shape(lambda: partition.block(params, block)), "none", 1.0, wire)
+    return validate.read_checked(store, prefix, manifest, expected, validate.upload_bytes(expected), verify)
 
 
 def _collect(fed, partition, params, block, r, clients, store: Store, comm: CommConfig, policy, keys):
@@ -344,11 +348,11 @@ def _download(
             except signing.BadSignature as e:
                 raise RuntimeError(f"round {r}: the aggregate in the store is not the server's ({e})") from None
         if manifest.get("merged"):
-            shapes = jax.eval_shape(lambda b=plans[r]["block"]: partition.block(params, b))
-            expected = validate.expected_leaves(shapes, "none", 1.0, fed.wire_dtype)
             try:
                 verify = keys and (lambda m, s=signed: keys.check(m, "server", s))
-                agg = validate.read_checked(store, prefix, manifest, expected, validate.upload_bytes(expected), verify)
+                agg = _read_aggregate(
+                    store, prefix, manifest, partition, params, plans[r]["block"], fed.wire_dtype, verify
+                )
             except validate.BadUpdate as e:
                 raise RuntimeError(f"round {r}: the aggregate in the store is not the server's ({e})") from None
             total += int(manifest["bytes"])
