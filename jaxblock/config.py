@@ -469,7 +469,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_size = 4  # per client per local step
     config.seq_len = 512  # every batch is padded to this length: one executable per block
     config.optimizer = ml_collections.ConfigDict(dataclasses.asdict(OptimizerConfig()))
-    config.compilation_cache_dir = ""  # a directory for JAX's persistent compilation cache
+    # JAX's persistent compilation cache (runtime.cache_dir): '' = the user cache
+    # ($XDG_CACHE_HOME or ~/.cache)/jaxblock/xla, shared by every run; a path; 'off' = none.
+    config.compilation_cache_dir = ""
     # Federated run (federated.FedConfig): ParaBlock by default, as in the paper. The algorithms
     # (jaxblock/algorithms/): parablock, fedbcd, fedavg_full (Fed full FT), and the LoRA methods
     # fedit, ffa_lora, flora, which train the adapters of the `lora` section on a frozen model.

@@ -588,6 +588,7 @@ def restore_model(
     points at it if it moved, and becomes the config's `hf_checkpoint`.
     """
     config = read_config(workdir)
+    runtime.setup_jax(config)  # the evaluation's executables are cached like training's
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep, read_only=True)
     directory = base_model.verify(workdir, config.hf_checkpoint, base_dir)
     if directory is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import jax
@@ -23,12 +24,32 @@ def make_layout(config: ml_collections.ConfigDict, devices=None) -> Layout:
     return Layout(make_mesh(config.mesh.to_dict(), devices), rules_from_config(config.rules))
 
 
+CACHE_MIN_COMPILE_S = 0.2  # quicker compiles are not worth a file: axpy, weighted sums, ...
+CACHE_MAX_BYTES = 4 << 30  # the cache evicts its least recently used executables beyond this
+
+
+def cache_dir(setting: str) -> str | None:
+    """The persistent compilation cache's directory for `compilation_cache_dir`: '' = the user cache,
+    ($XDG_CACHE_HOME or ~/.cache)/jaxblock/xla; 'off' = None (no cache); else the path itself."""
+    if setting == "off":
+        return None
+    if setting:
+        return os.path.expanduser(setting)
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxblock", "xla")
+
+
 def setup_jax(config: ml_collections.ConfigDict) -> None:
-    """Process-wide JAX settings from the run config (the persistent compilation cache)."""
-    if config.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    """Process-wide JAX settings from the run config: the persistent compilation cache, so that a
+    resumed or repeated run, its evaluation, and every other run of the same shapes load their
+    executables instead of compiling them again (the cache key is the program, the compiler
+    options and the devices: it never serves a stale executable)."""
+    path = cache_dir(config.get("compilation_cache_dir", ""))
+    if path is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
 
 
 def make_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> blocks.Partition:

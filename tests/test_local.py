@@ -1,5 +1,7 @@
 """LocalBlockTraining: exact updates, block-only gradients and optimizer state, compilation, sharding."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -216,7 +218,7 @@ def test_sharded_local_training_equals_single_device(setup, report):
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
 
 
-def test_config_sections_build(tmp_path):
+def test_config_sections_build(tmp_path, monkeypatch):
     config = runtime.load_config("configs/tiny.py", [f"compilation_cache_dir={tmp_path}"])
     before = jax.config.jax_compilation_cache_dir
     try:
@@ -224,6 +226,12 @@ def test_config_sections_build(tmp_path):
         assert jax.config.jax_compilation_cache_dir == str(tmp_path)
     finally:
         jax.config.update("jax_compilation_cache_dir", before)
+    # '' (the default) is the user cache, 'off' is no cache
+    assert runtime.cache_dir("off") is None
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert runtime.cache_dir("") == os.path.join(tmp_path, "jaxblock", "xla")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert runtime.cache_dir("") == os.path.expanduser(os.path.join("~", ".cache", "jaxblock", "xla"))
     assert runtime.optimizer_config(config).name == "adamw"
     with pytest.raises(ValueError, match="optimizer.name='adam'"):
         runtime.optimizer_config(runtime.load_config("configs/tiny.py", ["optimizer.name=adam"]))
