@@ -36,6 +36,45 @@ def _param(module: nn.Module, name: str, shape, axes, init=_init):
     return module.param(name, nn.with_logical_partitioning(init, axes), shape, cfg.param_jnp_dtype)
 
 
+@jax.custom_vjp
+def dense(x: Array, w: Array) -> Array:
+    """x [..., d_in] @ w [d_in, d_out]: every projection of the model, with its backward pass written
+    out so that XLA:CPU runs it fast.
+
+    The weight gradient contracts over every leading axis of x and of the output's gradient g.
+    Autodiff's transpose of the dot has XLA:CPU transpose g inside the elementwise op that produced
+    it (the SiLU's backward, say): a loop reading several inputs with a stride of a whole row per
+    element, 6.5 ms of a 100 ms step for one [512, 1024] gradient. Here g is made a plain array
+    first (an optimization barrier, on the CPU only: GPU matmuls take transposed operands as they
+    are) and the two gradients are plain dots: the MLP's forward and backward go from 13.9 to 5.3 ms
+    (BENCHMARKS.md "issue 17"), equal up to float rounding. As with autodiff, only the gradients
+    that are needed are computed: a frozen w gets none, an input that no trained weight depends
+    on gets none (symbolic zeros).
+    """
+    return x @ w
+
+
+def _dense_fwd(x, w):
+    # Which inputs carry a gradient, kept in the residuals' structure (() yes, None no): static.
+    needed = tuple(() if arg.perturbed else None for arg in (x, w))
+    return x.value @ w.value, (x.value, w.value, needed)
+
+
+def _dense_bwd(residuals, g):
+    x, w, (x_needed, w_needed) = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    if jax.default_backend() == "cpu":
+        g = jax.lax.optimization_barrier(g)
+    lead = tuple(range(x.ndim - 1))
+    dx = None if x_needed is None else g @ w.T
+    dw = None if w_needed is None else jnp.tensordot(x, g, axes=(lead, lead))
+    return dx, dw
+
+
+dense.defvjp(_dense_fwd, _dense_bwd, symbolic_zeros=True)
+
+
 def _with_lora(module: nn.Module, kernel: str, x: Array, y: Array) -> Array:
     """y = x @ W plus `kernel`'s LoRA term `(x @ A) @ B * lora_alpha / r`, if the params carry one.
 
@@ -120,9 +159,9 @@ class Attention(nn.Module):
         wo = _param(self, "o_proj", (n, h, d), ("heads", "head_dim", "embed"))
         x = x.astype(dt)
         b, t = x.shape[:2]
-        q = _with_lora(self, "q_proj", x, jnp.einsum("BTD,DNH->BTNH", x, wq.astype(dt)))
-        key = _with_lora(self, "k_proj", x, jnp.einsum("BTD,DKH->BTKH", x, wk.astype(dt)))
-        val = _with_lora(self, "v_proj", x, jnp.einsum("BTD,DKH->BTKH", x, wv.astype(dt)))
+        q = _with_lora(self, "q_proj", x, dense(x, wq.astype(dt).reshape(d, n * h)).reshape(b, t, n, h))
+        key = _with_lora(self, "k_proj", x, dense(x, wk.astype(dt).reshape(d, k * h)).reshape(b, t, k, h))
+        val = _with_lora(self, "v_proj", x, dense(x, wv.astype(dt).reshape(d, k * h)).reshape(b, t, k, h))
         if cfg.qkv_bias:
             zeros = nn.initializers.zeros
             q = q + _param(self, "q_bias", (n, h), ("heads", "head_dim"), zeros).astype(dt)
@@ -144,7 +183,8 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, val.astype(dt)).reshape(b, t, n, h)
-        out = _with_lora(self, "o_proj", out.reshape(b, t, n * h), jnp.einsum("BTNH,NHD->BTD", out, wo.astype(dt)))
+        out = out.reshape(b, t, n * h)
+        out = _with_lora(self, "o_proj", out, dense(out, wo.astype(dt).reshape(n * h, d)))
         if cfg.o_bias:
             out = out + _param(self, "o_bias", (d,), ("embed",), nn.initializers.zeros).astype(dt)
         return out, cache
@@ -162,10 +202,10 @@ class MLP(nn.Module):
         up = _param(self, "up_proj", (d, f), ("embed", "mlp"))
         down = _param(self, "down_proj", (f, d), ("mlp", "embed"))
         x = x.astype(dt)
-        hidden = nn.silu(_with_lora(self, "gate_proj", x, x @ gate.astype(dt)))  # [B,T,F]
-        hidden = hidden * _with_lora(self, "up_proj", x, x @ up.astype(dt))
+        hidden = nn.silu(_with_lora(self, "gate_proj", x, dense(x, gate.astype(dt))))  # [B,T,F]
+        hidden = hidden * _with_lora(self, "up_proj", x, dense(x, up.astype(dt)))
         hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"), self.layout)
-        return _with_lora(self, "down_proj", hidden, hidden @ down.astype(dt))
+        return _with_lora(self, "down_proj", hidden, dense(hidden, down.astype(dt)))
 
 
 class DecoderLayer(nn.Module):
@@ -191,10 +231,7 @@ def logits_of(cfg: ModelConfig, head: Array, x: Array, layout: Layout | None = N
     """The LM head: final hidden states x [B,T,D] -> logits [B,T,V] float32, `head` from `head_of`.
     The model's last step, and the chunked loss's (local.py) on a slice of positions."""
     dt = cfg.jnp_dtype
-    if cfg.tie_word_embeddings:
-        logits = jnp.einsum("BTD,VD->BTV", x, head.astype(dt))
-    else:
-        logits = jnp.einsum("BTD,DV->BTV", x, head.astype(dt))
+    logits = dense(x, (head.T if cfg.tie_word_embeddings else head).astype(dt))
     logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"), layout)
     return logits.astype(jnp.float32)
 
