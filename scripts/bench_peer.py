@@ -141,7 +141,7 @@ def main():
                     tolerance = 1e-3 if dtype == "float32" else 5e-2
                     if not gap <= tolerance:
                         sys.exit(
-                            f"{shape_name} {dtype} {case}: losses differ by {gap:.2e} (> {tolerance}): not the same work"
+                            f"{shape_name} {dtype} {case}: losses differ by {gap:.2e} (> {tolerance}): unequal work"
                         )
                     tokens = shape["batch"] * shape["seq"]
                     rows.append({"shape": shape_name, "dtype": dtype, "case": case, "loss_gap": gap, "tokens": tokens})
