@@ -385,6 +385,7 @@ _RULES = {
     "lora.rank": _int(1),
     "lora.alpha": _number(0),
     "lora.init_seed": _int(0),
+    "sim.client_batch": _int(0),
     "checkpoint.interval": _int(1),
     "checkpoint.max_to_keep": _int(1),
     "comm.timeout_s": _number(0),
@@ -533,6 +534,10 @@ def base_config() -> ml_collections.ConfigDict:
     # another order, so equal to ~1e-6). donate: the local step's executable reuses the buffers of
     # the block's master copy and optimizer state (scripts/plan.py's per-step figures).
     config.memory = ml_collections.ConfigDict({"remat": False, "loss_chunk": 0, "donate": True})
+    # The simulator (scripts/train.py): client_batch clients of a round train at once, as one vmapped
+    # program (0 = auto: all of a round's clients when their models fit in 1 GiB on one device; 1 = one
+    # by one). Equal to one by one up to float rounding; a run may change it on resume.
+    config.sim = ml_collections.ConfigDict({"client_batch": 0})
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'
     # The communication runtime (scripts/server.py, scripts/client.py, bench_overlap.py).

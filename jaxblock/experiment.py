@@ -113,6 +113,7 @@ class Setup:
     shardings: dict
     partition_table: str
     policy: validate.Policy
+    client_batch: int = 1  # the simulator's clients trained at once (federated.client_batch_size)
 
     def local_train(self):
         return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
@@ -120,7 +121,7 @@ class Setup:
     def trainer(self, store: transport.Store | None = None, links=None) -> federated.Trainer:
         return federated.Trainer(
             self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store,
-            self.algorithm, links and tuple(links), self.policy,
+            self.algorithm, links and tuple(links), self.policy, self.client_batch,
         )  # fmt: skip
 
     def abstract_params(self) -> dict:
@@ -169,6 +170,9 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         optimizer=local.make_optimizer(runtime.optimizer_config(config), fed.local_steps),
         shardings=shardings,
         partition_table=table,
+        client_batch=federated.client_batch_size(
+            config.get("sim", {}).get("client_batch", 0), params, fed.clients_per_round, layout.mesh.size
+        ),
     )
 
 
@@ -293,6 +297,7 @@ def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches:
 # Settings that may differ when a run resumes: they change neither the model nor the logs.
 RESUMABLE_KEYS = (
     "checkpoint.", "comm.timeout_s", "comm.store", "comm.keep_rounds", "compilation_cache_dir", "eval.", "memory.",
+    "sim.",
 )  # fmt: skip
 
 

@@ -281,6 +281,7 @@ class Trainer:
     algorithm: algorithms.Algorithm | None = None  # default: algorithms.make(fed)
     links: tuple[transport.Link, ...] | None = None  # each client's link (FedBuff's modelled times)
     policy: validate.Policy = validate.Policy()  # which uploads the server accepts (validate.py)
+    client_batch: int = 1  # clients trained at once in a round (`client_batch_size`), 1 = one by one
 
     def __post_init__(self):
         if self.algorithm is None:
@@ -309,6 +310,7 @@ def make_trainer(
     algorithm: algorithms.Algorithm | None = None,
     links=None,
     policy: validate.Policy | None = None,
+    client_batch: int = 1,
 ) -> Trainer:
     """Binds the problem to the algorithm; `partition` is the one it trains over (`algorithm_partition`)."""
     train = make_local_train(loss_fn, optimizer, layout=layout, param_shardings=param_shardings)
@@ -317,7 +319,7 @@ def make_trainer(
         raise ValueError(f"client_sizes has {len(sizes)} entries for num_clients={fed.num_clients}")
     return Trainer(
         fed, loss_fn, batches_fn, partition, train, sizes, store, algorithm, links and tuple(links),
-        policy or validate.Policy(),
+        policy or validate.Policy(), client_batch,
     )  # fmt: skip
 
 
@@ -352,18 +354,25 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     deltas, uploads, losses, compute_s = {}, {}, [], {}
     residuals = state.get("extra", {}).get("residuals", {})
     lr_scale = lr_factor(fed, t)
-    for c in clients:
+    for group in _groups(clients, trainer.client_batch):
         c0 = time.perf_counter()
-        params_c = algo.client_model(client_params(state, part, c, fed.eta), c, t)
-        block, frozen = part.split(params_c, b)
-        batches, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
-        delta, loss = trainer.local_train(block, frozen, batches, lr_scale)
-        deltas[c] = uploads[c] = algo.upload(block, delta)
-        if fed.compression == "topk":  # the client's model keeps its whole delta; the wire gets the top k
-            uploads[c], residuals = topk.send(residuals, c, b, deltas[c], fed.topk_ratio)
-        losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
-        compute_s[c] = time.perf_counter() - c0
-        del params_c, block, frozen
+        splits = [part.split(algo.client_model(client_params(state, part, c, fed.eta), c, t), b) for c in group]
+        batches = []
+        for c in group:
+            batch, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
+            batches.append(batch)
+        if len(group) == 1:
+            trained = [trainer.local_train(*splits[0], batches[0], lr_scale)]
+        else:  # one vmapped program for the group (local.make_local_train's `batched`)
+            trained = trainer.local_train.batched(*zip(*splits, strict=True), batches, lr_scale)
+        for c, (block, _), (delta, loss) in zip(group, splits, trained, strict=True):
+            deltas[c] = uploads[c] = algo.upload(block, delta)
+            if fed.compression == "topk":  # the client's model keeps its whole delta; the wire gets the top k
+                uploads[c], residuals = topk.send(residuals, c, b, deltas[c], fed.topk_ratio)
+            losses.append(np.asarray(loss))  # waits for the computation: compute_s is real
+        for c in group:  # a batched client's compute: its share of the group's
+            compute_s[c] = (time.perf_counter() - c0) / len(group)
+        del splits
 
     pending = dict(state["pending"])
     pending[t] = {"block": b, "clients": clients, "deltas": deltas}
@@ -399,6 +408,24 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     if fed.schedule == "gradient":
         metrics["schedule_seconds"] = schedule_s
     return state, metrics
+
+
+def _groups(clients: list[int], size: int) -> list[list[int]]:
+    """The round's clients in consecutive groups of `size` (the simulator trains a group at once)."""
+    return [clients[i : i + size] for i in range(0, len(clients), max(size, 1))]
+
+
+def client_batch_size(setting: int, params: dict, clients_per_round: int, devices: int = 1) -> int:
+    """How many clients the simulator trains at once (`sim.client_batch`): the setting if > 0, else
+    (auto) every participant of a round when their stacked models fit in `BATCH_BYTES` on one
+    device, one at a time otherwise (or under a mesh of several devices)."""
+    if setting > 0:
+        return setting
+    model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+    return clients_per_round if devices == 1 and clients_per_round * model_bytes <= BATCH_BYTES else 1
+
+
+BATCH_BYTES = 1 << 30  # auto client batching: at most 1 GiB of stacked client models
 
 
 def merges_at(fed: FedConfig, t: int, participants_of: Callable[[int], list[int]]) -> list[tuple[int, list[int]]]:

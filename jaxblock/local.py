@@ -11,11 +11,13 @@ frozen leaf and no backward pass runs through the layers below the block.
 from __future__ import annotations
 
 import dataclasses
+import operator
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxblock import model
@@ -198,8 +200,43 @@ def make_local_train(
                 )
         return executables[key](block, frozen, batches, jnp.float32(lr_scale))
 
+    def batched(blocks: list[dict], frozens: list[dict], batches: list[dict], lr_scale: float = 1.0):
+        """`train` for M clients at once, as one `vmap`ped executable: [(delta, losses)] per client,
+        equal to M calls of `train` up to float rounding. A leaf that is the same array for every
+        client (the frozen layers no pending delta touched) is passed once and shared, so its
+        matmuls run over all M clients' tokens together; the others are stacked on a leading axis."""
+        if layout is not None and layout.mesh.size > 1:
+            raise ValueError("make_local_train: batched clients run on one device (sim.client_batch=1 under a mesh)")
+        (block_axes, block), (frozen_axes, frozen) = _shared_or_stacked(blocks), _shared_or_stacked(frozens)
+        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+        key = ("batched", len(blocks), jax.tree.structure(block), jax.tree.structure(frozen),
+               jax.tree.structure(stacked), tuple(jax.tree.leaves(block_axes, is_leaf=_is_none)),
+               tuple(jax.tree.leaves(frozen_axes, is_leaf=_is_none)))  # fmt: skip
+        if key not in executables:
+            executables[key] = jax.jit(jax.vmap(run, in_axes=(block_axes, frozen_axes, 0, None)))
+        deltas, losses = executables[key](block, frozen, stacked, jnp.float32(lr_scale))
+        return [(jax.tree.map(operator.itemgetter(i), deltas), losses[i]) for i in range(len(blocks))]
+
+    train.batched = batched
     train.compilations = lambda: traces[0]
     return train
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _shared_or_stacked(trees: list[dict]) -> tuple[dict, dict]:
+    """(vmap in_axes, argument) for M trees of one structure: a leaf that is one array in all of them
+    is passed once (axis None), any other is stacked (axis 0)."""
+    columns = zip(*(jax.tree.leaves(t) for t in trees), strict=True)
+    axes, args = [], []
+    for column in columns:
+        shared = all(x is column[0] for x in column)
+        axes.append(None if shared else 0)
+        args.append(column[0] if shared else jnp.stack(column))
+    treedef = jax.tree.structure(trees[0])
+    return treedef.unflatten(axes), treedef.unflatten(args)
 
 
 def step_cost(

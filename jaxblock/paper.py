@@ -254,9 +254,10 @@ def cell_name(config: dict, base: dict) -> str:
     """A cell's directory name, from its resolved config alone: the settings that differ from the
     sweep's `base` config (readable) and a hash of the whole config. Cells of different tables with
     the same settings (T1's ParaBlock is T2's 2 layers, T3's random schedule, ...) are one cell.
-    The memory levers (`memory.*`) change how a cell runs, not what it computes: they are left out.
+    The memory levers (`memory.*`) and the simulator's client batching (`sim.*`) change how a cell
+    runs, not what it computes (beyond float rounding): they are left out.
     Paths inside this checkout are hashed relative to it, so a moved or fresh clone finds its cells."""
-    config = {k: v for k, v in config.items() if k != "memory"}
+    config = {k: v for k, v in config.items() if k not in ("memory", "sim")}
     mine, theirs = _flat(config), _flat(base)
     changed = [f"{k.split('.')[-1]}={mine[k]}" for k in sorted(mine) if mine[k] != theirs.get(k)]
     slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(changed))[:60]

@@ -111,12 +111,12 @@ def numpy_algorithm2(fed, theta0, batches_fn, schedule, participants_of):
     return servers, client_models, server
 
 
-def run_core(fed, params, clients, *, rules=RULES, optimizer=None):
+def run_core(fed, params, clients, *, rules=RULES, optimizer=None, client_batch=1):
     """The jaxblock core, round by round, recording server/client models and each round's deltas."""
     part = federated.algorithm_partition(fed, params, blocks.partition(params, rules))
     batches_fn = data.make_batches_fn(clients, BS)
     optimizer = optimizer or optax.sgd(LR)
-    trainer = federated.make_trainer(fed, toy_loss, batches_fn, part, optimizer)
+    trainer = federated.make_trainer(fed, toy_loss, batches_fn, part, optimizer, client_batch=client_batch)
     state = federated.init_state(fed, params)
     servers, client_models, schedule, parts, deltas = [], [], [], [], []
     for _ in range(fed.rounds):
@@ -135,17 +135,21 @@ def _close(a, b, tol=1e-6):
 
 
 @pytest.mark.parametrize(
-    "staleness, participation, lr_decay",
-    [(1, 1.0, "none"), (2, 1.0, "none"), (3, 1.0, "none"), (1, 0.5, "none"), (1, 1.0, "cosine"), (2, 0.5, "linear")],
-)
-def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay):
-    """(b) server trajectory and (a)-style client models equal an explicit NumPy Algorithm 2."""
+    "staleness, participation, lr_decay, client_batch",
+    [(1, 1.0, "none", 1), (2, 1.0, "none", 1), (3, 1.0, "none", 1), (1, 0.5, "none", 1), (1, 1.0, "cosine", 1),
+     (2, 0.5, "linear", 1), (1, 1.0, "none", N), (2, 0.5, "linear", 2)],
+)  # fmt: skip
+def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay, client_batch):
+    """(b) server trajectory and (a)-style client models equal an explicit NumPy Algorithm 2, with the
+    clients trained one by one or `client_batch` at a time (one vmapped program)."""
     fed = federated.FedConfig(
         rounds=8, num_clients=N, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3,
         lr_decay=lr_decay, lr_decay_alpha=0.1 if lr_decay == "linear" else 0.0,
     )  # fmt: skip
     params, clients = toy_params(), toy_clients()
-    servers, client_models, final, schedule, parts, _, batches_fn = run_core(fed, params, clients)
+    servers, client_models, final, schedule, parts, _, batches_fn = run_core(
+        fed, params, clients, client_batch=client_batch
+    )
     assert any(a == b for a, b in zip(schedule, schedule[1:], strict=False)), "want a b_t == b_{t-1} case"
     if participation < 1:
         assert {len(p) for p in parts} == {math.ceil(0.5 * N)} and len({tuple(p) for p in parts}) > 1
