@@ -363,8 +363,9 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
             batches.append(batch)
         if len(group) == 1:
             trained = [trainer.local_train(*splits[0], batches[0], lr_scale)]
-        else:  # one vmapped program for the group (local.make_local_train's `batched`)
-            trained = trainer.local_train.batched(*zip(*splits, strict=True), batches, lr_scale)
+        else:  # one vmapped program for the group; the leaves no block holds are shared
+            shared = jax.tree.map(lambda label: label == blocks_lib.FROZEN, part.split(part.labels, b)[1])
+            trained = trainer.local_train.batched(*zip(*splits, strict=True), batches, lr_scale, shared)
         for c, (block, _), (delta, loss) in zip(group, splits, trained, strict=True):
             deltas[c] = uploads[c] = algo.upload(block, delta)
             if fed.compression == "topk":  # the client's model keeps its whole delta; the wire gets the top k

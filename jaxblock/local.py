@@ -200,39 +200,51 @@ def make_local_train(
                 )
         return executables[key](block, frozen, batches, jnp.float32(lr_scale))
 
-    def batched(blocks: list[dict], frozens: list[dict], batches: list[dict], lr_scale: float = 1.0):
+    def batched(
+        blocks: list[dict], frozens: list[dict], batches: list[dict], lr_scale: float = 1.0, shared: dict | None = None
+    ):
         """`train` for M clients at once, as one `vmap`ped executable: [(delta, losses)] per client,
-        equal to M calls of `train` up to float rounding. A leaf that is the same array for every
-        client (the frozen layers no pending delta touched) is passed once and shared, so its
-        matmuls run over all M clients' tokens together; the others are stacked on a leading axis."""
+        equal to M calls of `train` up to float rounding. The blocks are stacked on a leading axis;
+        a frozen leaf that `shared` marks True (default: every one) and that is the same array for
+        every client is passed once, so its matmuls run over all M clients' tokens together; any
+        other is stacked. Each pattern of shared leaves is its own executable: the simulator shares
+        only the leaves no block contains, so that a block has one executable."""
         if layout is not None and layout.mesh.size > 1:
             raise ValueError("make_local_train: batched clients run on one device (sim.client_batch=1 under a mesh)")
-        (block_axes, block), (frozen_axes, frozen) = _shared_or_stacked(blocks), _shared_or_stacked(frozens)
+        shared = jax.tree.map(lambda _: True, frozens[0]) if shared is None else shared
+        block_axes, block = _shared_or_stacked(blocks, jax.tree.map(lambda _: False, blocks[0]))
+        frozen_axes, frozen = _shared_or_stacked(frozens, shared)
         stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
         key = ("batched", len(blocks), jax.tree.structure(block), jax.tree.structure(frozen),
                jax.tree.structure(stacked), tuple(jax.tree.leaves(block_axes, is_leaf=_is_none)),
                tuple(jax.tree.leaves(frozen_axes, is_leaf=_is_none)))  # fmt: skip
         if key not in executables:
-            executables[key] = jax.jit(jax.vmap(run, in_axes=(block_axes, frozen_axes, 0, None)))
-        deltas, losses = executables[key](block, frozen, stacked, jnp.float32(lr_scale))
-        return [(jax.tree.map(operator.itemgetter(i), deltas), losses[i]) for i in range(len(blocks))]
+            many = jax.vmap(run, in_axes=(block_axes, frozen_axes, 0, None))
+            executables[key] = jax.jit(lambda *args: _unstack(*many(*args), len(blocks)))
+        return executables[key](block, frozen, stacked, jnp.float32(lr_scale))
 
     train.batched = batched
     train.compilations = lambda: traces[0]
     return train
 
 
+def _unstack(deltas: dict, losses: jax.Array, m: int) -> list[tuple[dict, jax.Array]]:
+    """[(client i's delta, its losses)] from the stacked outputs, inside the executable: M x leaves
+    slices dispatched one by one from Python took longer than the clients' training."""
+    return [(jax.tree.map(operator.itemgetter(i), deltas), losses[i]) for i in range(m)]
+
+
 def _is_none(x) -> bool:
     return x is None
 
 
-def _shared_or_stacked(trees: list[dict]) -> tuple[dict, dict]:
-    """(vmap in_axes, argument) for M trees of one structure: a leaf that is one array in all of them
-    is passed once (axis None), any other is stacked (axis 0)."""
+def _shared_or_stacked(trees: list[dict], may_share: dict) -> tuple[dict, dict]:
+    """(vmap in_axes, argument) for M trees of one structure: a leaf that `may_share` marks True and
+    that is one array in all of them is passed once (axis None), any other is stacked (axis 0)."""
     columns = zip(*(jax.tree.leaves(t) for t in trees), strict=True)
     axes, args = [], []
-    for column in columns:
-        shared = all(x is column[0] for x in column)
+    for column, ok in zip(columns, jax.tree.leaves(may_share), strict=True):
+        shared = ok and all(x is column[0] for x in column)
         axes.append(None if shared else 0)
         args.append(column[0] if shared else jnp.stack(column))
     treedef = jax.tree.structure(trees[0])
