@@ -535,8 +535,9 @@ def base_config() -> ml_collections.ConfigDict:
     # the block's master copy and optimizer state (scripts/plan.py's per-step figures).
     config.memory = ml_collections.ConfigDict({"remat": False, "loss_chunk": 0, "donate": True})
     # The simulator (scripts/train.py): client_batch clients of a round train at once, as one vmapped
-    # program (0 = auto: all of a round's clients when their models fit in 1 GiB on one device; 1 = one
-    # by one). Equal to one by one up to float rounding; a run may change it on resume.
+    # program (0 = auto: on a GPU/TPU all of a round's clients when their models fit in 1 GiB on one
+    # device, on the CPU one by one; 1 = one by one). Equal to one by one up to float rounding; a run
+    # may change it on resume.
     config.sim = ml_collections.ConfigDict({"client_batch": 0})
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'

@@ -171,7 +171,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         shardings=shardings,
         partition_table=table,
         client_batch=federated.client_batch_size(
-            config.get("sim", {}).get("client_batch", 0), params, fed.clients_per_round, layout.mesh.size
+            config.get("sim", {}).get("client_batch", 0),
+            params,
+            fed.clients_per_round,
+            layout.mesh.size,
+            layout.mesh.devices.flat[0].platform,
         ),
     )
 

@@ -416,14 +416,19 @@ def _groups(clients: list[int], size: int) -> list[list[int]]:
     return [clients[i : i + size] for i in range(0, len(clients), max(size, 1))]
 
 
-def client_batch_size(setting: int, params: dict, clients_per_round: int, devices: int = 1) -> int:
+def client_batch_size(
+    setting: int, params: dict, clients_per_round: int, devices: int = 1, platform: str = "cpu"
+) -> int:
     """How many clients the simulator trains at once (`sim.client_batch`): the setting if > 0, else
-    (auto) every participant of a round when their stacked models fit in `BATCH_BYTES` on one
-    device, one at a time otherwise (or under a mesh of several devices)."""
+    (auto) on an accelerator every participant of a round when their stacked models fit in
+    `BATCH_BYTES` on one device, and one at a time otherwise: under a mesh of several devices, and
+    on the CPU, where a small model's loop is compute-bound already and batching measured no gain
+    (BENCHMARKS.md "issue 17")."""
     if setting > 0:
         return setting
     model_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
-    return clients_per_round if devices == 1 and clients_per_round * model_bytes <= BATCH_BYTES else 1
+    fits = devices == 1 and clients_per_round * model_bytes <= BATCH_BYTES
+    return clients_per_round if fits and platform != "cpu" else 1
 
 
 BATCH_BYTES = 1 << 30  # auto client batching: at most 1 GiB of stacked client models

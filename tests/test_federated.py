@@ -386,3 +386,15 @@ def test_simulator_memory_is_one_model_plus_pending_deltas(staleness, report):
     )
     assert growth <= bound
     assert growth >= (16 - 2) * staleness * block_bytes * 0.9  # the pending deltas really are held
+
+
+def test_client_batch_auto():
+    """sim.client_batch: a setting > 0 is kept; auto batches a round on one accelerator when the stacked
+    models fit, and goes one by one on the CPU, under a mesh, or when they do not fit."""
+    small = {"w": np.zeros((1024, 256), np.float32)}  # 1 MiB
+    big = {"w": np.zeros((64, 1024, 1024), np.float32)}  # 256 MiB: 10 of them exceed 1 GiB
+    assert federated.client_batch_size(3, small, 10, 1, "cpu") == 3
+    assert federated.client_batch_size(0, small, 10, 1, "gpu") == 10
+    assert federated.client_batch_size(0, small, 10, 1, "cpu") == 1
+    assert federated.client_batch_size(0, small, 10, 8, "gpu") == 1
+    assert federated.client_batch_size(0, big, 10, 1, "gpu") == 1
