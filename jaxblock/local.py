@@ -219,8 +219,8 @@ def make_local_train(
                jax.tree.structure(stacked), tuple(jax.tree.leaves(block_axes, is_leaf=_is_none)),
                tuple(jax.tree.leaves(frozen_axes, is_leaf=_is_none)))  # fmt: skip
         if key not in executables:
-            many = jax.vmap(run, in_axes=(block_axes, frozen_axes, 0, None))
-            executables[key] = jax.jit(lambda *args: _unstack(*many(*args), len(blocks)))
+            many, m = jax.vmap(run, in_axes=(block_axes, frozen_axes, 0, None)), len(blocks)
+            executables[key] = jax.jit(lambda *args: _unstack(*many(*args), m))  # holds no client's arrays
         return executables[key](block, frozen, stacked, jnp.float32(lr_scale))
 
     train.batched = batched
