@@ -626,7 +626,9 @@ def modeled_timeline(
 ) -> list[dict]:
     """Timeline rows of round `history[-1]` for the one-process simulator, one per client.
 
-    Compute is measured (clients run one after another); communication is modelled from the
+    Compute is measured (clients run one after another; with `sim.client_batch` > 1 each client of a
+    batch is given its share of the batch's time, so the modelled compute is the machine time per
+    client, and differs from one by one by the batching speed-up); communication is modelled from the
     exact bytes each client sends and receives over its link (the rounds' `bytes_up` and
     `bytes_down`, from what each algorithm puts on the wire). Client i's exchange of round r's delta
     (its upload and the download of round r's aggregate) overlaps the compute of its next s_i rounds

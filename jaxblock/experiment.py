@@ -142,6 +142,11 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     config_lib.validate(config)
     runtime.setup_jax(config)
     layout = runtime.make_layout(config)
+    if config.get("sim", {}).get("client_batch", 0) > 1 and layout.mesh.size > 1:
+        raise ValueError(
+            f"sim.client_batch={config.sim.client_batch}: batched clients run on one device, and mesh "
+            f"{dict(layout.mesh.shape)} has {layout.mesh.size}: use sim.client_batch=1 (or 0, auto)"
+        )
     if config.batch_size % layout.ways("activation_batch"):
         raise ValueError(
             f"batch_size={config.batch_size} does not split over the {layout.ways('activation_batch')} "

@@ -361,11 +361,17 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         for c in group:
             batch, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)
             batches.append(batch)
-        if len(group) == 1:
-            trained = [trainer.local_train(*splits[0], batches[0], lr_scale)]
-        else:  # one vmapped program for the group; the leaves no block holds are shared
+        trained = {}
+        for same in _same_shapes(splits):  # clients whose blocks differ in shape (FLoRA's ranks) apart
+            if len(same) == 1:
+                trained[same[0]] = trainer.local_train(*splits[same[0]], batches[same[0]], lr_scale)
+                continue
+            # one vmapped program for these clients; the leaves no block holds are shared
             shared = jax.tree.map(lambda label: label == blocks_lib.FROZEN, part.split(part.labels, b)[1])
-            trained = trainer.local_train.batched(*zip(*splits, strict=True), batches, lr_scale, shared)
+            blocks_, frozens = zip(*(splits[i] for i in same), strict=True)
+            out = trainer.local_train.batched(blocks_, frozens, [batches[i] for i in same], lr_scale, shared)
+            trained.update(zip(same, out, strict=True))
+        trained = [trained[i] for i in range(len(group))]
         for c, (block, _), (delta, loss) in zip(group, splits, trained, strict=True):
             deltas[c] = uploads[c] = algo.upload(block, delta)
             if fed.compression == "topk":  # the client's model keeps its whole delta; the wire gets the top k
@@ -414,6 +420,15 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
 def _groups(clients: list[int], size: int) -> list[list[int]]:
     """The round's clients in consecutive groups of `size` (the simulator trains a group at once)."""
     return [clients[i : i + size] for i in range(0, len(clients), max(size, 1))]
+
+
+def _same_shapes(splits: list[tuple[dict, dict]]) -> list[list[int]]:
+    """Indices of `splits` grouped by the shapes of their (block, frozen) leaves, in order of first
+    appearance: only same-shaped client models can be stacked into one batched program."""
+    groups: dict[tuple, list[int]] = {}
+    for i, split in enumerate(splits):
+        groups.setdefault(tuple((x.shape, x.dtype) for x in jax.tree.leaves(split)), []).append(i)
+    return list(groups.values())
 
 
 def client_batch_size(

@@ -50,7 +50,7 @@ def main():
                 times["eval", state].append(timed([sys.executable, "scripts/eval.py", "--workdir", workdir]))
                 print(f"repeat {i + 1}/{args.repeats} {state}: train {times['train', state][-1]:.1f} s, "
                       f"eval {times['eval', state][-1]:.1f} s", flush=True)  # fmt: skip
-            entries = len(os.listdir(cache))
+            entries = sum(name.endswith("-cache") for name in os.listdir(cache))  # beside each: its -atime
     finally:
         shutil.rmtree(root, ignore_errors=True)
     summary = {f"{phase}_{state}_s": statistics.median(v) for (phase, state), v in times.items()}

@@ -1,5 +1,6 @@
 """LoRA in the model and the LoRA federated methods: FedIT, FFA-LoRA, FLoRA; PEFT interop."""
 
+import dataclasses
 import os
 import time
 
@@ -228,6 +229,19 @@ def test_flora_merges_the_exact_weighted_sum_of_heterogeneous_products(report):
     report(f"FLoRA: merged update vs sum_i p_i s_i A_i B_i (ranks 2,5,3): max err {err:.1e}; "
            f"FedIT's mean(A) mean(B) on non-IID clients is {np.sqrt(num / den):.1%} off the exact sum (relative L2)")  # fmt: skip
     assert num > 0
+
+
+def test_flora_batched_clients_of_different_ranks_train_apart():
+    """sim.client_batch with FLoRA's per-client ranks (2, 5, 2): the rank-2 clients train as one batch,
+    the rank-5 one alone (different shapes do not stack); the round equals one by one."""
+    fed = federated.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2)
+    lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), client_ranks=(2, 5, 2))
+    _, _, params, trainer = _trainer(fed, lc, optax.adamw(2e-2))
+    one, _ = federated.run_round(trainer, federated.init_state(fed, params))
+    batched = dataclasses.replace(trainer, client_batch=3)
+    many, metrics = federated.run_round(batched, federated.init_state(fed, params))
+    assert _max_diff(many["params"], one["params"]) <= 1e-5 and _max_diff(one["params"], params) > 1e-4
+    assert set(metrics["client_compute_s"]) == {0, 1, 2}
 
 
 # ----------------------------------------------------------------------------- runs: resume, export

@@ -100,8 +100,12 @@ def test_a_model_override_that_the_checkpoint_would_ignore_is_refused(tmp_path):
             lambda wd, tmp: experiment.serve(small_config("algorithm=fedbuff"), wd, f"file://{tmp}/store"),
             r"^algorithm='fedbuff': the multi-process runtime does not run it; use the simulator$",
         ),
+        (
+            lambda wd, tmp: experiment.train(small_config("sim.client_batch=2", "mesh.data=-1"), wd, progress=False),
+            r"^sim.client_batch=2: batched clients run on one device, .* use sim.client_batch=1 \(or 0, auto\)$",
+        ),
     ],
-    ids=["bad link", "--step on a new workdir", "server with an unsupported setting"],
+    ids=["bad link", "--step on a new workdir", "server with an unsupported setting", "batched clients on a mesh"],
 )
 def test_errors_found_after_setup_still_write_nothing(call, message, tmp_path):
     workdir = str(tmp_path / "run")
