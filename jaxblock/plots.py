@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
@@ -17,13 +19,14 @@ def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds
     labels = [r["label"] for r in rows]
     compute = [r["compute_s"] for r in rows]
     exposed = [r["exposed_s"] for r in rows]
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.1 * len(rows)), 3.6))
+    width = max(4.0, 1.1 * len(rows))
+    fig, ax = plt.subplots(figsize=(width, 3.6))
     ax.bar(labels, compute, color="#4c72b0", label="computation")
     ax.bar(labels, exposed, bottom=compute, color="#c9a227", label="exposed communication")
     for i, (c, e) in enumerate(zip(compute, exposed, strict=True)):
-        ax.text(i, c + e, f"{c + e:.2f}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, c + e, f"{c + e:.3g}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, int(11 * width))), fontsize=10)  # never wider than the figure
     ax.legend(fontsize=8, loc="upper left")
     ax.tick_params(axis="x", labelsize=8)
     ax.set_ylim(0, 1.18 * max(c + e for c, e in zip(compute, exposed, strict=True)))
