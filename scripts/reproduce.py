@@ -29,15 +29,36 @@ from jaxblock.config import load_config, split_config_args
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+ATTEMPT = "cell_time.attempt.json"  # a cell's run under way: its script, when it started, the seconds before it
+
+
+def carried_seconds(workdir: str) -> dict:
+    """The seconds earlier, interrupted attempts at a cell spent, per script: the scripts they
+    finished, plus the one that was killed, up to the last file it wrote (so a cell resumed after a
+    killed sweep counts all its time, not its last run's)."""
+    path = os.path.join(workdir, ATTEMPT)
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        attempt = json.load(f)
+    seconds = attempt["seconds"]
+    last = max(os.path.getmtime(os.path.join(d, n)) for d, _, names in os.walk(workdir) for n in names)
+    seconds[attempt["script"]] = seconds.get(attempt["script"], 0.0) + max(0.0, last - attempt["started"])
+    return seconds
+
+
 def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
     """Trains and evaluates one cell, unless its eval.json says it is done; records the seconds it
-    took in `cell_time.json`."""
+    took, over every attempt, in `cell_time.json`."""
     if os.path.exists(os.path.join(workdir, "eval.json")):
         log(f"skip {os.path.basename(workdir)}: done")
         return
     flags = [f"--config.{o}" for o in overrides]
-    seconds = {}
+    seconds = carried_seconds(workdir)
+    os.makedirs(workdir, exist_ok=True)
     for script, extra in (("train.py", ["--no-progress"]), ("eval.py", ["--no-base"])):
+        with open(os.path.join(workdir, ATTEMPT), "w") as f:
+            json.dump({"script": script, "started": time.time(), "seconds": seconds}, f)
         start = time.perf_counter()
         cmd = [sys.executable, os.path.join(ROOT, "scripts", script), "--workdir", workdir, *extra]
         if script == "train.py":
@@ -47,9 +68,10 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
             raise RuntimeError(f"{script} failed for cell {workdir}: {lines[-1] if lines else done.returncode}")
-        seconds[script] = time.perf_counter() - start
+        seconds[script] = seconds.get(script, 0.0) + time.perf_counter() - start
     with open(os.path.join(workdir, "cell_time.json"), "w") as f:
         json.dump(seconds, f)
+    os.remove(os.path.join(workdir, ATTEMPT))
     log(f"done {os.path.basename(workdir)}: {sum(seconds.values()):.0f} s")
 
 

@@ -1,9 +1,11 @@
 """scripts/reproduce.py: the paper's tables as resumable cells, reports and verdicts."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from test_train import ROOT, small_config
@@ -76,6 +78,7 @@ def test_reproduce_t5_writes_reports_and_a_second_run_reruns_nothing(tmp_path):
     cells = sorted((workdir / "cells").iterdir())
     times = [json.loads((c / "cell_time.json").read_text()) for c in cells]  # both cells ran, two at a time
     assert all(t["train.py"] > 0 and t["eval.py"] > 0 for t in times) and "distinct cells" in md
+    assert not any((c / "cell_time.attempt.json").exists() for c in cells)  # finished: no attempt under way
     mtimes = {p: p.stat().st_mtime_ns for c in cells for p in c.rglob("*") if p.is_file()}
 
     second = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -119,3 +122,23 @@ def test_report_only_trains_nothing_and_marks_rows_not_run(tmp_path):
     report = json.loads((tmp_path / "report.json").read_text())["tables"]["T5"]
     assert [r["missing"] for r in report["rows"]] == ["not run yet", "not run yet"]
     assert report["claims"][0]["verdict"] == "missing rows"
+
+
+def test_a_resumed_cell_counts_the_time_its_killed_attempts_spent(tmp_path):
+    """A sweep killed in a cell's train.py: the next attempt carries that run's time, up to the last
+    file it wrote; killed in eval.py, the finished train.py's seconds too."""
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
+    reproduce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reproduce)
+    assert reproduce.carried_seconds(str(tmp_path)) == {}  # a first attempt
+    now = time.time()
+    attempt, written = tmp_path / reproduce.ATTEMPT, tmp_path / "checkpoints" / "7" / "state"
+    written.parent.mkdir(parents=True)
+    for path, at in ((attempt, now - 100), (written, now - 40)):
+        path.write_text(json.dumps({"script": "train.py", "started": now - 100, "seconds": {}}))
+        os.utime(path, (at, at))
+    assert reproduce.carried_seconds(str(tmp_path)) == pytest.approx({"train.py": 60.0}, abs=1e-3)
+    attempt.write_text(json.dumps({"script": "eval.py", "started": now - 30, "seconds": {"train.py": 75.0}}))
+    os.utime(attempt, (now - 30, now - 30))
+    os.utime(written, (now - 10, now - 10))
+    assert reproduce.carried_seconds(str(tmp_path)) == pytest.approx({"train.py": 75.0, "eval.py": 20.0}, abs=1e-3)
