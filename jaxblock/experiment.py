@@ -142,9 +142,10 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     config_lib.validate(config)
     runtime.setup_jax(config)
     layout = runtime.make_layout(config)
-    if config.get("sim", {}).get("client_batch", 0) > 1 and layout.mesh.size > 1:
+    client_batch = config.get("sim", {}).get("client_batch", 0)  # sim.client_batch (0 = auto)
+    if client_batch > 1 and layout.mesh.size > 1:
         raise ValueError(
-            f"sim.client_batch={config.sim.client_batch}: batched clients run on one device, and mesh "
+            f"sim.client_batch={client_batch}: batched clients run on one device, and mesh "
             f"{dict(layout.mesh.shape)} has {layout.mesh.size}: use sim.client_batch=1 (or 0, auto)"
         )
     if config.batch_size % layout.ways("activation_batch"):
@@ -176,7 +177,7 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         shardings=shardings,
         partition_table=table,
         client_batch=federated.client_batch_size(
-            config.get("sim", {}).get("client_batch", 0),
+            client_batch,
             params,
             fed.clients_per_round,
             layout.mesh.size,
