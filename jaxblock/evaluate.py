@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 import tqdm
 
-from jaxblock import instruct, local
+from jaxblock import instruct, local, model
 from jaxblock.config import ModelConfig
 from jaxblock.generate import generate
 
@@ -59,3 +61,33 @@ def eval_loss(cfg: ModelConfig, params: dict, tokenizer, examples: list[dict], *
         total += float(loss_fn(params, batch)) * w
         weight += w
     return total / max(weight, 1.0)
+
+
+def loss_by_token(
+    cfg: ModelConfig,
+    params: dict,
+    tokenizer,
+    examples: list[dict],
+    *,
+    seq_len: int,
+    batch_size: int = 64,
+    top: int = 10,
+) -> list[dict]:
+    """Which reference tokens carry the eval loss: the `top` token strings by their share of the summed loss,
+    each {'token', 'count', 'mean_loss', 'share'}. A loss spread evenly over a response differs from one
+    concentrated on a few fixed words of its template (which greedy decoding may still get right)."""
+    data = instruct.tokenize(tokenizer, examples, seq_len)
+    nll_fn = jax.jit(lambda p, tokens: local.token_nll(model.forward(cfg, p, tokens), tokens))
+    losses = collections.defaultdict(list)
+    for start in range(0, len(examples), batch_size):
+        tokens = data["tokens"][start : start + batch_size]
+        nll = np.asarray(nll_fn(params, tokens))
+        mask = data["loss_mask"][start : start + batch_size, 1:] > 0
+        for row, col in zip(*np.nonzero(mask), strict=True):
+            losses[int(tokens[row, col + 1])].append(float(nll[row, col]))
+    total = sum(sum(v) for v in losses.values()) or 1.0
+    rows = [
+        {"token": tokenizer.decode([t]), "count": len(v), "mean_loss": float(np.mean(v)), "share": sum(v) / total}
+        for t, v in losses.items()
+    ]
+    return sorted(rows, key=lambda r: -r["share"])[:top]

@@ -626,10 +626,17 @@ def restore_model(
 
 
 def evaluate_run(
-    workdir: str, step: int | None = None, *, base: bool = True, base_dir: str | None = None, log=print
+    workdir: str,
+    step: int | None = None,
+    *,
+    base: bool = True,
+    base_dir: str | None = None,
+    loss_by_token: bool = False,
+    log=print,
 ) -> dict:
     """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes
-    eval.json and predictions_{base,finetuned}.jsonl (every question, output, extracted and gold answer)."""
+    eval.json and predictions_{base,finetuned}.jsonl (every question, output, extracted and gold answer).
+    `loss_by_token`: also the reference tokens that carry most of the eval loss (`evaluate.loss_by_token`)."""
     config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir, log=log)
     base_params = runtime.load_model(config)[1] if base else None
     tokenizer = load_tokenizer(config)
@@ -645,6 +652,12 @@ def evaluate_run(
         )  # fmt: skip
         loss = evaluate.eval_loss(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
         results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["records"][:5]}
+        if loss_by_token:
+            rows = evaluate.loss_by_token(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+            results[name]["loss_by_token"] = rows
+            log(f"{name:>9}: the tokens that carry the eval loss (share, count, mean loss):")
+            for r in rows:
+                log(f"{'':>11}{r['token']!r:>14} {r['share']:6.1%} {r['count']:6d} {r['mean_loss']:8.3f}")
         with open(os.path.join(workdir, f"predictions_{name}.jsonl"), "w") as f:  # every answer, to read
             f.writelines(json.dumps(r) + "\n" for r in em["records"])
         log(f"{name:>9}: exact match {em['exact_match']:.1%} on {len(examples)}, eval loss {loss:.4f}")

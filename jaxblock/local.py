@@ -72,6 +72,12 @@ def make_optimizer(cfg: OptimizerConfig, local_steps: int) -> optax.GradientTran
 # ----------------------------------------------------------------------------- the LM loss
 
 
+def token_nll(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+    """[B,T-1]: -log p(tokens[:, t+1]) predicted from position t (logits [B,T,V], tokens [B,T])."""
+    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B,T-1,V]
+    return -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+
+
 def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Mean cross-entropy of predicting tokens[:, t+1] from position t, over masked targets.
 
@@ -81,8 +87,7 @@ def next_token_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) 
       loss_mask: [B,T], 1 where tokens[:, t] is a response token to be predicted (0 on the prompt
         and on padding).
     """
-    logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)  # [B,T-1,V]
-    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B,T-1]
+    nll = token_nll(logits, tokens)
     weights = loss_mask[:, 1:].astype(jnp.float32)
     return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 

@@ -118,3 +118,24 @@ def test_a_moved_or_changed_base_model_is_named_and_base_points_at_a_copy(run_di
         f.write(" ")
     with pytest.raises(ValueError, match=rf"^base model {copy}: tokenizer.json has changed since the run started"):
         experiment.restore_model(str(moved), base_dir=str(copy))
+
+
+def test_loss_by_token_accounts_for_the_whole_eval_loss(run_dir, capsys):
+    from jaxblock import evaluate, instruct
+
+    config, cfg, params, _ = experiment.restore_model(run_dir)
+    tokenizer = experiment.load_tokenizer(config)
+    examples = instruct.load_examples(config.eval.source, config.eval.path or None, split="test")[:24]
+    kw = {"seq_len": config.seq_len, "batch_size": 16}
+    rows = evaluate.loss_by_token(cfg, params, tokenizer, examples, top=100_000, **kw)
+    scored = int(instruct.tokenize(tokenizer, examples, config.seq_len)["loss_mask"][:, 1:].sum())
+    assert sum(r["count"] for r in rows) == scored and len({r["token"] for r in rows}) == len(rows)
+    mean = sum(r["count"] * r["mean_loss"] for r in rows) / scored
+    assert mean == pytest.approx(evaluate.eval_loss(cfg, params, tokenizer, examples, **kw), rel=1e-5)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert [r["share"] for r in rows] == sorted((r["share"] for r in rows), reverse=True)
+    # Through evaluate_run: the top rows land in eval.json and are printed.
+    result = experiment.evaluate_run(run_dir, base=False, loss_by_token=True)
+    top = result["finetuned"]["loss_by_token"]
+    assert len(top) == 10 and top[0]["token"] == rows[0]["token"]
+    assert "the tokens that carry the eval loss" in capsys.readouterr().out
