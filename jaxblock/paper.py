@@ -128,7 +128,14 @@ TABLES: dict[str, Table] = {
         (
             Row("i.i.d.", ("data.partition=iid",), {"gsm8k": 56.14}),
             Row("Non-i.i.d. (Dirichlet 0.6)", ("data.partition=dirichlet", "data.alpha=0.6"), {"gsm8k": 55.88}),
-            Row("Extreme (Dirichlet 0.01)", ("data.partition=dirichlet", "data.alpha=0.01"), {"gsm8k": 54.66}),
+            # At alpha 0.01 a label's examples go almost all to one client: with fewer labels than
+            # clients (the bundled task has 5 sources for 10 clients) some clients get a handful of
+            # examples, so the row accepts clients of 1 example (they cycle through it).
+            Row(
+                "Extreme (Dirichlet 0.01)",
+                ("data.partition=dirichlet", "data.alpha=0.01", "data.min_client_size=1"),
+                {"gsm8k": 54.66},
+            ),
         ),
         (
             Claim("i.i.d. data beats non-i.i.d.", "i.i.d.", "Non-i.i.d. (Dirichlet 0.6)", "exact_match"),

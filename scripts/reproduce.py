@@ -11,6 +11,10 @@ table: each row's mean and standard deviation over seeds of exact match, eval lo
 wall time (`jaxblock.compare`; every client's compute modelled as `--compute-s` per round), its
 rank, the paper's number and its rank, and each claim's verdict (`jaxblock.paper` says how noise is
 judged); and a runtime plot per table. `--config.KEY=VALUE` overrides apply to every cell.
+
+A cell that fails does not stop the sweep: its one-line error goes to `cell_error.txt` in its
+workdir and to the report (on its row, if no seed of it finished), and the script exits 1 once the
+report is written. A rerun tries the cell again.
 """
 
 import argparse
@@ -30,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 ATTEMPT = "cell_time.attempt.json"  # a cell's run under way: its script, when it started, the seconds before it
+FAILED = "cell_error.txt"  # a cell whose last attempt failed: the one-line error, shown in the report
 
 
 def carried_seconds(workdir: str) -> dict:
@@ -67,11 +72,16 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            raise RuntimeError(f"{script} failed for cell {workdir}: {lines[-1] if lines else done.returncode}")
+            error = f"{script} failed: {lines[-1] if lines else f'exit code {done.returncode}'}"
+            with open(os.path.join(workdir, FAILED), "w") as f:
+                f.write(error + "\n")
+            raise RuntimeError(f"cell {workdir}: {error}")
         seconds[script] = seconds.get(script, 0.0) + time.perf_counter() - start
     with open(os.path.join(workdir, "cell_time.json"), "w") as f:
         json.dump(seconds, f)
     os.remove(os.path.join(workdir, ATTEMPT))
+    if os.path.exists(os.path.join(workdir, FAILED)):
+        os.remove(os.path.join(workdir, FAILED))
     log(f"done {os.path.basename(workdir)}: {sum(seconds.values()):.0f} s")
 
 
@@ -108,6 +118,15 @@ def cell_seconds(workdir: str) -> float:
         with open(path) as f:
             return sum(json.load(f).values())
     return os.path.getmtime(os.path.join(workdir, "eval.json")) - os.path.getmtime(os.path.join(workdir, "config.json"))
+
+
+def cell_error(workdir: str) -> str:
+    """The one-line error of the cell's last attempt, or "" if it has not failed."""
+    path = os.path.join(workdir, FAILED)
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read().strip()
 
 
 def command(config_path: str, overrides: list[str], workdir: str) -> str:
@@ -150,7 +169,8 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
             entry["seeds"].append({"seed": seed, "workdir": workdir, **m})
             entry["commands"].append(command(config_path, overrides, workdir))
         if not entry["seeds"]:
-            entry["missing"] = "not run yet"
+            errors = [cell_error(w) for _, _, w in runs[row.label] if cell_error(w)]
+            entry["missing"] = f"failed: {errors[0]}" if errors else "not run yet"
             continue
         for key in ("exact_match", "eval_loss", "modeled_wall_s", "wall_compute_s", "wall_exposed_s", "mb_up"):
             entry[key] = summarize([s[key] for s in entry["seeds"]])
@@ -326,20 +346,26 @@ def main():
         restored = sum(unarchive(w, args.archive) for w in todo)
         say(f"{restored} finished cells restored from {args.archive}")
     say(f"{len(todo)} cells, {sum(os.path.exists(os.path.join(w, 'eval.json')) for w in todo)} done")
+    cells_in_all = len(todo)
     if args.report_only:
         todo = {w: o for w, o in todo.items() if os.path.exists(os.path.join(w, "eval.json"))}
 
+    failed = []
+
     def one(w: str) -> None:
-        run_cell(config_path, todo[w], w, say)
+        try:
+            run_cell(config_path, todo[w], w, say)
+        except RuntimeError as e:  # the sweep goes on; the report names the failure, and the exit code
+            say(f"error: {e}")
+            failed.append(str(e))
+            return
         if args.archive:
             archive(w, args.archive)
 
     with ThreadPoolExecutor(args.jobs) as pool:
-        try:
-            list(pool.map(one, todo))
-        except RuntimeError as e:
-            parser.exit(1, f"error: {e}\n")
-    machine_s = sum(cell_seconds(w) for w in todo)
+        list(pool.map(one, todo))
+    finished = [w for w in todo if os.path.exists(os.path.join(w, "eval.json"))]
+    machine_s = sum(cell_seconds(w) for w in finished)
     for name in names:
         png = os.path.join(args.workdir, f"{name}_runtime.png")
         if name == "fig2":
@@ -353,12 +379,15 @@ def main():
             json.dump({"config": config_path, "overrides": user, "tables": ordered}, f, indent=1)
         with open(os.path.join(args.workdir, "report.md"), "w") as f:
             f.write(f"# The paper's tables on `{config_path}` {' '.join(user)}\n\n")
-            f.write(f"{len(todo)} distinct cells ({args.seeds} seeds each), {machine_s / 3600:.1f} h of machine "
-                    "time in all (train + eval, summed over cells).\n\n")  # fmt: skip
+            f.write(f"{len(finished)} of {cells_in_all} distinct cells finished ({args.seeds} seeds each), "
+                    f"{machine_s / 3600:.1f} h of machine time in all "
+                    "(train + eval, summed over them).\n\n")  # fmt: skip
             f.write(paper.__doc__.split("Noise:")[1].strip().join(["Noise: ", "\n\n"]))
             f.writelines((figure2_markdown(r) if n == "fig2" else markdown(r)) + "\n" for n, r in ordered.items())
         print(f"{name}: " + "; ".join(f"{c['text']}: {c['verdict']}" for c in reports[name]["claims"]))
     print(f"report: {os.path.join(args.workdir, 'report.md')}")
+    if failed:
+        parser.exit(1, f"error: {len(failed)} cell{'s' if len(failed) > 1 else ''} failed, the first {failed[0]}\n")
 
 
 if __name__ == "__main__":

@@ -124,6 +124,26 @@ def test_report_only_trains_nothing_and_marks_rows_not_run(tmp_path):
     assert report["claims"][0]["verdict"] == "missing rows"
 
 
+def test_failing_cells_do_not_stop_the_sweep_and_the_report_names_their_error(tmp_path):
+    """Both T5 cells fail at setup (no partition gives 10 clients 5000 examples each); both are tried,
+    the report is still written with each row's error, and the exit code says so."""
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "reproduce.py"), "--config", os.path.join(ROOT, "configs/tiny.py"),
+           "--config.data.min_client_size=5000", "--table", "T5", "--seeds", "1", "--workdir", str(tmp_path / "paper"),
+           "--archive", str(tmp_path / "kept")]  # fmt: skip
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "error: 2 cells failed, the first cell " in done.stderr, done.stderr[-2000:]
+    assert done.stdout.count(": train.py\n") == 2 and done.stdout.count("error: cell ") == 2
+    rows = json.loads((tmp_path / "paper" / "report.json").read_text())["tables"]["T5"]["rows"]
+    why = "failed: train.py failed: error: 4000 examples cannot give 10 clients 5000 each"
+    assert [r["missing"] for r in rows] == [why, why]
+    assert f"missing: {why}" in (tmp_path / "paper" / "report.md").read_text()
+    for cell in (tmp_path / "paper" / "cells").iterdir():
+        assert (cell / "cell_error.txt").read_text().strip() == why.removeprefix("failed: ")
+        assert not (cell / "eval.json").exists()
+    assert not (tmp_path / "kept").exists()  # nothing archived: a failed cell is not a finished one
+
+
 def test_a_resumed_cell_counts_the_time_its_killed_attempts_spent(tmp_path):
     """A sweep killed in a cell's train.py: the next attempt carries that run's time, up to the last
     file it wrote; killed in eval.py, the finished train.py's seconds too."""
