@@ -73,9 +73,10 @@ def loss_by_token(
     batch_size: int = 64,
     top: int = 10,
 ) -> list[dict]:
-    """Which reference tokens carry the eval loss: the `top` token strings by their share of the summed loss,
-    each {'token', 'count', 'mean_loss', 'share'}. A loss spread evenly over a response differs from one
-    concentrated on a few fixed words of its template (which greedy decoding may still get right)."""
+    """Which reference tokens carry the eval loss: the `top` token ids by their share of the summed
+    loss, each {'id', 'token' (its text), 'count', 'mean_loss', 'share'}. A loss spread evenly over a
+    response differs from one concentrated on a few fixed words of its template (which greedy
+    decoding may still get right)."""
     data = instruct.tokenize(tokenizer, examples, seq_len)
     nll_fn = jax.jit(lambda p, tokens: local.token_nll(model.forward(cfg, p, tokens), tokens))
     losses = collections.defaultdict(list)
@@ -87,7 +88,13 @@ def loss_by_token(
             losses[int(tokens[row, col + 1])].append(float(nll[row, col]))
     total = sum(sum(v) for v in losses.values()) or 1.0
     rows = [
-        {"token": tokenizer.decode([t]), "count": len(v), "mean_loss": float(np.mean(v)), "share": sum(v) / total}
+        {
+            "id": t,
+            "token": tokenizer.decode([t]),
+            "count": len(v),
+            "mean_loss": float(np.mean(v)),
+            "share": sum(v) / total,
+        }
         for t, v in losses.items()
     ]
     return sorted(rows, key=lambda r: -r["share"])[:top]

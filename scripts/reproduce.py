@@ -58,6 +58,8 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
     if os.path.exists(os.path.join(workdir, "eval.json")):
         log(f"skip {os.path.basename(workdir)}: done")
         return
+    if os.path.exists(os.path.join(workdir, FAILED)):  # an earlier attempt's error no longer holds
+        os.remove(os.path.join(workdir, FAILED))
     flags = [f"--config.{o}" for o in overrides]
     seconds = carried_seconds(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -72,7 +74,7 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if done.returncode:
             lines = (done.stderr or done.stdout).strip().splitlines()
-            error = f"{script} failed: {lines[-1] if lines else f'exit code {done.returncode}'}"
+            error = f"{script} exited {done.returncode}" + (f": {lines[-1]}" if lines else "")
             with open(os.path.join(workdir, FAILED), "w") as f:
                 f.write(error + "\n")
             raise RuntimeError(f"cell {workdir}: {error}")
@@ -80,8 +82,6 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
     with open(os.path.join(workdir, "cell_time.json"), "w") as f:
         json.dump(seconds, f)
     os.remove(os.path.join(workdir, ATTEMPT))
-    if os.path.exists(os.path.join(workdir, FAILED)):
-        os.remove(os.path.join(workdir, FAILED))
     log(f"done {os.path.basename(workdir)}: {sum(seconds.values()):.0f} s")
 
 
@@ -107,6 +107,8 @@ def unarchive(workdir: str, source: str) -> bool:
     for name in RESULT_FILES:
         if os.path.exists(os.path.join(kept, name)):
             shutil.copy2(os.path.join(kept, name), os.path.join(workdir, name))
+    if os.path.exists(os.path.join(workdir, FAILED)):  # finished elsewhere: a local failure is history
+        os.remove(os.path.join(workdir, FAILED))
     return True
 
 
@@ -155,12 +157,15 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
     """A table's report, as a dict, from its finished cells."""
     rows = []
     for row in table.rows:
-        entry = {"label": row.label, "paper": row.paper, "missing": row.missing, "seeds": [], "commands": []}
+        entry = {"label": row.label, "paper": row.paper, "missing": row.missing, "seeds": [], "commands": [],
+                 "failed": []}  # fmt: skip
         rows.append(entry)
         if row.missing:
             continue
         for seed, overrides, workdir in runs[row.label]:
-            if not os.path.exists(os.path.join(workdir, "eval.json")):  # --report-only on a running sweep
+            if not os.path.exists(os.path.join(workdir, "eval.json")):  # failed, or --report-only on a running sweep
+                if cell_error(workdir):
+                    entry["failed"].append({"seed": seed, "workdir": workdir, "error": cell_error(workdir)})
                 continue
             m = {**compare.modeled(workdir, table.link, None, args.compute_s), **compare.score(workdir)}
             with open(os.path.join(workdir, "eval.json")) as f:
@@ -169,8 +174,7 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
             entry["seeds"].append({"seed": seed, "workdir": workdir, **m})
             entry["commands"].append(command(config_path, overrides, workdir))
         if not entry["seeds"]:
-            errors = [cell_error(w) for _, _, w in runs[row.label] if cell_error(w)]
-            entry["missing"] = f"failed: {errors[0]}" if errors else "not run yet"
+            entry["missing"] = f"failed: {entry['failed'][0]['error']}" if entry["failed"] else "not run yet"
             continue
         for key in ("exact_match", "eval_loss", "modeled_wall_s", "wall_compute_s", "wall_exposed_s", "mb_up"):
             entry[key] = summarize([s[key] for s in entry["seeds"]])
@@ -222,13 +226,16 @@ def markdown(report: dict) -> str:
         paper_acc = f"{p['gsm8k']} ({r['paper_gsm8k_rank']})" if "gsm8k" in p else "-"
         paper_rt = f"{p['rt_min']} ({r['paper_rt_min_rank']})" if "rt_min" in p else "-"
         if r["missing"]:
-            lines.append(f"| {r['label']} | missing: {r['missing']} | | | | {paper_acc} | {paper_rt} |")
+            why = r["missing"].replace("|", "\\|")  # an error's text must not split the row
+            lines.append(f"| {r['label']} | missing: {why} | | | | {paper_acc} | {paper_rt} |")
             continue
         lines.append(
             f"| {r['label']} | {len(r['seeds'])} | {cell(r, 'exact_match', pct)} | "
             f"{cell(r, 'eval_loss', lambda x: f'{x:.3f}')} | {cell(r, 'modeled_wall_s', lambda x: f'{x:.1f}')} | "
             f"{paper_acc} | {paper_rt} |"
         )
+    failed = [(r["label"], f) for r in report["rows"] if r["seeds"] for f in r.get("failed", [])]
+    lines += [""] + [f"Failed, not in the row above: {label}, seed {f['seed']}: {f['error']}" for label, f in failed]
     lines += ["", "| the paper's claim | verdict | difference | 2 x standard error |", "|---|---|---|---|"]
     for c in report["claims"]:
         if "diff" in c:
@@ -387,7 +394,7 @@ def main():
         print(f"{name}: " + "; ".join(f"{c['text']}: {c['verdict']}" for c in reports[name]["claims"]))
     print(f"report: {os.path.join(args.workdir, 'report.md')}")
     if failed:
-        parser.exit(1, f"error: {len(failed)} cell{'s' if len(failed) > 1 else ''} failed, the first {failed[0]}\n")
+        parser.exit(1, f"error: {len(failed)} cell{'s' if len(failed) > 1 else ''} failed; the first: {failed[0]}\n")
 
 
 if __name__ == "__main__":

@@ -129,7 +129,7 @@ def test_loss_by_token_accounts_for_the_whole_eval_loss(run_dir, capsys):
     kw = {"seq_len": config.seq_len, "batch_size": 16}
     rows = evaluate.loss_by_token(cfg, params, tokenizer, examples, top=100_000, **kw)
     scored = int(instruct.tokenize(tokenizer, examples, config.seq_len)["loss_mask"][:, 1:].sum())
-    assert sum(r["count"] for r in rows) == scored and len({r["token"] for r in rows}) == len(rows)
+    assert sum(r["count"] for r in rows) == scored and len({r["id"] for r in rows}) == len(rows)
     mean = sum(r["count"] * r["mean_loss"] for r in rows) / scored
     assert mean == pytest.approx(evaluate.eval_loss(cfg, params, tokenizer, examples, **kw), rel=1e-5)
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)

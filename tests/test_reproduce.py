@@ -14,6 +14,15 @@ from jaxblock import compare, federated, paper, runtime
 from jaxblock.config import load_config
 
 
+@pytest.fixture(scope="module")
+def reproduce():
+    """scripts/reproduce.py as a module."""
+    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize(
     "better, worse, metric, n_eval, expected",
     [
@@ -132,10 +141,10 @@ def test_failing_cells_do_not_stop_the_sweep_and_the_report_names_their_error(tm
            "--archive", str(tmp_path / "kept")]  # fmt: skip
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1 and "error: 2 cells failed, the first cell " in done.stderr, done.stderr[-2000:]
+    assert done.returncode == 1 and "error: 2 cells failed; the first: cell " in done.stderr, done.stderr[-2000:]
     assert done.stdout.count(": train.py\n") == 2 and done.stdout.count("error: cell ") == 2
     rows = json.loads((tmp_path / "paper" / "report.json").read_text())["tables"]["T5"]["rows"]
-    why = "failed: train.py failed: error: 4000 examples cannot give 10 clients 5000 each"
+    why = "failed: train.py exited 2: error: 4000 examples cannot give 10 clients 5000 each"
     assert [r["missing"] for r in rows] == [why, why]
     assert f"missing: {why}" in (tmp_path / "paper" / "report.md").read_text()
     for cell in (tmp_path / "paper" / "cells").iterdir():
@@ -144,12 +153,27 @@ def test_failing_cells_do_not_stop_the_sweep_and_the_report_names_their_error(tm
     assert not (tmp_path / "kept").exists()  # nothing archived: a failed cell is not a finished one
 
 
-def test_a_resumed_cell_counts_the_time_its_killed_attempts_spent(tmp_path):
+def test_a_failed_seed_beside_finished_ones_is_named_and_errors_keep_the_table_whole(tmp_path, reproduce):
+    report = {"table": "T9", "title": "made up", "link": "100", "claims": [], "rows": [
+        {"label": "A", "paper": {}, "missing": "", "commands": [], "seeds": [{"cell_s": 60.0}],
+         "exact_match": {"mean": 0.5, "sd": 0.0}, "failed": [{"seed": 1, "workdir": "w", "error": "eval.py exited 1: x"}]},
+        {"label": "B", "paper": {}, "missing": "failed: train.py exited 1: TypeError: int | None", "seeds": [],
+         "commands": [], "failed": []}]}  # fmt: skip
+    md = reproduce.markdown(report)
+    assert "Failed, not in the row above: A, seed 1: eval.py exited 1: x" in md
+    assert "| B | missing: failed: train.py exited 1: TypeError: int \\| None | | | | - | - |" in md
+    # A cell that failed here but finished elsewhere: restoring it clears the stale error.
+    cell, kept = tmp_path / "cells" / "c", tmp_path / "kept" / "c"
+    cell.mkdir(parents=True), kept.mkdir(parents=True)
+    (cell / reproduce.FAILED).write_text("train.py exited 1: boom\n")
+    assert reproduce.cell_error(str(cell)) == "train.py exited 1: boom"
+    (kept / "eval.json").write_text("{}")
+    assert reproduce.unarchive(str(cell), str(tmp_path / "kept")) and reproduce.cell_error(str(cell)) == ""
+
+
+def test_a_resumed_cell_counts_the_time_its_killed_attempts_spent(tmp_path, reproduce):
     """A sweep killed in a cell's train.py: the next attempt carries that run's time, up to the last
     file it wrote; killed in eval.py, the finished train.py's seconds too."""
-    spec = importlib.util.spec_from_file_location("reproduce", os.path.join(ROOT, "scripts", "reproduce.py"))
-    reproduce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reproduce)
     assert reproduce.carried_seconds(str(tmp_path)) == {}  # a first attempt
     now = time.time()
     attempt, written = tmp_path / reproduce.ATTEMPT, tmp_path / "checkpoints" / "7" / "state"
