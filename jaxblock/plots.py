@@ -29,7 +29,7 @@ def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds
     ax.set_title("\n".join(textwrap.wrap(title, int(11 * width))), fontsize=10)  # never wider than the figure
     ax.legend(fontsize=8, loc="upper left")
     ax.tick_params(axis="x", labelsize=8)
-    ax.set_ylim(0, 1.18 * max(c + e for c, e in zip(compute, exposed, strict=True)))
+    ax.set_ylim(0, 1.35 * max(c + e for c, e in zip(compute, exposed, strict=True)))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
