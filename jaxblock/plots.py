@@ -24,7 +24,7 @@ def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds
     ax.bar(labels, compute, color="#4c72b0", label="computation")
     ax.bar(labels, exposed, bottom=compute, color="#c9a227", label="exposed communication")
     for i, (c, e) in enumerate(zip(compute, exposed, strict=True)):
-        ax.text(i, c + e, f"{c + e:.3g}", ha="center", va="bottom", fontsize=8)
+        ax.text(i, c + e, f"{c + e:.3g}" if c + e < 1000 else f"{c + e:.0f}", ha="center", va="bottom", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title("\n".join(textwrap.wrap(title, int(11 * width))), fontsize=10)  # never wider than the figure
     ax.legend(fontsize=8, loc="upper left")

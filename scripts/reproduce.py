@@ -24,6 +24,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -251,7 +252,7 @@ def markdown(report: dict) -> str:
 
 def plot(report: dict, path: str) -> None:
     bars = [
-        {"label": r["label"].replace(" ", "\n", 1), "compute_s": r["wall_compute_s"]["mean"],
+        {"label": "\n".join(textwrap.wrap(r["label"], 14)), "compute_s": r["wall_compute_s"]["mean"],
          "exposed_s": r["wall_exposed_s"]["mean"]}
         for r in report["rows"] if r["seeds"]
     ]  # fmt: skip
