@@ -236,7 +236,10 @@ def markdown(report: dict) -> str:
             f"{paper_acc} | {paper_rt} |"
         )
     failed = [(r["label"], f) for r in report["rows"] if r["seeds"] for f in r.get("failed", [])]
-    lines += [""] + [f"Failed, not in the row above: {label}, seed {f['seed']}: {f['error']}" for label, f in failed]
+    if failed:
+        lines += [""] + [
+            f"Failed, not in the row above: {label}, seed {f['seed']}: {f['error']}" for label, f in failed
+        ]
     lines += ["", "| the paper's claim | verdict | difference | 2 x standard error |", "|---|---|---|---|"]
     for c in report["claims"]:
         if "diff" in c:
