@@ -59,8 +59,7 @@ def run_cell(config_path: str, overrides: list[str], workdir: str, log) -> None:
     if os.path.exists(os.path.join(workdir, "eval.json")):
         log(f"skip {os.path.basename(workdir)}: done")
         return
-    if os.path.exists(os.path.join(workdir, FAILED)):  # an earlier attempt's error no longer holds
-        os.remove(os.path.join(workdir, FAILED))
+    clear_error(workdir)  # an earlier attempt's error no longer holds
     flags = [f"--config.{o}" for o in overrides]
     seconds = carried_seconds(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -108,8 +107,7 @@ def unarchive(workdir: str, source: str) -> bool:
     for name in RESULT_FILES:
         if os.path.exists(os.path.join(kept, name)):
             shutil.copy2(os.path.join(kept, name), os.path.join(workdir, name))
-    if os.path.exists(os.path.join(workdir, FAILED)):  # finished elsewhere: a local failure is history
-        os.remove(os.path.join(workdir, FAILED))
+    clear_error(workdir)  # finished elsewhere: a local failure is history
     return True
 
 
@@ -130,6 +128,11 @@ def cell_error(workdir: str) -> str:
         return ""
     with open(path) as f:
         return f.read().strip()
+
+
+def clear_error(workdir: str) -> None:
+    if os.path.exists(os.path.join(workdir, FAILED)):
+        os.remove(os.path.join(workdir, FAILED))
 
 
 def command(config_path: str, overrides: list[str], workdir: str) -> str:
@@ -165,8 +168,8 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
             continue
         for seed, overrides, workdir in runs[row.label]:
             if not os.path.exists(os.path.join(workdir, "eval.json")):  # failed, or --report-only on a running sweep
-                if cell_error(workdir):
-                    entry["failed"].append({"seed": seed, "workdir": workdir, "error": cell_error(workdir)})
+                if error := cell_error(workdir):
+                    entry["failed"].append({"seed": seed, "workdir": workdir, "error": error})
                 continue
             m = {**compare.modeled(workdir, table.link, None, args.compute_s), **compare.score(workdir)}
             with open(os.path.join(workdir, "eval.json")) as f:

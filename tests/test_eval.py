@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jaxblock
 from jaxblock import config as config_lib
-from jaxblock import experiment
+from jaxblock import evaluate, experiment, instruct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["rounds=2", "num_clients=3", "local_steps=2", "batch_size=8", "data.sample=300", "data.min_client_size=8",
@@ -121,8 +121,6 @@ def test_a_moved_or_changed_base_model_is_named_and_base_points_at_a_copy(run_di
 
 
 def test_loss_by_token_accounts_for_the_whole_eval_loss(run_dir, capsys):
-    from jaxblock import evaluate, instruct
-
     config, cfg, params, _ = experiment.restore_model(run_dir)
     tokenizer = experiment.load_tokenizer(config)
     examples = instruct.load_examples(config.eval.source, config.eval.path or None, split="test")[:24]
