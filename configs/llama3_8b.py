@@ -9,7 +9,7 @@ split over 10 clients by Dirichlet(0.6) over their `source`; evaluated on GSM8K'
 for this cell of Table 11 (3e-6). Dims as in meta-llama/Meta-Llama-3-8B's config.json.
 """
 
-from jaxblock.config import base_config, model_section, paper_math
+from jaxblock.run.config import base_config, model_section, paper_math
 
 
 def get_config():

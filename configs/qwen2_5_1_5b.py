@@ -10,7 +10,7 @@ only): 1e-5 here. 14 blocks of 2 layers, 28 rounds. Dims as in Qwen/Qwen2.5-1.5B
 config.json (q/k/v projections carry biases).
 """
 
-from jaxblock.config import base_config, model_section, paper_math
+from jaxblock.run.config import base_config, model_section, paper_math
 
 
 def get_config():

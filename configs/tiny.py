@@ -8,7 +8,7 @@ Everything it reads ships in assets/ (remade by scripts/make_assets.py): no hub 
 
 import os
 
-from jaxblock.config import base_config, model_section
+from jaxblock.run.config import base_config, model_section
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 

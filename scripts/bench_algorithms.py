@@ -19,7 +19,8 @@ import os
 
 import numpy as np
 
-from jaxblock import algorithms, compare, runtime
+from jaxblock.fed import algorithms
+from jaxblock.run import compare, runtime
 
 ORDER = ("parablock", "fedbcd", "fedavg_full", "fedit", "ffa_lora", "flora", "fedcybgd", "fedbuff")
 

@@ -24,8 +24,10 @@ import jax
 import jax.numpy as jnp
 import tqdm
 
-from jaxblock import blocks, local, model, runtime
-from jaxblock.config import model_config
+from jaxblock import model
+from jaxblock.fed import blocks, local
+from jaxblock.run import runtime
+from jaxblock.run.config import model_config
 
 
 def peak_rss_mb() -> float:

@@ -24,7 +24,9 @@ import sys
 import jax
 import numpy as np
 
-from jaxblock import comm, experiment, plots, runtime, transport
+from jaxblock.fed import wire
+from jaxblock.net import comm, transport
+from jaxblock.run import experiment, plots, runtime
 
 
 def run(setup, train, fed, link, rounds):
@@ -54,7 +56,7 @@ def main():
     config.blocks.head_block = config.blocks.embed_block = False  # (the tiny config trains its head as a block)
     setup = experiment.setup(config)
     fed = dataclasses.replace(setup.fed, schedule="sequential")
-    block_bytes = setup.partition.blocks[0].params * transport.WIRE_DTYPES[fed.wire_dtype].itemsize
+    block_bytes = setup.partition.blocks[0].params * wire.WIRE_DTYPES[fed.wire_dtype].itemsize
     print(
         f"model {setup.cfg.num_layers} layers, block = {block_bytes / 1e6:.2f} MB on the wire, K={fed.local_steps}, "
         f"batch {config.batch_size}x{config.seq_len}, {args.rounds} rounds per run, {jax.devices()[0].platform}"
@@ -62,14 +64,14 @@ def main():
 
     # Calibrate: compute time per round with an unlimited link (FedBCD, nothing to hide).
     train = setup.local_train()  # one executable for every run
-    calib = run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), transport.Link(), max(args.rounds // 2, 3))
+    calib = run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), wire.Link(), max(args.rounds // 2, 3))
     comp_s = statistics.median(r["compute_s"] for r in calib)
     print(f"calibration: compute {comp_s:.3f} s/round")
 
     settings, bars = [], []
     for ratio in [float(x) for x in args.ratios.split(",")]:
         # Two transfers of the block per round (up, down): bandwidth for comm = ratio x compute.
-        link = transport.Link(bandwidth_mbps=2 * block_bytes / (ratio * comp_s) / 1e6)
+        link = wire.Link(bandwidth_mbps=2 * block_bytes / (ratio * comp_s) / 1e6)
         fedbcd, para = [], []
         for _ in range(args.repeats):  # alternate, so that drift in machine speed hits both alike
             fedbcd += run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), link, args.rounds)

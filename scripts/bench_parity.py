@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from jaxblock import experiment, runtime
+from jaxblock.run import experiment, runtime
 
 ALGORITHMS = ("parablock", "fedbcd")
 

@@ -30,8 +30,9 @@ import torch
 import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from jaxblock import blocks, hf_io, local
-from jaxblock.local import OptimizerConfig
+from jaxblock.fed import blocks, local
+from jaxblock.fed.local import OptimizerConfig
+from jaxblock.model import hf_io
 
 # (layers, hidden, intermediate, heads, kv heads, head dim, vocab, batch, seq)
 SHAPES = {

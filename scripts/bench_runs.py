@@ -24,8 +24,8 @@ import argparse
 import ast
 import json
 
-from jaxblock import plots
-from jaxblock.compare import comm_label, modeled, score
+from jaxblock.run import plots
+from jaxblock.run.compare import comm_label, modeled, score
 
 
 def main():

@@ -18,7 +18,8 @@ import time
 import jax
 import numpy as np
 
-from jaxblock import experiment, federated, local, runtime
+from jaxblock.fed import local, loop
+from jaxblock.run import experiment, runtime
 
 
 def matmul_gflops(n: int = 2048, repeats: int = 10) -> float:
@@ -45,7 +46,7 @@ def main():
     batch = args.batch or run.fed.clients_per_round
     modes = {"one by one": 1, f"batched ({batch})": batch}
     base = vars(run.trainer())
-    trainers = {name: federated.Trainer(**{**base, "client_batch": size}) for name, size in modes.items()}
+    trainers = {name: loop.Trainer(**{**base, "client_batch": size}) for name, size in modes.items()}
     seconds = {name: [] for name in modes}
     finals, steps, blocks = {}, 0, []
     for repeat in range(args.repeats):
@@ -53,7 +54,7 @@ def main():
             state, steps = trainer.init_state(run.params), 0
             start = time.perf_counter()
             while state["round"] < args.rounds:
-                state, metrics = federated.run_round(trainer, state)
+                state, metrics = loop.run_round(trainer, state)
                 steps += len(metrics["clients"]) * run.fed.local_steps
                 blocks += [metrics["block"]] * len(metrics["clients"]) if repeat == 0 and name == "one by one" else []
             jax.block_until_ready(state["params"])

@@ -8,8 +8,9 @@ Works from parameter shapes alone (`jax.eval_shape`), so no weights are loaded o
 
 import argparse
 
-from jaxblock import blocks, runtime
-from jaxblock.config import model_config
+from jaxblock.fed import blocks
+from jaxblock.run import runtime
+from jaxblock.run.config import model_config
 
 
 def main():

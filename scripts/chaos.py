@@ -52,8 +52,9 @@ def main():
     os.makedirs(args.workdir)
     import jax
 
-    from jaxblock import experiment, signing  # after argparse: --help needs no JAX
-    from jaxblock.config import load_config
+    from jaxblock.net import signing  # after argparse: --help needs no JAX
+    from jaxblock.run import experiment
+    from jaxblock.run.config import load_config
 
     signing.make_keys(os.path.join(args.workdir, "keys"), args.clients)
     store = f"file://{os.path.abspath(args.workdir)}/store"
@@ -137,7 +138,7 @@ class Attacker:
     """Plays the last client's slot with its key: an honest round 0, then one bad upload per round."""
 
     def __init__(self, store_url: str, keys_dir: str, me: int, rng: random.Random, block_shapes):
-        from jaxblock import signing, transport
+        from jaxblock.net import signing, transport
 
         self.block_shapes = block_shapes  # block id -> its leaves' ShapeDtypeStructs
         self.transport, self.signing = transport, signing
@@ -199,14 +200,16 @@ def report(args, procs, injected, starts, store_url):
     import jax
     import numpy as np
 
-    from jaxblock import checkpoint, compare, experiment, federated, transport, validate
+    from jaxblock.fed import loop, validate
+    from jaxblock.net import receive, transport
+    from jaxblock.run import checkpoint, compare, experiment
 
     config = experiment.read_config(os.path.join(args.workdir, "server"))
     run = experiment.setup(config)
     fed, part = run.fed, run.partition
     store = transport.Store(store_url)
     rows = compare.read_jsonl(os.path.join(args.workdir, "server", "metrics.jsonl"))
-    algo = federated.algorithms.REGISTRY[fed.algorithm]
+    algo = loop.algorithms.REGISTRY[fed.algorithm]
     plans = {t: {"block": algo.choose_block(fed, t, part.num_blocks), "clients": algo.participants(fed, t)}
              for t in range(fed.rounds)}  # fmt: skip
     params, lost = run.params, {}
@@ -220,14 +223,14 @@ def report(args, procs, injected, starts, store_url):
             shapes = jax.eval_shape(lambda b=block, p=params: part.block(p, b))
             expected = validate.expected_leaves(shapes, fed.compression, fed.topk_ratio, fed.wire_dtype)
             deltas = [
-                validate.read_checked(store, transport.delta_prefix(r, c), store.get_json(
+                receive.read_checked(store, transport.delta_prefix(r, c), store.get_json(
                     f"{transport.delta_prefix(r, c)}/COMMIT"), expected, validate.upload_bytes(expected))
                 for c in merged
             ]  # fmt: skip
-            deltas = federated.dense_uploads(fed, part, params, block, deltas)
-            weights = federated.merge_weights(fed, plans[r]["clients"], merged, run.client_sizes, lost.get(r, []))
-            agg = jax.device_get(federated.aggregate_deltas(deltas, weights, fed.wire_dtype))
-            params = federated.apply_aggregate(params, part, block, agg, fed.eta)
+            deltas = loop.dense_uploads(fed, part, params, block, deltas)
+            weights = loop.merge_weights(fed, plans[r]["clients"], merged, run.client_sizes, lost.get(r, []))
+            agg = jax.device_get(loop.aggregate_deltas(deltas, weights, fed.wire_dtype))
+            params = loop.apply_aggregate(params, part, block, agg, fed.eta)
     mgr = checkpoint.manager(os.path.join(args.workdir, "server"), read_only=True)
     state, _, _ = checkpoint.restore_newest(mgr, run.abstract_params(), part)
     mine, theirs = jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(state["params"]))

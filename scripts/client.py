@@ -10,7 +10,7 @@ A config whose result-changing settings differ from the server's is refused, lis
 
 import argparse
 
-from jaxblock import experiment, runtime
+from jaxblock.run import experiment, runtime
 
 
 def main():

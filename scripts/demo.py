@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 
-from jaxblock import experiment, runtime
+from jaxblock.run import experiment, runtime
 
 
 def main():

@@ -9,7 +9,7 @@ Writes DIR/eval.json and prints the figures.
 
 import argparse
 
-from jaxblock import experiment
+from jaxblock.run import experiment
 
 
 def main():

@@ -6,7 +6,7 @@ python -c "from transformers import pipeline; print(pipeline('text-generation', 
 
 import argparse
 
-from jaxblock import experiment
+from jaxblock.run import experiment
 
 
 def main():

@@ -10,7 +10,7 @@ Existing directories are never overwritten.
 
 import argparse
 
-from jaxblock import signing
+from jaxblock.net import signing
 
 
 def main():

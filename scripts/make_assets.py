@@ -9,7 +9,7 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # bit-reproducible on CPU
 
-from jaxblock import assets  # noqa: E402
+from jaxblock.run import assets  # noqa: E402
 
 
 def main():

@@ -40,8 +40,9 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import tqdm  # noqa: E402
 
-from jaxblock import model, plan, plots, runtime  # noqa: E402
-from jaxblock.config import model_config  # noqa: E402
+from jaxblock import model  # noqa: E402
+from jaxblock.run import plan, plots, runtime  # noqa: E402
+from jaxblock.run.config import model_config  # noqa: E402
 
 NAMES = {"parablock": "ParaBlock", "fedbcd": "FedBCD", "fedcybgd": "FedCyBGD", "fedavg_full": "Fed full FT",
          "fedit": "FedIT", "ffa_lora": "FFA-LoRA", "flora": "FLoRA"}  # fmt: skip

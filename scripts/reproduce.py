@@ -28,8 +28,8 @@ import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from jaxblock import compare, paper, plots, runtime
-from jaxblock.config import load_config, split_config_args
+from jaxblock.run import compare, paper, plots, runtime
+from jaxblock.run.config import load_config, split_config_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -14,7 +14,7 @@ the same command after a crash resumes from the workdir's newest checkpoint on t
 import argparse
 import json
 
-from jaxblock import experiment, runtime
+from jaxblock.run import experiment, runtime
 
 
 def main():

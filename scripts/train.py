@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from jaxblock import experiment, runtime
+from jaxblock.run import experiment, runtime
 
 
 def main():

@@ -4,8 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxblock import blocks, model, runtime
-from jaxblock.config import ModelConfig, load_config, model_config
+from jaxblock import model
+from jaxblock.fed import blocks
+from jaxblock.model.config import ModelConfig
+from jaxblock.run import runtime
+from jaxblock.run.config import load_config, model_config
 
 CFG = ModelConfig(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=6, num_heads=4, num_kv_heads=2, head_dim=8

@@ -17,8 +17,10 @@ import tensorstore
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT, SMALL, final_params
 
-from jaxblock import algorithms, blocks, comm, compare, data, experiment, federated, local, transport, validate
-from jaxblock.config import load_config
+from jaxblock.fed import algorithms, blocks, data, local, loop, validate, wire
+from jaxblock.net import comm, transport
+from jaxblock.run import compare, experiment
+from jaxblock.run.config import load_config
 
 
 def test_publish_fetch_round_trip_and_exact_bytes():
@@ -52,14 +54,14 @@ def test_a_reader_never_sees_an_uncommitted_update(tmp_path):
 
 
 def test_link_model():
-    assert transport.Link(100.0, 20.0).seconds(50_000_000) == pytest.approx(0.52)
-    assert transport.Link().seconds(10**9) == 0.0
-    assert transport.link_for(1, ["50MBps", 150.0], 5).bandwidth_mbps == 150.0
-    assert transport.link_for(0, "100MBps", None) == transport.Link(100.0, 0.0)
+    assert wire.Link(100.0, 20.0).seconds(50_000_000) == pytest.approx(0.52)
+    assert wire.Link().seconds(10**9) == 0.0
+    assert wire.link_for(1, ["50MBps", 150.0], 5).bandwidth_mbps == 150.0
+    assert wire.link_for(0, "100MBps", None) == wire.Link(100.0, 0.0)
     with pytest.raises(ValueError, match="comm.bandwidth_mbps='10MBps': presets are"):
-        transport.link_for(0, "10MBps", 0)
+        wire.link_for(0, "10MBps", 0)
     with pytest.raises(ValueError, match="lists 1 values; client 1 has none"):
-        transport.link_for(1, [50.0], 0)
+        wire.link_for(1, [50.0], 0)
 
 
 def _max_diff(a, b) -> float:
@@ -106,7 +108,7 @@ def files_under(directory) -> dict[str, int]:
 def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, extra, report, tmp_path):
     params, clients = toy_params(), toy_clients(4)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(
+    fed = loop.FedConfig(
         algorithm=algorithm,
         rounds=6,
         num_clients=4,
@@ -123,7 +125,7 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
     # Every client acked every round and the last to ack deleted it: only the server's marker is left.
     assert store.kv.list().result() == [b"server/done"]
     assert list(files_under(tmp_path / "store")) == ["server/done"]
-    sim, _ = federated.run(fed, params, toy_loss, data.make_batches_fn(clients, BS), part, optimizer)
+    sim, _ = loop.run(fed, params, toy_loss, data.make_batches_fn(clients, BS), part, optimizer)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(server), jax.device_get(sim["params"]))
     for replica in replicas.values():  # every client ends with exactly the server's model
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(server))
@@ -137,8 +139,8 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
     expected_up = sum(block_bytes[r["block"]] for r in trained)  # exactly one block per trained round
     assert up == expected_up
     if wire == "bfloat16":
-        fp32 = federated.run(
-            federated.FedConfig(**{**fed.__dict__, "wire_dtype": "float32"}), params, toy_loss,
+        fp32 = loop.run(
+            loop.FedConfig(**{**fed.__dict__, "wire_dtype": "float32"}), params, toy_loss,
             data.make_batches_fn(clients, BS), part, optimizer,
         )[0]["params"]  # fmt: skip
         diff = max(
@@ -166,10 +168,10 @@ def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):
         time.sleep(0.15)
         return train(*args)
 
-    links = [transport.Link(), transport.Link(), transport.Link(latency_ms=120.0)]
+    links = [wire.Link(), wire.Link(), wire.Link(latency_ms=120.0)]
     waits = {}
     for staleness in [1, (1, 1, 3)]:
-        fed = federated.FedConfig(rounds=6, num_clients=3, local_steps=2, staleness=staleness)
+        fed = loop.FedConfig(rounds=6, num_clients=3, local_steps=2, staleness=staleness)
         rows = []
         comm.run_in_threads(
             fed, params, part, slow_train, data.make_batches_fn(clients, BS), transport.Store("memory://"),
@@ -188,7 +190,7 @@ def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):
 def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=3, num_clients=2, local_steps=1)
+    fed = loop.FedConfig(rounds=3, num_clients=2, local_steps=1)
     store = transport.Store(f"file://{tmp_path}/store")
     run_threads(fed, params, clients, part, optax.sgd(0.1), store=store, keep_rounds=True)
     for t in range(fed.rounds):
@@ -210,7 +212,7 @@ def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
 
 
 def test_the_last_client_to_ack_deletes_the_round():
-    fed = federated.FedConfig(num_clients=2, rounds=3, staleness=1)  # merges at the end of rounds 1, 2, 3
+    fed = loop.FedConfig(num_clients=2, rounds=3, staleness=1)  # merges at the end of rounds 1, 2, 3
     store = transport.Store("memory://")
     for t in range(2):
         store.put_json(transport.plan_key(t), {"block": t, "clients": [0, 1]})
@@ -241,7 +243,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
     not yet merged (the lean form)."""
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=4, num_clients=3, local_steps=2, staleness=staleness)
+    fed = loop.FedConfig(rounds=4, num_clients=3, local_steps=2, staleness=staleness)
     server_at = {t: jax.device_get(params) for t in range(staleness)}  # nothing merges before round s's end
     seen, merges = [], []
 
@@ -273,7 +275,7 @@ def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical
     and restarts from it within the timeout: no update is lost, the final model is the simulator's."""
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=5, num_clients=2, local_steps=2, staleness=staleness, seed=2)
+    fed = loop.FedConfig(rounds=5, num_clients=2, local_steps=2, staleness=staleness, seed=2)
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     store, cc = transport.Store("memory://"), comm.CommConfig(timeout_s=20.0)
     saved, result = {}, {}
@@ -289,14 +291,12 @@ def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical
     def client_1():
         other = transport.Store(store.url, store.context)
         with pytest.raises(Killed):
-            comm.run_client(
-                1, fed, params, part, train, batches, other, cc, transport.Link(), on_state=dies_after_round_2
-            )
-        comm.run_client(1, fed, params, part, train, batches, other, cc, transport.Link(), resume=saved["state"])
+            comm.run_client(1, fed, params, part, train, batches, other, cc, wire.Link(), on_state=dies_after_round_2)
+        comm.run_client(1, fed, params, part, train, batches, other, cc, wire.Link(), resume=saved["state"])
 
     threads = [
         threading.Thread(target=lambda: comm.run_client(0, fed, params, part, train, batches,
-                                                        transport.Store(store.url, store.context), cc, transport.Link())),
+                                                        transport.Store(store.url, store.context), cc, wire.Link())),
         threading.Thread(target=client_1),
     ]  # fmt: skip
     for th in threads:
@@ -304,14 +304,14 @@ def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical
     result["server"] = comm.serve(fed, params, part, store, cc)
     for th in threads:
         th.join()
-    sim, _ = federated.run(fed, params, toy_loss, batches, part, optax.sgd(0.1))
+    sim, _ = loop.run(fed, params, toy_loss, batches, part, optax.sgd(0.1))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(result["server"]), jax.device_get(sim["params"]))
 
 
 def test_fewer_clients_than_min_clients_stop_the_run_naming_the_silent_one():
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=3, num_clients=2, local_steps=2)
+    fed = loop.FedConfig(rounds=3, num_clients=2, local_steps=2)
     store = transport.Store("memory://")
     with pytest.raises(transport.TransportTimeout) as e:
         comm.run_in_threads(
@@ -452,11 +452,11 @@ def test_a_killed_server_resumes_and_the_final_model_is_bit_identical(tmp_path):
 def test_simulator_through_a_store_equals_the_in_memory_exchange(wire):
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=5, num_clients=3, local_steps=2, wire_dtype=wire, seed=1)
+    fed = loop.FedConfig(rounds=5, num_clients=3, local_steps=2, wire_dtype=wire, seed=1)
     optimizer = optax.adamw(0.05, eps=1e-6)
     batches_fn = data.make_batches_fn(clients, BS)
-    in_memory, _ = federated.run(fed, params, toy_loss, batches_fn, part, optimizer)
+    in_memory, _ = loop.run(fed, params, toy_loss, batches_fn, part, optimizer)
     store = transport.Store("memory://")
-    through, _ = federated.run(fed, params, toy_loss, batches_fn, part, optimizer, store=store)
+    through, _ = loop.run(fed, params, toy_loss, batches_fn, part, optimizer, store=store)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(through["params"]), jax.device_get(in_memory["params"]))
     assert store.kv.list().result() == []  # every round's keys are removed once aggregated

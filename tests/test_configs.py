@@ -8,8 +8,10 @@ import os
 import jax
 import pytest
 
-from jaxblock import config as config_lib
-from jaxblock import model, runtime
+from jaxblock import model
+from jaxblock.model import config as model_config_lib
+from jaxblock.run import config as config_lib
+from jaxblock.run import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -48,7 +50,9 @@ def test_config_dims_equal_the_real_config_json(name):
     config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
     ours = config_lib.model_config(config)
     # lora_alpha is the run's LoRA scale (config.lora.alpha), not part of the architecture
-    assert config_lib.from_hf_config(hf, param_dtype=ours.param_dtype, dtype=ours.dtype) == ours.replace(lora_alpha=0.0)
+    assert model_config_lib.from_hf_config(hf, param_dtype=ours.param_dtype, dtype=ours.dtype) == ours.replace(
+        lora_alpha=0.0
+    )
 
 
 def test_overrides_are_typed_and_nested():

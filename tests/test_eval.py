@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import jaxblock
-from jaxblock import config as config_lib
-from jaxblock import evaluate, experiment, instruct
+from jaxblock.run import config as config_lib
+from jaxblock.run import evaluate, experiment, instruct
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHORT = ["rounds=2", "num_clients=3", "local_steps=2", "batch_size=8", "data.sample=300", "data.min_client_size=8",

@@ -9,18 +9,19 @@ import optax
 import pytest
 from test_federated import BLOCK_KEY, BS, LR, RULES, toy_clients, toy_loss, toy_params
 
-from jaxblock import blocks, checkpoint, data, federated, transport
-from jaxblock.algorithms import fedbuff
+from jaxblock.fed import blocks, data, loop, wire
+from jaxblock.fed.algorithms import fedbuff
+from jaxblock.run import checkpoint
 
 NC, K = 4, 2
 TOY_VALUES = 4 * 3 + 3 * 2 + 2  # every parameter of the toy model
 # Per-client links (MB/s, ms): unequal, so that arrival times rarely tie.
-LINKS = [transport.Link(100.0, 20.0), transport.Link(50.0, 5.0), transport.Link(100.0, 20.0), transport.Link(0.0, 1.0)]
+LINKS = [wire.Link(100.0, 20.0), wire.Link(50.0, 5.0), wire.Link(100.0, 20.0), wire.Link(0.0, 1.0)]
 ASYNC = {"buffer_size": 2, "client_slowdown": (1.0, 1.0, 1.5, 5.0), "step_seconds": 0.25}
 
 
 def fed_config(**kw):
-    return federated.FedConfig(**{"algorithm": "fedbuff", "num_clients": NC, "local_steps": K, **kw})
+    return loop.FedConfig(**{"algorithm": "fedbuff", "num_clients": NC, "local_steps": K, **kw})
 
 
 def setup(fed, links=LINKS):
@@ -28,7 +29,7 @@ def setup(fed, links=LINKS):
     algorithm = fedbuff.FedBuff(fed)
     part = algorithm.partition(params, blocks.partition(params, RULES))
     batches_fn = data.make_batches_fn(toy_clients(fed.num_clients), BS)
-    trainer = federated.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR), algorithm=algorithm)
+    trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR), algorithm=algorithm)
     return trainer, fedbuff.init_state(fed, params, links)
 
 
@@ -88,13 +89,13 @@ def through_checkpoint(state, fed, part, directory):
 def test_equal_speeds_and_full_buffer_is_fedavg_bitwise(lr_decay, report):
     """Z = N, equal speeds, a = 0: every client pulls v, all arrive together, one apply = FedAvg."""
     fed = fed_config(rounds=4, eta=0.7, lr_decay=lr_decay, staleness_weight=0.0)
-    trainer, state = setup(fed, links=[transport.Link(100.0, 20.0)] * NC)
-    final, history, _ = run(trainer, state, fed.rounds, links=[transport.Link(100.0, 20.0)] * NC)
-    sync = federated.FedConfig(
+    trainer, state = setup(fed, links=[wire.Link(100.0, 20.0)] * NC)
+    final, history, _ = run(trainer, state, fed.rounds, links=[wire.Link(100.0, 20.0)] * NC)
+    sync = loop.FedConfig(
         algorithm="fedavg_full", rounds=fed.rounds, num_clients=NC, local_steps=K, eta=0.7, lr_decay=lr_decay
     )
     params = toy_params()
-    ref, _ = federated.run(
+    ref, _ = loop.run(
         sync, params, toy_loss, data.make_batches_fn(toy_clients(NC), BS), blocks.partition(params, RULES),
         optax.sgd(LR),
     )  # fmt: skip
@@ -130,7 +131,7 @@ def test_event_order_equals_a_hand_written_event_queue(max_staleness):
 def test_resume_from_a_checkpointed_state_is_bitwise(fedbuff_blocks, speeds, tmp_path):
     """Through a real checkpoint: with deltas in flight, and (equal speeds, Z = N) with none."""
     fed = fed_config(rounds=7, fedbuff_blocks=fedbuff_blocks, **speeds)
-    links = LINKS if speeds else [transport.Link()] * NC
+    links = LINKS if speeds else [wire.Link()] * NC
     trainer, state = setup(fed, links)
     full, history, _ = run(trainer, state, fed.rounds, links)
     half, _, _ = run(trainer, state, 3, links)

@@ -6,7 +6,7 @@ import optax
 import pytest
 from test_federated import BS, LR, RULES, K, numpy_sgd, toy_clients, toy_loss, toy_params
 
-from jaxblock import algorithms, blocks, data, federated
+from jaxblock.fed import algorithms, blocks, data, loop
 
 RULES_2_FROZEN_C = [("a/w", "A"), ("b/w", "B"), ("c/bias", None)]  # c frozen
 RULES_2_ALL = [("a/w", "A"), ("b/w|c/bias", "B")]  # every leaf, in 2 blocks
@@ -21,16 +21,16 @@ LEAVES = {
 def _run(fed, rules, n_data=None):
     """The jaxblock simulator round by round: (state after each round, metrics, final state, partition)."""
     params = toy_params()
-    part = federated.algorithm_partition(fed, params, blocks.partition(params, rules))
+    part = loop.algorithm_partition(fed, params, blocks.partition(params, rules))
     batches_fn = data.make_batches_fn(toy_clients(n_data or fed.num_clients), BS)
-    trainer = federated.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR))
+    trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR))
     state = trainer.init_state(params)
     states, history = [], []
     for _ in range(fed.rounds):
-        state, m = federated.run_round(trainer, state)
+        state, m = loop.run_round(trainer, state)
         states.append(state)
         history.append(m)
-    return states, history, federated.flush(trainer, state), part
+    return states, history, loop.flush(trainer, state), part
 
 
 def _f64(p):
@@ -41,7 +41,7 @@ def _f64(p):
 def test_fedcybgd_equals_numpy_sequential_loop(rules, leaves):
     """Server params after every turn (and the final ones) equal a float64 NumPy loop: client t % 2 trains
     block (t % 2) % 2 for K SGD steps from the server model on its own batches, then the server block is replaced."""
-    fed = federated.FedConfig(algorithm="fedcybgd", rounds=6, num_clients=2, local_steps=K, seed=4)
+    fed = loop.FedConfig(algorithm="fedcybgd", rounds=6, num_clients=2, local_steps=K, seed=4)
     states, history, final, _ = _run(fed, rules)
 
     batches_fn = data.make_batches_fn(toy_clients(2), BS)
@@ -64,7 +64,7 @@ def test_fedcybgd_equals_numpy_sequential_loop(rules, leaves):
 def test_one_cycle_touches_each_block_once_and_too_few_clients_is_an_error():
     """N = B = 3: turns 0..2 are clients 0, 1, 2 on blocks 0, 1, 2, and each turn changes exactly its
     block of the server model (every other leaf bitwise unchanged); N < B raises a one-line ValueError."""
-    fed = federated.FedConfig(algorithm="fedcybgd", rounds=6, num_clients=3, local_steps=K)
+    fed = loop.FedConfig(algorithm="fedcybgd", rounds=6, num_clients=3, local_steps=K)
     states, history, _, part = _run(fed, RULES)
     assert [m["clients"] for m in history] == [[0], [1], [2], [0], [1], [2]]
     assert [m["block"] for m in history] == [0, 1, 2, 0, 1, 2]
@@ -80,12 +80,12 @@ def test_one_cycle_touches_each_block_once_and_too_few_clients_is_an_error():
         before = after
 
     params = toy_params()
-    too_few = federated.FedConfig(algorithm="fedcybgd", num_clients=2)
+    too_few = loop.FedConfig(algorithm="fedcybgd", num_clients=2)
     with pytest.raises(ValueError, match=r"num_clients=2 < 3 blocks") as err:
         algorithms.make(too_few).partition(params, blocks.partition(params, RULES))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"num_clients=2 < 3 blocks"):  # the simulator's entry point too
-        federated.algorithm_partition(too_few, params, blocks.partition(params, RULES))
+        loop.algorithm_partition(too_few, params, blocks.partition(params, RULES))
 
 
 @pytest.mark.parametrize("num_clients, rules", [(3, RULES), (4, RULES_2_ALL)])
@@ -93,7 +93,7 @@ def test_params_down_counts_the_blocks_changed_since_the_clients_last_turn(num_c
     """params_down = {client: values of the blocks whose server values differ between the end of the client's
     last turn (the start, in the first cycle) and the start of this turn}, found by comparing the params;
     params_up = [its block's values], bytes_down = 4 x params_down."""
-    fed = federated.FedConfig(algorithm="fedcybgd", rounds=2 * num_clients + 1, num_clients=num_clients, local_steps=K)
+    fed = loop.FedConfig(algorithm="fedcybgd", rounds=2 * num_clients + 1, num_clients=num_clients, local_steps=K)
     states, history, _, part = _run(fed, rules)
     servers = [toy_params()] + [s["params"] for s in states]  # servers[t] = the model at the start of turn t
     sizes = [b.params for b in part.blocks]

@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxblock import blocks, data, federated, local, model, validate
-from jaxblock.config import ModelConfig
+from jaxblock import model
+from jaxblock.fed import blocks, data, local, loop, validate
+from jaxblock.model.config import ModelConfig
 
 N, K, BS, LR = 3, 2, 4, 0.05
 RULES = [("a/w", "A"), ("b/w", "B"), ("c/bias", "C")]
@@ -113,20 +114,20 @@ def numpy_algorithm2(fed, theta0, batches_fn, schedule, participants_of):
 
 def run_core(fed, params, clients, *, rules=RULES, optimizer=None, client_batch=1):
     """The jaxblock core, round by round, recording server/client models and each round's deltas."""
-    part = federated.algorithm_partition(fed, params, blocks.partition(params, rules))
+    part = loop.algorithm_partition(fed, params, blocks.partition(params, rules))
     batches_fn = data.make_batches_fn(clients, BS)
     optimizer = optimizer or optax.sgd(LR)
-    trainer = federated.make_trainer(fed, toy_loss, batches_fn, part, optimizer, client_batch=client_batch)
-    state = federated.init_state(fed, params)
+    trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optimizer, client_batch=client_batch)
+    state = loop.init_state(fed, params)
     servers, client_models, schedule, parts, deltas = [], [], [], [], []
     for _ in range(fed.rounds):
-        state, m = federated.run_round(trainer, state)
+        state, m = loop.run_round(trainer, state)
         schedule.append(m["block"])
         parts.append(m["clients"])
         deltas.append(state["pending"].get(m["round"], {}).get("deltas"))
         servers.append(state["params"])
-        client_models.append([federated.client_params(state, part, i, fed.eta) for i in range(fed.num_clients)])
-    final = federated.flush(trainer, state)
+        client_models.append([loop.client_params(state, part, i, fed.eta) for i in range(fed.num_clients)])
+    final = loop.flush(trainer, state)
     return servers, client_models, final, schedule, parts, part, batches_fn
 
 
@@ -142,7 +143,7 @@ def _close(a, b, tol=1e-6):
 def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay, client_batch):
     """(b) server trajectory and (a)-style client models equal an explicit NumPy Algorithm 2, with the
     clients trained one by one or `client_batch` at a time (one vmapped program)."""
-    fed = federated.FedConfig(
+    fed = loop.FedConfig(
         rounds=8, num_clients=N, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3,
         lr_decay=lr_decay, lr_decay_alpha=0.1 if lr_decay == "linear" else 0.0,
     )  # fmt: skip
@@ -164,7 +165,7 @@ def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay, c
 @pytest.mark.parametrize("staleness", [1, 2])
 def test_eq3_4_invariant_for_every_client_after_every_round(staleness):
     """(a) Right after the correction for round r = t - s, block b_r of every client equals the server's."""
-    fed = federated.FedConfig(rounds=9, num_clients=N, local_steps=K, staleness=staleness, seed=5)
+    fed = loop.FedConfig(rounds=9, num_clients=N, local_steps=K, staleness=staleness, seed=5)
     params = toy_params()
     servers, client_models, _, schedule, _, part, _ = run_core(fed, params, toy_clients())
     checked = 0
@@ -188,7 +189,7 @@ def test_one_client_parablock_equals_fedbcd():
     params, clients = toy_params(), toy_clients(n=1)
     finals = {}
     for algorithm in ("parablock", "fedbcd"):
-        fed = federated.FedConfig(algorithm=algorithm, rounds=6, num_clients=1, local_steps=K, seed=2)
+        fed = loop.FedConfig(algorithm=algorithm, rounds=6, num_clients=1, local_steps=K, seed=2)
         finals[algorithm] = run_core(fed, params, clients, optimizer=optax.adamw(0.05, eps=1e-6))[2]["params"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), finals["parablock"], finals["fedbcd"])
     assert not np.allclose(finals["fedbcd"]["a"]["w"], params["a"]["w"])  # it trained
@@ -197,11 +198,11 @@ def test_one_client_parablock_equals_fedbcd():
 def test_single_block_fedbcd_equals_fed_full_ft():
     """(d) FedBCD over one block of every parameter = FedAvg with local AdamW, written out here."""
     params, clients = toy_params(), toy_clients()
-    fed = federated.FedConfig(algorithm="fedbcd", rounds=4, num_clients=N, local_steps=K, eta=1.0)
+    fed = loop.FedConfig(algorithm="fedbcd", rounds=4, num_clients=N, local_steps=K, eta=1.0)
     adamw = optax.adamw(0.05, b1=0.9, b2=0.999, eps=1e-6)
     core = run_core(fed, params, clients, rules=[(".*", "everything")], optimizer=adamw)[2]["params"]
     full = run_core(
-        federated.FedConfig(algorithm="fedavg_full", rounds=4, num_clients=N, local_steps=K), params, clients,
+        loop.FedConfig(algorithm="fedavg_full", rounds=4, num_clients=N, local_steps=K), params, clients,
         optimizer=adamw,
     )[2]["params"]  # fmt: skip
 
@@ -226,28 +227,28 @@ def test_single_block_fedbcd_equals_fed_full_ft():
 @pytest.mark.parametrize("staleness", [1, 2, 3])
 def test_flush_leaves_all_T_aggregates_in_the_server(staleness):
     """(e) theta_T = theta_0 + eta * sum_t Delta_t on b_t, for every round including the last s."""
-    fed = federated.FedConfig(rounds=5, num_clients=N, local_steps=K, eta=0.5, staleness=staleness, seed=1)
+    fed = loop.FedConfig(rounds=5, num_clients=N, local_steps=K, eta=0.5, staleness=staleness, seed=1)
     params, clients = toy_params(), toy_clients()
     part = blocks.partition(params, RULES)
-    trainer = federated.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR))
-    state = federated.init_state(fed, params)
+    trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR))
+    state = loop.init_state(fed, params)
     expected = jax.tree.map(lambda x: np.array(x, np.float64), params)
     for _ in range(fed.rounds):
-        state, m = federated.run_round(trainer, state)
+        state, m = loop.run_round(trainer, state)
         entry = state["pending"][m["round"]]  # the round just trained is still in flight (s >= 1)
         mean = jax.tree.map(lambda *d: np.mean(d, axis=0), *[entry["deltas"][c] for c in entry["clients"]])
         k1, k2 = BLOCK_KEY[m["block"]]
         expected[k1][k2] += fed.eta * mean[k1][k2]
     assert len(state["pending"]) == staleness  # the last s rounds await the flush
-    final = federated.flush(trainer, state)
+    final = loop.flush(trainer, state)
     assert final["pending"] == {}
     _close(final["params"], expected)
 
 
 def test_schedules():
     def seq(schedule, rounds=8, nb=3, seed=0):
-        fed = federated.FedConfig(schedule=schedule, seed=seed)
-        return [federated.choose_block(fed, t, nb) for t in range(rounds)]
+        fed = loop.FedConfig(schedule=schedule, seed=seed)
+        return [loop.choose_block(fed, t, nb) for t in range(rounds)]
 
     assert seq("sequential") == [0, 1, 2, 0, 1, 2, 0, 1]
     assert seq("reverse") == [2, 1, 0, 2, 1, 0, 2, 1]
@@ -261,32 +262,32 @@ def test_schedules():
 def test_gradient_schedule_picks_the_largest_gradient_and_reports_its_cost():
     params, clients = toy_params(), toy_clients()
     params["c"]["bias"] = np.array([30.0, -30.0], np.float32)  # a huge bias error: its gradient dominates
-    fed = federated.FedConfig(schedule="gradient", rounds=1, num_clients=N, local_steps=K)
+    fed = loop.FedConfig(schedule="gradient", rounds=1, num_clients=N, local_steps=K)
     part = blocks.partition(params, RULES)
-    trainer = federated.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR))
-    _, m = federated.run_round(trainer, federated.init_state(fed, params))
+    trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR))
+    _, m = loop.run_round(trainer, loop.init_state(fed, params))
     assert m["block"] == 2 and m["schedule_seconds"] > 0
 
 
 def test_aggregation_by_sample_count():
-    fed = federated.FedConfig(aggregation="samples", num_clients=3)
-    w = federated.aggregation_weights(fed, [0, 2], np.array([10, 99, 30]))
+    fed = loop.FedConfig(aggregation="samples", num_clients=3)
+    w = loop.aggregation_weights(fed, [0, 2], np.array([10, 99, 30]))
     np.testing.assert_allclose(w, [0.25, 0.75])
     params = toy_params()
     part = blocks.partition(params, RULES)
     deltas = [{"b": {"w": np.ones((3, 2), np.float32)}}, {"b": {"w": 3 * np.ones((3, 2), np.float32)}}]
-    merged = federated.server_merge(params, part, 1, deltas, w, eta=2.0)
+    merged = loop.server_merge(params, part, 1, deltas, w, eta=2.0)
     np.testing.assert_allclose(merged["b"]["w"], params["b"]["w"] + 2.0 * 2.5, rtol=1e-6)
     assert merged["a"]["w"] is params["a"]["w"]  # other blocks untouched, not copied
 
 
 def test_partial_participation_leaves_absent_clients_alone():
-    fed = federated.FedConfig(rounds=1, num_clients=4, participation=0.5, local_steps=K, seed=0)
+    fed = loop.FedConfig(rounds=1, num_clients=4, participation=0.5, local_steps=K, seed=0)
     params = toy_params()
-    trainer = federated.make_trainer(
+    trainer = loop.make_trainer(
         fed, toy_loss, data.make_batches_fn(toy_clients(4), BS), blocks.partition(params, RULES), optax.sgd(LR)
     )
-    state, m = federated.run_round(trainer, federated.init_state(fed, params))
+    state, m = loop.run_round(trainer, loop.init_state(fed, params))
     absent = sorted(set(range(4)) - set(m["clients"]))
     assert len(m["clients"]) == 2 and all(state["positions"][c] == 0 for c in absent)
     assert all(state["positions"][c] == K * BS for c in m["clients"])
@@ -297,27 +298,25 @@ def test_a_nan_update_is_left_out_or_stops_the_run_as_the_policy_says():
     without it, renormalised over the other two; with on_bad_update='stop' the run ends naming it."""
     params, clients = toy_params(), toy_clients()
     clients[1]["y"][:] = np.nan
-    fed = federated.FedConfig(rounds=2, num_clients=N, local_steps=K, seed=0)
+    fed = loop.FedConfig(rounds=2, num_clients=N, local_steps=K, seed=0)
     part = blocks.partition(params, RULES)
 
     def trainer(policy):
-        return federated.make_trainer(
-            fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR), policy=policy
-        )
+        return loop.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR), policy=policy)
 
-    state, _ = federated.run_round(trainer(validate.Policy()), federated.init_state(fed, params))
+    state, _ = loop.run_round(trainer(validate.Policy()), loop.init_state(fed, params))
     sent = state["pending"][0]
-    after, m = federated.run_round(trainer(validate.Policy()), state)
+    after, m = loop.run_round(trainer(validate.Policy()), state)
     assert m["rejected"] == [[0, 1, "non-finite: NaN/Inf in the update"]] and m["merged"] == [[0, [0, 2]]]
     mean = jax.tree.map(lambda *d: sum(d) / 2, *[sent["deltas"][c] for c in (0, 2)])
-    expected = federated.apply_aggregate(state["params"], part, sent["block"], mean, fed.eta)
+    expected = loop.apply_aggregate(state["params"], part, sent["block"], mean, fed.eta)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), after["params"], expected)
     assert 0 not in after["pending"]  # nothing of round 0 is waiting any more, the NaN delta neither
     with pytest.raises(
         validate.UpdateRejected,
         match=r"^round 0: client 1's update rejected \(non-finite: NaN/Inf in the update\); comm.on_bad_update='stop'$",
     ):
-        federated.run_round(trainer(validate.Policy(on_bad_update="stop")), state)
+        loop.run_round(trainer(validate.Policy(on_bad_update="stop")), state)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state["params"]))
 
 
@@ -339,15 +338,15 @@ def test_norm_bounds_reject_a_scaled_update():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="staleness=0: ParaBlock needs staleness >= 1"):
-        federated.FedConfig(staleness=0)
+        loop.FedConfig(staleness=0)
     with pytest.raises(ValueError, match="algorithm='fedsgd'"):
-        federated.FedConfig(algorithm="fedsgd")
+        loop.FedConfig(algorithm="fedsgd")
     with pytest.raises(ValueError, match="participation=0"):
-        federated.FedConfig(participation=0)
+        loop.FedConfig(participation=0)
     with pytest.raises(ValueError, match="lr_decay='exp': choose one of none, linear, cosine"):
-        federated.FedConfig(lr_decay="exp")
+        loop.FedConfig(lr_decay="exp")
     with pytest.raises(ValueError, match="lr_decay_alpha=2"):
-        federated.FedConfig(lr_decay_alpha=2)
+        loop.FedConfig(lr_decay_alpha=2)
 
 
 def _live_bytes():
@@ -369,11 +368,11 @@ def test_simulator_memory_is_one_model_plus_pending_deltas(staleness, report):
     live = {}
     for n in (2, 16):
         clients = data.synthetic_clients(n, 8, 16, cfg.vocab_size, seed=n)
-        fed = federated.FedConfig(rounds=3, num_clients=n, local_steps=2, staleness=staleness, schedule="sequential")
-        trainer = federated.Trainer(fed, local.lm_loss(cfg), data.make_batches_fn(clients, 2), part, train)
-        state = federated.init_state(fed, params)
+        fed = loop.FedConfig(rounds=3, num_clients=n, local_steps=2, staleness=staleness, schedule="sequential")
+        trainer = loop.Trainer(fed, local.lm_loss(cfg), data.make_batches_fn(clients, 2), part, train)
+        state = loop.init_state(fed, params)
         for _ in range(3):
-            state, _ = federated.run_round(trainer, state)
+            state, _ = loop.run_round(trainer, state)
         live[n] = _live_bytes()
         pending = sum(len(e["deltas"]) for e in state["pending"].values())
         assert pending == n * staleness
@@ -393,8 +392,8 @@ def test_client_batch_auto():
     models fit, and goes one by one on the CPU, under a mesh, or when they do not fit."""
     small = {"w": np.zeros((1024, 256), np.float32)}  # 1 MiB
     big = {"w": np.zeros((64, 1024, 1024), np.float32)}  # 256 MiB: 10 of them exceed 1 GiB
-    assert federated.client_batch_size(3, small, 10, 1, "cpu") == 3
-    assert federated.client_batch_size(0, small, 10, 1, "gpu") == 10
-    assert federated.client_batch_size(0, small, 10, 1, "cpu") == 1
-    assert federated.client_batch_size(0, small, 10, 8, "gpu") == 1
-    assert federated.client_batch_size(0, big, 10, 1, "gpu") == 1
+    assert loop.client_batch_size(3, small, 10, 1, "cpu") == 3
+    assert loop.client_batch_size(0, small, 10, 1, "gpu") == 10
+    assert loop.client_batch_size(0, small, 10, 1, "cpu") == 1
+    assert loop.client_batch_size(0, small, 10, 8, "gpu") == 1
+    assert loop.client_batch_size(0, big, 10, 1, "gpu") == 1

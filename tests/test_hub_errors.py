@@ -11,9 +11,10 @@ import pytest
 from huggingface_hub import errors as hub
 from test_train import ROOT
 
-from jaxblock import hf_io, instruct
-from jaxblock.config import load_config
-from jaxblock.experiment import load_tokenizer
+from jaxblock.model import hf_io
+from jaxblock.run import instruct
+from jaxblock.run.config import load_config
+from jaxblock.run.experiment import load_tokenizer
 
 
 def _response(status: int):

@@ -7,7 +7,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxblock import instruct, tasks
+from jaxblock.run import instruct, tasks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ASSETS = os.path.join(ROOT, "assets")
@@ -168,7 +168,7 @@ def test_exported_chat_template_gives_the_ids_jaxblock_trains_and_evaluates_on(t
     The whole training sequence is the template's rendering of the question and its answer."""
     from transformers import AutoTokenizer
 
-    from jaxblock import assets
+    from jaxblock.run import assets
 
     tokenizer.save_pretrained(str(tmp_path))  # as experiment.export_hf does
     exported = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -265,7 +265,9 @@ def test_bundled_base_model_was_pretrained(tokenizer, report):
     import jax
 
     import jaxblock
-    from jaxblock import assets, local, model
+    from jaxblock import model
+    from jaxblock.fed import local
+    from jaxblock.run import assets
 
     cfg, params = jaxblock.load_hf(os.path.join(ASSETS, "tiny_base"))
     assert cfg.vocab_size == len(tokenizer) and tokenizer.chat_template
@@ -285,7 +287,7 @@ def test_bundled_base_model_was_pretrained(tokenizer, report):
 
 def test_tiny_config_fits_every_bundled_example(tokenizer):
     """configs/tiny.py's seq_len cuts no response and its eval lengths cut no prompt or answer."""
-    from jaxblock import config as config_lib
+    from jaxblock.run import config as config_lib
 
     config = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"))
     examples = instruct.load_examples("mathinstruct", config.data.path)

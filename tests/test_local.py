@@ -8,9 +8,11 @@ import numpy as np
 import optax
 import pytest
 
-from jaxblock import blocks, local, model, runtime
-from jaxblock.config import ModelConfig
-from jaxblock.sharding import Layout, make_mesh
+from jaxblock import model
+from jaxblock.fed import blocks, local
+from jaxblock.model.config import ModelConfig
+from jaxblock.model.sharding import Layout, make_mesh
+from jaxblock.run import runtime
 
 CFG = ModelConfig(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=8

@@ -16,9 +16,13 @@ from test_train import ROOT, final_params, read_jsonl, small_config
 from transformers import AutoModelForCausalLM
 
 import jaxblock
-from jaxblock import algorithms, blocks, data, experiment, federated, local, lora, model, runtime
-from jaxblock import config as config_lib
-from jaxblock.config import ModelConfig
+import jaxblock.model.sharding
+from jaxblock import model
+from jaxblock.fed import algorithms, blocks, data, local, loop
+from jaxblock.model import lora
+from jaxblock.model.config import ModelConfig
+from jaxblock.run import config as config_lib
+from jaxblock.run import experiment, runtime
 
 CFG = ModelConfig(
     vocab_size=128, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8
@@ -102,7 +106,7 @@ def _matmul_output_shapes(jaxpr) -> set[tuple[int, ...]]:
 def test_a_lora_step_keeps_optimizer_state_and_gradients_to_the_adapters():
     cfg = CFG.replace(lora_alpha=8.0)
     params = lora.add(cfg, model.init(CFG, jax.random.key(0)), lora.LoraConfig(rank=3, targets=ALL), jax.random.key(1))
-    fed = federated.FedConfig(algorithm="fedit", num_clients=2)
+    fed = loop.FedConfig(algorithm="fedit", num_clients=2)
     algo = algorithms.make(fed, cfg, lora.LoraConfig(rank=3, targets=ALL))
     part = algo.partition(params, None)
     block, frozen = part.split(params, 0)
@@ -144,19 +148,19 @@ def _trainer(fed, lc, opt, num_clients=None):
     params = algo.server_params(model.init(CFG, jax.random.key(0)))
     part = algo.partition(params, None)
     clients, batches_fn = _problem(fed.num_clients)
-    trainer = federated.make_trainer(
+    trainer = loop.make_trainer(
         fed, local.lm_loss(cfg), batches_fn, part, opt, client_sizes=[8, 16, 24, 32][: fed.num_clients], algorithm=algo
     )
     return cfg, algo, params, trainer
 
 
 def test_fedit_with_one_client_is_centralized_lora_training():
-    fed = federated.FedConfig(algorithm="fedit", rounds=3, num_clients=1, local_steps=2)
+    fed = loop.FedConfig(algorithm="fedit", rounds=3, num_clients=1, local_steps=2)
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     cfg, _, params, trainer = _trainer(fed, lc, optax.sgd(0.5))
-    state = federated.init_state(fed, params)
+    state = loop.init_state(fed, params)
     for _ in range(fed.rounds):
-        state, _ = federated.run_round(trainer, state)
+        state, _ = loop.run_round(trainer, state)
     # Centralized: 6 plain SGD steps on the adapters, on the same batches in the same order.
     base, adapters = lora.split(params)
     loss = local.lm_loss(cfg)
@@ -172,11 +176,11 @@ def test_fedit_with_one_client_is_centralized_lora_training():
 
 
 def test_ffa_lora_trains_b_only_and_a_stays_at_its_seeded_init():
-    fed = federated.FedConfig(algorithm="ffa_lora", rounds=2, num_clients=3, local_steps=2)
+    fed = loop.FedConfig(algorithm="ffa_lora", rounds=2, num_clients=3, local_steps=2)
     lc = lora.LoraConfig(rank=4, alpha=8.0)
     _, _, params, trainer = _trainer(fed, lc, optax.adamw(1e-2))
     assert {b.name for b in trainer.partition.blocks} == {"adapters"}
-    state, _ = federated.run(fed, params, trainer.loss_fn, trainer.batches_fn, trainer.partition, optax.adamw(1e-2),
+    state, _ = loop.run(fed, params, trainer.loss_fn, trainer.batches_fn, trainer.partition, optax.adamw(1e-2),
                              algorithm=trainer.algorithm)  # fmt: skip
     before, after = lora.split(params)[1], lora.split(state["params"])[1]
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(after), strict=True):
@@ -190,13 +194,13 @@ def test_ffa_lora_trains_b_only_and_a_stays_at_its_seeded_init():
 
 
 def test_flora_merges_the_exact_weighted_sum_of_heterogeneous_products(report):
-    fed = federated.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2, aggregation="samples", eta=1.0)
+    fed = loop.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2, aggregation="samples", eta=1.0)
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "up_proj"), client_ranks=(2, 5, 3))
     cfg, algo, params, trainer = _trainer(fed, lc, optax.adamw(2e-2))
-    state, metrics = federated.run_round(trainer, federated.init_state(fed, params))
+    state, metrics = loop.run_round(trainer, loop.init_state(fed, params))
     assert metrics["aggregated_round"] == 0 and metrics["params_down"] == sum(metrics["params_up"])
     # Each client's trained adapter, recomputed, and the update it should bring: sum_i p_i s_i A_i B_i.
-    weights = federated.aggregation_weights(fed, [0, 1, 2], trainer.client_sizes)
+    weights = loop.aggregation_weights(fed, [0, 1, 2], trainer.client_sizes)
     trained = []
     for c in range(3):
         block, frozen = trainer.partition.split(algo.client_model(params, c, 0), 0)
@@ -234,12 +238,12 @@ def test_flora_merges_the_exact_weighted_sum_of_heterogeneous_products(report):
 def test_flora_batched_clients_of_different_ranks_train_apart():
     """sim.client_batch with FLoRA's per-client ranks (2, 5, 2): the rank-2 clients train as one batch,
     the rank-5 one alone (different shapes do not stack); the round equals one by one."""
-    fed = federated.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2)
+    fed = loop.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2)
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), client_ranks=(2, 5, 2))
     _, _, params, trainer = _trainer(fed, lc, optax.adamw(2e-2))
-    one, _ = federated.run_round(trainer, federated.init_state(fed, params))
+    one, _ = loop.run_round(trainer, loop.init_state(fed, params))
     batched = dataclasses.replace(trainer, client_batch=3)
-    many, metrics = federated.run_round(batched, federated.init_state(fed, params))
+    many, metrics = loop.run_round(batched, loop.init_state(fed, params))
     assert _max_diff(many["params"], one["params"]) <= 1e-5 and _max_diff(one["params"], params) > 1e-4
     assert set(metrics["client_compute_s"]) == {0, 1, 2}
 
@@ -259,7 +263,7 @@ def test_a_lora_run_stopped_mid_way_resumes_to_bit_identical_adapters(algorithm,
     config = small_config("rounds=4", f"algorithm={algorithm}", *LORA_RUN, *ranks)
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
     experiment.train(config, straight, progress=False)
-    run_round, calls = federated.run_round, []
+    run_round, calls = loop.run_round, []
 
     def dies_in_round_2(trainer, state):  # as a kill would: after round 1's checkpoint, mid round 2
         calls.append(state["round"])
@@ -267,7 +271,7 @@ def test_a_lora_run_stopped_mid_way_resumes_to_bit_identical_adapters(algorithm,
             raise _Killed
         return run_round(trainer, state)
 
-    monkeypatch.setattr(federated, "run_round", dies_in_round_2)
+    monkeypatch.setattr(loop, "run_round", dies_in_round_2)
     with pytest.raises(_Killed):
         experiment.train(config, stopped, progress=False)
     # In a process that lives on, orbax finishes the step-2 save it had started: wait for it, as a
@@ -275,7 +279,7 @@ def test_a_lora_run_stopped_mid_way_resumes_to_bit_identical_adapters(algorithm,
     deadline = time.time() + 30
     while not os.path.isdir(os.path.join(stopped, "checkpoints", "2")) and time.time() < deadline:
         time.sleep(0.05)
-    monkeypatch.setattr(federated, "run_round", run_round)
+    monkeypatch.setattr(loop, "run_round", run_round)
     capsys.readouterr()
     experiment.train(config, stopped, progress=False)
     assert "from round 2 (checkpoint step 2)" in capsys.readouterr().out
@@ -320,7 +324,7 @@ def test_lora_runs_export_merged_and_as_a_peft_adapter(tmp_path, report):
 
 
 def test_flora_is_refused_by_the_multi_process_runtime():
-    from jaxblock import comm
+    from jaxblock.net import comm
 
     with pytest.raises(ValueError, match="algorithm='flora': the multi-process runtime does not run it"):
         comm.check_supported(runtime.fed_config(small_config("algorithm=flora")))
@@ -332,8 +336,8 @@ def test_adapter_leaves_have_shardings_from_their_kernels_axes():
     cfg = config_lib.model_config(config)
     axes = runtime.logical_axes(config, cfg)
     assert jax.tree.structure(axes) == jax.tree.structure(runtime.server_shapes(config, cfg))
-    layout = jaxblock.sharding.Layout(jaxblock.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
-                                      jaxblock.sharding.rules_from_config(config.rules))  # fmt: skip
+    layout = jaxblock.model.sharding.Layout(jaxblock.model.sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}),
+                                      jaxblock.model.sharding.rules_from_config(config.rules))  # fmt: skip
     specs = jax.tree.map(lambda s: s.spec, layout.tree_shardings(axes)["layers_0"])
     attn, mlp = specs["self_attn"], specs["mlp"]
     assert attn["q_proj_lora_a"] == P("fsdp", None) and attn["q_proj_lora_b"] == P(None, "tensor")
@@ -342,16 +346,16 @@ def test_adapter_leaves_have_shardings_from_their_kernels_axes():
 
 
 def test_fedit_in_the_threaded_runtime_equals_the_simulator():
-    from jaxblock import comm, transport
+    from jaxblock.net import comm, transport
 
-    fed = federated.FedConfig(algorithm="fedit", rounds=2, num_clients=2, local_steps=2)
+    fed = loop.FedConfig(algorithm="fedit", rounds=2, num_clients=2, local_steps=2)
     lc = lora.LoraConfig(rank=2, alpha=4.0)
     cfg, algo, params, trainer = _trainer(fed, lc, optax.adamw(1e-2))
     server, replicas = comm.run_in_threads(
         fed, params, trainer.partition, trainer.local_train, trainer.batches_fn, transport.Store("memory://"),
         comm.CommConfig(timeout_s=30.0),
     )  # fmt: skip
-    sim, _ = federated.run(fed, params, trainer.loss_fn, trainer.batches_fn, trainer.partition, optax.adamw(1e-2),
+    sim, _ = loop.run(fed, params, trainer.loss_fn, trainer.batches_fn, trainer.partition, optax.adamw(1e-2),
                            algorithm=algo)  # fmt: skip
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(server), jax.device_get(sim["params"]))
     assert _max_diff(server, params) > 0 and all(_max_diff(r, server) == 0 for r in replicas.values())

@@ -99,7 +99,7 @@ def test_generation_stops_at_eos(checkpoint):
 def test_rope_frequencies_match_transformers(kind):
     hf = hf_config(kind)
     ref, _ = ROPE_INIT_FUNCTIONS[hf.rope_parameters["rope_type"]](hf) if kind != "llama" else (None, None)
-    cfg = jaxblock.config.from_hf_config(hf.to_dict())
+    cfg = jaxblock.model.config.from_hf_config(hf.to_dict())
     ours = model.rope_inv_freq(cfg)
     if ref is None:  # default RoPE: the plain formula
         h = hf.head_dim

@@ -10,8 +10,10 @@ import jax
 import pytest
 from test_train import ROOT, SMALL, small_config
 
-from jaxblock import blocks, compare, local, model, plan, runtime
-from jaxblock.config import model_config
+from jaxblock import model
+from jaxblock.fed import blocks, local
+from jaxblock.run import compare, plan, runtime
+from jaxblock.run.config import model_config
 
 SHAPES = ["model.num_layers=3", "model.vocab_size=4096", "seq_len=64", "batch_size=2"]  # logits matter at this size
 

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxblock import model, runtime
-from jaxblock.config import ModelConfig
-from jaxblock.sharding import Layout, make_mesh
+from jaxblock import model
+from jaxblock.model.config import ModelConfig
+from jaxblock.model.sharding import Layout, make_mesh
+from jaxblock.run import runtime
 
 CFG = ModelConfig(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,

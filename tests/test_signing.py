@@ -14,7 +14,8 @@ import pytest
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT
 
-from jaxblock import blocks, comm, data, federated, local, signing, transport, validate
+from jaxblock.fed import blocks, data, local, loop, validate
+from jaxblock.net import comm, receive, signing, transport
 
 
 @pytest.fixture(scope="module")
@@ -61,12 +62,12 @@ def test_arrays_changed_after_signing_are_rejected(keys):
     expected = validate.expected_leaves(jax.eval_shape(lambda: tree), "none", 1.0, "float32")
     manifest = store.get_json("round/0/client/0/COMMIT")
     verify = lambda m: server.check(m, "client_0", signed)  # noqa: E731
-    back = validate.read_checked(store, "round/0/client/0", manifest, expected, 24, verify)
+    back = receive.read_checked(store, "round/0/client/0", manifest, expected, 24, verify)
     np.testing.assert_array_equal(back["w"], tree["w"])
     store.publish("round/0/client/0", {"w": tree["w"] + 1})  # new arrays under the old signed manifest
     store.put_json("round/0/client/0/COMMIT", manifest)
     with pytest.raises(validate.BadUpdate, match="^forged: the arrays are not the ones signed$"):
-        validate.read_checked(store, "round/0/client/0", manifest, expected, 24, verify)
+        receive.read_checked(store, "round/0/client/0", manifest, expected, 24, verify)
 
 
 def _attacker(store_url, context, keys, fed, part, params, stop):
@@ -107,7 +108,7 @@ def _attacker(store_url, context, keys, fed, part, params, stop):
 def test_forged_and_bad_uploads_are_rejected_and_change_nothing(keys, report):
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = federated.FedConfig(rounds=6, num_clients=3, local_steps=2)
+    fed = loop.FedConfig(rounds=6, num_clients=3, local_steps=2)
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     policy = validate.Policy(max_norm_ratio=100.0)
 
@@ -167,12 +168,12 @@ def test_garbage_in_the_store_is_rejected_never_read_as_an_update(tmp_path):
     manifest = store.get_json("round/0/client/0/COMMIT")
     store.put_json("round/0/client/1/COMMIT", manifest)  # a marker with no arrays behind it
     with pytest.raises(validate.BadUpdate, match="^garbage: unreadable array"):
-        validate.read_checked(store, "round/0/client/1", manifest, expected, 48)
+        receive.read_checked(store, "round/0/client/1", manifest, expected, 48)
     for f in (tmp_path / "store" / "round" / "0" / "client" / "0" / "w").rglob("*"):
         if f.is_file() and f.name != "zarr.json":
             f.write_bytes(f.read_bytes()[:5])  # a chunk cut short, as by a writer that died
     with pytest.raises(validate.BadUpdate, match="^garbage: unreadable array"):
-        validate.read_checked(store, "round/0/client/0", manifest, expected, 48)
+        receive.read_checked(store, "round/0/client/0", manifest, expected, 48)
     for bad in (None, [], {"leaves": "x"}, {"leaves": [["w", [4, 3], "float32"]]}):
         with pytest.raises(validate.BadUpdate, match="^garbage: unreadable manifest"):
-            validate.check_manifest(bad, expected, 48)
+            receive.check_manifest(bad, expected, 48)

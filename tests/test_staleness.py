@@ -6,7 +6,7 @@ import optax
 import pytest
 from test_federated import BLOCK_KEY, BS, LR, RULES, K, numpy_sgd, run_core, toy_clients, toy_loss, toy_params
 
-from jaxblock import blocks, data, federated
+from jaxblock.fed import blocks, data, loop
 
 
 def _equal(a, b):
@@ -24,7 +24,7 @@ def test_uniform_tuple_staleness_equals_scalar_bitwise(s, participation):
     n, params, clients = 4, toy_params(), toy_clients(4)
     runs = {}
     for staleness in (s, (s,) * n):
-        fed = federated.FedConfig(
+        fed = loop.FedConfig(
             rounds=6, num_clients=n, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3
         )
         runs[type(staleness)] = run_core(fed, params, clients)
@@ -102,15 +102,15 @@ def _run_recording(fed, n):
     params = toy_params()
     part = blocks.partition(params, RULES)
     batches_fn = data.make_batches_fn(toy_clients(n), BS)
-    trainer = federated.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR))
-    state = federated.init_state(fed, params)
+    trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR))
+    state = loop.init_state(fed, params)
     out, history = [], []
     for _ in range(fed.rounds):
-        state, m = federated.run_round(trainer, state)
+        state, m = loop.run_round(trainer, state)
         history.append(m)
-        out.append((state["params"], [federated.client_params(state, part, i, fed.eta) for i in range(n)], state))
-    state = federated.flush(trainer, state)
-    out.append((state["params"], [federated.client_params(state, part, i, fed.eta) for i in range(n)], state))
+        out.append((state["params"], [loop.client_params(state, part, i, fed.eta) for i in range(n)], state))
+    state = loop.flush(trainer, state)
+    out.append((state["params"], [loop.client_params(state, part, i, fed.eta) for i in range(n)], state))
     return out, history, part, batches_fn
 
 
@@ -129,7 +129,7 @@ def test_one_slow_client_matches_numpy_copies(case):
     the flush equal the NumPy reference with explicit client copies, to 1e-6; metrics' merged/dropped agree with it."""
     weight, max_staleness, participation = CASES[case]
     n = 3
-    fed = federated.FedConfig(
+    fed = loop.FedConfig(
         rounds=7, num_clients=n, local_steps=K, eta=0.7, staleness=(1, 1, 3), staleness_weight=weight,
         max_staleness=max_staleness, participation=participation, seed=2,
     )  # fmt: skip
@@ -163,7 +163,7 @@ def test_lean_form_equals_the_explicit_client_copies(staleness, max_staleness):
     that jaxblock's state holds as its pending ones (each on its round's block), and these are the reference's pending
     (round, client) set; client_params(state) - state params agrees too."""
     n = 3
-    fed = federated.FedConfig(
+    fed = loop.FedConfig(
         rounds=6, num_clients=n, local_steps=K, eta=0.7, staleness=staleness, max_staleness=max_staleness, seed=7
     )
     got, history, part, batches_fn = _run_recording(fed, n)
@@ -190,9 +190,9 @@ def test_lean_form_equals_the_explicit_client_copies(staleness, max_staleness):
 def test_per_client_staleness_config_errors():
     """A tuple of the wrong length, a tuple outside ParaBlock and an s_i of 0 are one-line ValueErrors."""
     with pytest.raises(ValueError, match="staleness lists 2 values for num_clients=3"):
-        federated.FedConfig(num_clients=3, staleness=(1, 2))
+        loop.FedConfig(num_clients=3, staleness=(1, 2))
     with pytest.raises(ValueError, match="per-client staleness is ParaBlock's"):
-        federated.FedConfig(algorithm="fedbcd", num_clients=2, staleness=(1, 2))
+        loop.FedConfig(algorithm="fedbcd", num_clients=2, staleness=(1, 2))
     with pytest.raises(ValueError, match="ParaBlock needs staleness >= 1"):
-        federated.FedConfig(num_clients=2, staleness=(0, 1))
-    assert federated.FedConfig(num_clients=3, staleness=(1, 1, 3)).effective_staleness == 3
+        loop.FedConfig(num_clients=2, staleness=(0, 1))
+    assert loop.FedConfig(num_clients=3, staleness=(1, 1, 3)).effective_staleness == 3

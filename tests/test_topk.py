@@ -8,8 +8,9 @@ import optax
 import pytest
 from test_federated import BS, LR, RULES, K, toy_clients, toy_loss, toy_params
 
-from jaxblock import blocks, data, federated, transport
-from jaxblock.algorithms import topk
+from jaxblock.fed import blocks, data, loop, wire
+from jaxblock.fed.algorithms import topk
+from jaxblock.net import transport
 
 N = 3
 
@@ -28,13 +29,13 @@ def _fed(algorithm, **kw):
     kw = {"rounds": 6, "num_clients": N, "local_steps": K, "eta": 0.7, "seed": 1, "schedule": "sequential", **kw}
     if algorithm == "parablock":
         kw.setdefault("staleness", 1)
-    return federated.FedConfig(algorithm=algorithm, **kw)
+    return loop.FedConfig(algorithm=algorithm, **kw)
 
 
 def _run(fed, params=None, rules=RULES, **trainer_kw):
-    """federated.run, recording the server params after every round."""
+    """loop.run, recording the server params after every round."""
     params, servers = toy_params() if params is None else params, []
-    state, history = federated.run(
+    state, history = loop.run(
         fed, params, toy_loss, data.make_batches_fn(toy_clients(N), BS), blocks.partition(params, rules),
         optax.sgd(LR), on_round=lambda s, m: servers.append(s["params"]), **trainer_kw,
     )  # fmt: skip
@@ -83,12 +84,12 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
     fed = _fed("parablock", compression="topk", topk_ratio=0.2)
     params = toy_params()
     part = blocks.partition(params, RULES)
-    trainer = federated.make_trainer(fed, toy_loss, data.make_batches_fn(toy_clients(N), BS), part, optax.sgd(LR))
-    state = federated.init_state(fed, params)
+    trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(toy_clients(N), BS), part, optax.sgd(LR))
+    state = loop.init_state(fed, params)
     raw, sent, moved = {}, {}, {}  # (client, block) -> float64 sums; block -> eta * sum of mean densified uploads
     for _ in range(fed.rounds):
         old_residuals = state.get("extra", {}).get("residuals", {})
-        state, m = federated.run_round(trainer, state)
+        state, m = loop.run_round(trainer, state)
         t, b = m["round"], m["block"]
         entry = state["pending"][t]  # staleness 1: still in flight
         dense_uploads = []
@@ -109,7 +110,7 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
             raw[c, b] = _add(raw.get((c, b)), jax.tree.map(lambda d: np.asarray(d, np.float64), delta))
             sent[c, b] = _add(sent.get((c, b)), dense)
             # the client's model: server + eta * its whole raw delta, not the sparse upload
-            own = part.block(federated.client_params(state, part, c, fed.eta), b)
+            own = part.block(loop.client_params(state, part, c, fed.eta), b)
             server_b = part.block(state["params"], b)
             jax.tree.map(
                 lambda o, s, d: np.testing.assert_allclose(o, s + fed.eta * d, atol=1e-6), own, server_b, delta
@@ -123,7 +124,7 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
         assert any(np.abs(np.asarray(r)).max() > 0 for r in jax.tree.leaves(residual))  # something was held back
         recon = jax.tree.map(lambda s, r: s + np.asarray(r, np.float64), sent[(c, b)], residual)
         jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-6, rtol=1e-6), recon, total)
-    final = federated.flush(trainer, state)["params"]
+    final = loop.flush(trainer, state)["params"]
     for b, step in moved.items():
         jax.tree.map(
             lambda x, x0, d: np.testing.assert_allclose(np.asarray(x, np.float64) - x0, d, atol=1e-6),
@@ -146,12 +147,12 @@ def test_fedbcd_server_adds_the_mean_of_the_densified_uploads(monkeypatch):
     fed = _fed("fedbcd", compression="topk", topk_ratio=0.2, rounds=4)
     params = toy_params()
     part = blocks.partition(params, RULES)
-    trainer = federated.make_trainer(fed, toy_loss, data.make_batches_fn(toy_clients(N), BS), part, optax.sgd(LR))
-    state = federated.init_state(fed, params)
+    trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(toy_clients(N), BS), part, optax.sgd(LR))
+    state = loop.init_state(fed, params)
     for _ in range(fed.rounds):
         calls.clear()
         before = state["params"]
-        state, m = federated.run_round(trainer, state)
+        state, m = loop.run_round(trainer, state)
         assert len(calls) == len(m["clients"]) == N
         b = m["block"]
         mean = jax.tree.map(lambda *d: np.mean(d, axis=0), *[_densify(u, part.block(params, b)) for u in calls])
@@ -207,7 +208,7 @@ def test_sparse_upload_crosses_a_store_and_a_store_run_equals_the_memory_run():
     store = transport.Store("memory://")
     nbytes = store.publish("round/0/client/1", jax.device_get(upload))
     fetched, fetched_bytes = store.wait_fetch("round/0/client/1", 5.0, "test upload")
-    assert nbytes == fetched_bytes == transport.payload_bytes(upload, "float32") == 8 * (3 + 2 + 1)
+    assert nbytes == fetched_bytes == wire.payload_bytes(upload, "float32") == 8 * (3 + 2 + 1)
     assert jax.tree.structure(fetched) == jax.tree.structure(jax.device_get(upload))
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(upload)[0], jax.tree.leaves(fetched), strict=True):
         want = np.int32 if path[-1].key == "index" else np.float32

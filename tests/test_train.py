@@ -12,8 +12,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxblock import compare, experiment, runtime
-from jaxblock import config as config_lib
+from jaxblock.run import compare, experiment, runtime
+from jaxblock.run import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config, shrunk so that a run takes seconds: random init, synthetic token data.

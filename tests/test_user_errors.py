@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from test_train import ROOT, final_params, small_config
 
-from jaxblock import config as config_lib
-from jaxblock import experiment, runtime
+from jaxblock.run import config as config_lib
+from jaxblock.run import experiment, runtime
 
 TINY = os.path.join(ROOT, "configs", "tiny.py")
 

@@ -1,0 +1,1 @@
+"""The federated core: pure math."""

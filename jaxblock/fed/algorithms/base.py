@@ -1,0 +1,110 @@
+"""What every algorithm shares, with FedBCD's behaviour as the default of each hook.
+
+A federated method is a subclass of `Algorithm` that overrides only the hooks where the paper says
+it differs from FedBCD; `loop.run_round` is the one round loop that calls them:
+
+    server_params   the server model at round 0, from the base model (LoRA: adapters added)
+    partition       which leaves train, as blocks (FedBCD: the layer blocks of `config.blocks`)
+    participants    who trains in round t (FedBCD: the seeded sample; FedCyBGD: client t mod N)
+    choose_block    which block round t trains (FedBCD: `schedule`; FedCyBGD: the client's own)
+    staleness       rounds between an upload and its aggregation (FedBCD 0, ParaBlock s or s_i)
+    client_model    the model a client trains from (FLoRA: the server's plus a fresh adapter)
+    upload          what a client sends up (FedBCD: its block delta)
+    reduce          what the server sends down, from the uploads (FedBCD: their weighted mean)
+    apply           how the server and every client fold that into the model (FedBCD: block += eta * mean)
+    wire_params     how many values cross the wire, up per client and down, for the link model
+
+An asynchronous method (FedBuff) replaces the round itself: `asynchronous = True` and its own
+`init_state(params, links)` and `run_round(trainer, state)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxblock.fed import blocks as blocks_lib
+from jaxblock.model import lora as lora_lib
+from jaxblock.model.config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Algorithm:
+    """FedBCD: every sampled client trains block b_t for K steps; the server adds the mean delta to
+    b_t in the same round (communication after computation)."""
+
+    fed: object  # loop.FedConfig
+    cfg: ModelConfig | None = None  # the model (LoRA methods need its dims and lora_alpha)
+    lora: lora_lib.LoraConfig | None = None
+
+    name = "fedbcd"
+    runtime = True  # scripts/server.py and client.py can run it (else: the simulator only)
+    uses_lora = False
+    asynchronous = False  # True: the algorithm runs its own rounds (init_state, run_round)
+
+    def __post_init__(self):  # subclasses check what they need here (the dataclass __init__ calls it)
+        pass
+
+    @classmethod
+    def staleness(cls, fed) -> int:
+        return 0
+
+    def server_params(self, params: dict) -> dict:
+        return params
+
+    def partition(self, params: dict, layer_partition: blocks_lib.Partition) -> blocks_lib.Partition:
+        return layer_partition
+
+    def client_model(self, params: dict, client: int, round_: int) -> dict:
+        return params
+
+    def upload(self, block: dict, delta: dict) -> dict:
+        return delta
+
+    def reduce(self, uploads: list[dict], weights: np.ndarray, clients: list[int]) -> dict:
+        return weighted_sum(uploads, jnp.asarray(weights, jnp.float32))
+
+    def apply(self, params: dict, partition: blocks_lib.Partition, block_id: int, down: dict, eta: float) -> dict:
+        return apply_aggregate(params, partition, block_id, down, eta)
+
+    # Who trains and what, as classmethods of the settings alone: the server plans rounds without
+    # building the algorithm (a LoRA method needs the model config for that).
+    @classmethod
+    def participants(cls, fed, round_: int) -> list[int]:
+        from jaxblock.fed import loop  # here: federated imports this package
+
+        return loop.participants(fed, round_)
+
+    @classmethod
+    def choose_block(cls, fed, round_: int, num_blocks: int, gradient_norms=None) -> int:
+        from jaxblock.fed import loop
+
+        return loop.choose_block(fed, round_, num_blocks, gradient_norms)
+
+    def wire_params(
+        self, partition: blocks_lib.Partition, block_id: int, clients: list[int], round_: int
+    ) -> tuple[list[int], int | dict[int, int]]:
+        """(values each participant uploads, values a client downloads: an int for every client,
+        or {client: values} for the clients that download anything) in round `round_`."""
+        n = partition.blocks[block_id].params
+        return [n] * len(clients), n
+
+
+def apply_aggregate(params: dict, partition: blocks_lib.Partition, block_id: int, aggregate: dict, eta: float):
+    """[params]_b += eta * aggregate. The server and every client replica call exactly this."""
+    block, rest = partition.split(params, block_id)
+    return blocks_lib.merge(axpy(block, eta, aggregate), rest)
+
+
+@jax.jit
+def weighted_sum(trees: list[dict], weights: jax.Array) -> dict:
+    return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs, strict=True)), *trees)
+
+
+@jax.jit
+def axpy(block: dict, eta, delta: dict) -> dict:
+    """block + eta * delta, in the block's dtype (the delta is float32)."""
+    return jax.tree.map(lambda p, d: (p.astype(jnp.float32) + eta * d).astype(p.dtype), block, delta)

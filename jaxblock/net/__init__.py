@@ -1,0 +1,1 @@
+"""Transport, signing, the server and client drivers."""

@@ -1,0 +1,216 @@
+"""Delta exchange through a TensorStore key-value store, with a modelled network link.
+
+Layout under the store URL (`memory://`, `file:///path/`, and `gs://` / `s3://` passed to
+TensorStore untouched):
+
+    round/<t>/plan                    JSON {block, clients}: what round t trains (server)
+    round/<t>/client/<i>/<leaf>/      zarr3 array per leaf of client i's Delta_t^i
+    round/<t>/client/<i>/COMMIT       JSON manifest, written after every array: the commit marker
+    round/<t>/aggregate/<u>/<leaf>/   the aggregate of round t's deltas merged at the end of round u
+                                      (u = t + s; several u when clients' stalenesses differ), COMMIT
+    round/<u>/ack/<i>                 JSON {}: client i has applied every merge of the end of round u
+    server/done                       JSON {rounds}, when the server has published every aggregate
+    server/error                      JSON {message}, when the server gives up
+
+A reader waits for a COMMIT before it reads any array, so it never sees half an update. Only the
+trained block's leaves ever cross the wire. Byte counts are the exact payload (array bytes in the
+wire dtype); the link model turns them into wall time.
+
+Cleanup: the client that sees every client's ack of round u deletes `round/<u - max s>/` (see
+comm.py for why nobody reads it again), so a finished run leaves only `server/done`; `comm.keep_rounds` keeps
+every round. The file:// driver leaves each round's directory behind, empty.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import jax
+import numpy as np
+import tensorstore as ts
+
+from jaxblock.fed.blocks import path_str, unflatten
+from jaxblock.fed.wire import WIRE_DTYPES, _as_float32, on_wire_dtype
+from jaxblock.net import signing
+
+
+class TransportTimeout(TimeoutError):
+    pass
+
+
+def _under(prefix: str) -> ts.KvStore.KeyRange:
+    """The keys that start with `prefix` (ending with '/'): up to, not including, prefix with '/' -> '0'."""
+    return ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")  # '0' sorts right after '/'
+
+
+class Store:
+    """A kvstore URL holding zarr3 arrays and JSON markers; TensorStore makes it safe to share across threads."""
+
+    def __init__(self, url: str, context: ts.Context | None = None):
+        if "://" not in url:
+            raise ValueError(f"--store {url!r}: give a URL such as file:///tmp/run or memory://")
+        self.url = url if url.endswith("/") else url + "/"
+        self.context = context or ts.Context()  # memory:// stores are shared through one context
+        self.kv = ts.KvStore.open(self.url, context=self.context).result()
+        self.party_keys: signing.Keys | None = None  # set by a signing party: server/error must be the server's
+
+    def _servers(self, error) -> bool:
+        """Whether `server/error` is the server's (always, in a run without keys)."""
+        if self.party_keys is None:
+            return isinstance(error, dict) and "message" in error
+        try:
+            self.party_keys.check(error, "server", {"kind": "error"})
+            return True
+        except signing.BadSignature:
+            return False  # anyone with store access can write it: a forged error stops nobody
+
+    # -- JSON markers
+    def put_json(self, key: str, value) -> None:
+        self.kv.write(key, json.dumps(value).encode()).result()
+
+    def get_json(self, key: str):
+        result = self.kv.read(key).result()
+        return json.loads(result.value) if result.state == "value" else None
+
+    def wait_json(self, key: str, timeout_s: float, what: str, max_poll_s: float = 0.02):
+        """Polls until `key` exists; TransportTimeout naming `what` after timeout_s.
+
+        The poll interval backs off from 1 ms to `max_poll_s`: a wait that overlaps computation
+        must not take CPU from it (a 2 ms poll measurably slowed the compute thread on 2 cores).
+        """
+        start = time.perf_counter()
+        poll, next_error_check = 0.001, start
+        while True:
+            value = self.get_json(key)
+            if value is not None:
+                return value
+            now = time.perf_counter()
+            if now >= next_error_check:
+                error = self.get_json("server/error")
+                if error is not None and self._servers(error):
+                    raise RuntimeError(f"the server stopped: {error['message']}")
+                next_error_check = now + 0.5
+            if now - start > timeout_s:
+                raise TransportTimeout(f"{what}: nothing after {timeout_s:g}s")
+            time.sleep(poll)
+            poll = min(poll * 1.5, max_poll_s)
+
+    # -- arrays
+    def publish(
+        self, prefix: str, tree: dict, wire_dtype: str = "float32", before_commit=None, extra=None, seal=None
+    ) -> int:
+        """Writes every leaf of `tree` as a zarr3 array under `prefix`, then the COMMIT marker.
+
+        Returns the payload bytes (array bytes in the wire dtype). `before_commit(nbytes)` runs
+        between the arrays and the marker: a modelled link holds the upload there, so that readers
+        see it no earlier than the link would have delivered it. `extra`: more fields for the
+        marker (an aggregate's record of who was merged and who left out). `seal(manifest)`: the
+        manifest signed (signing.Keys.seal), with the SHA-256 of every array's bytes in it.
+        """
+        leaves = [(path_str(p), on_wire_dtype(x, wire_dtype)) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+        writes = []
+        for path, array in leaves:
+            spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
+            store = ts.open(
+                spec, create=True, delete_existing=True, dtype=ts.dtype(array.dtype.name), shape=array.shape,
+                context=self.context,
+            ).result()  # fmt: skip
+            writes.append(store.write(array))
+        for w in writes:
+            w.result()
+        nbytes = sum(a.nbytes for _, a in leaves)
+        manifest = {
+            "leaves": [[p, list(a.shape), a.dtype.name] for p, a in leaves],
+            "dtype": WIRE_DTYPES[wire_dtype].name,
+            "bytes": nbytes,
+            **(extra or {}),
+        }
+        if seal is not None:
+            manifest = seal({**manifest, "digests": [signing.digest(a) for _, a in leaves]})
+        if before_commit is not None:
+            before_commit(nbytes)
+        self.put_json(f"{prefix}/COMMIT", manifest)
+        return nbytes
+
+    def fetch(self, prefix: str, manifest: dict, before_read=None) -> tuple[dict, int]:
+        """Reads a committed tree (floating arrays as float32, integer ones as they are) and its payload bytes.
+
+        `before_read(path, shape, dtype name)` sees each array as stored before anything is read
+        (receive.read_checked refuses an array larger than its manifest there)."""
+        reads = []
+        for path, *_ in manifest["leaves"]:
+            spec = {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
+            array = ts.open(spec, open=True, context=self.context).result()
+            if before_read is not None:
+                before_read(path, tuple(array.shape), array.dtype.name)
+            reads.append((path, array.read()))
+        tree = unflatten((path, _as_float32(np.asarray(r.result()))) for path, r in reads)
+        return tree, int(manifest["bytes"])
+
+    def delete(self, key: str) -> None:
+        self.kv.delete_range(ts.KvStore.KeyRange(key, key + "\x00")).result()
+
+    def delete_round(self, t: int) -> None:
+        """Removes everything under round/<t>/ (the simulator once it has aggregated round t, server
+        mode once every client has acked it). Deleting twice is harmless."""
+        self.kv.delete_range(_under(f"round/{t}/")).result()
+
+    def wait_fetch(self, prefix: str, timeout_s: float, what: str) -> tuple[dict, int]:
+        return self.fetch(prefix, self.wait_json(f"{prefix}/COMMIT", timeout_s, what))
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every key under `prefix` (ending with '/'), without the prefix."""
+        return [k.decode() for k in self.kv.list(_under(prefix), strip_prefix_length=len(prefix)).result()]
+
+    def acked(self, t: int) -> set[int]:
+        """The clients that have acked round t's aggregate."""
+        return {int(k) for k in self.keys(f"round/{t}/ack/")}
+
+
+# Keys, in one place.
+def plan_key(t: int) -> str:
+    return f"round/{t}/plan"
+
+
+def delta_prefix(t: int, client: int) -> str:
+    return f"round/{t}/client/{client}"
+
+
+def aggregate_prefix(t: int, at: int) -> str:
+    """Round t's deltas merged at the end of round `at` (t + s; per-client staleness splits a round)."""
+    return f"round/{t}/aggregate/{at}"
+
+
+def ready_key(client: int) -> str:
+    """Client i has built its model and data and is ready for round 0 (the server waits for a quorum)."""
+    return f"ready/{client}"
+
+
+def ack_key(t: int, client: int) -> str:
+    return f"round/{t}/ack/{client}"
+
+
+def holds_a_run(store: Store) -> bool:
+    """True if a server has used this store: any key under round/ or server/.
+
+    Not just round/0/plan: cleanup deletes it, and a killed server leaves neither server/done nor
+    server/error, only its later rounds.
+    """
+    return bool(store.keys("round/") or store.keys("server/"))
+
+
+def ready_clients(store: Store, keys=None) -> set[int]:
+    """The clients that have said they are ready (with keys: signed by themselves)."""
+    ready = set()
+    for k in store.keys("ready/"):
+        if not k.isdigit():
+            continue
+        doc = store.get_json(ready_key(int(k)))
+        try:
+            if keys is not None:
+                keys.check(doc, signing.client_name(int(k)), {"kind": "ready", "client": int(k)})
+            ready.add(int(k))
+        except signing.BadSignature:
+            pass
+    return ready

@@ -1,0 +1,1 @@
+"""Wiring, entry points, checkpoints, evaluation."""

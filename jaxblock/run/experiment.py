@@ -1,0 +1,685 @@
+"""A federated fine-tuning run from a config: model, data, algorithm, checkpoints, logs.
+
+`train(config, workdir)` is what `scripts/train.py` calls. Rerunning it on the same workdir
+resumes from the latest orbax checkpoint; on CPU the final model is bit-identical to an
+uninterrupted run's. The workdir receives:
+  checkpoints/   orbax steps (server params, pending deltas, round, data positions, ...)
+  metrics.jsonl  one JSON object per round (round, block, loss, seconds, ...)
+  summary.json   the run's outcome (algorithm, rounds, wall seconds, final train loss, ...)
+  config.json    the resolved config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import operator
+import os
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from jaxblock.fed import algorithms, data, local, loop, validate, wire
+from jaxblock.fed.blocks import Partition, subtree_like
+from jaxblock.model import hf_io, lora
+from jaxblock.model.config import ModelConfig
+from jaxblock.model.hf_io import save_hf
+from jaxblock.model.sharding import Layout
+from jaxblock.net import comm, signing, transport
+from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime
+from jaxblock.run import config as config_lib
+from jaxblock.run.config import dump_json
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+    """The run's tokenizer: `data.tokenizer`, else the one saved with `hf_checkpoint`."""
+    from transformers import AutoTokenizer
+
+    path = config.data.tokenizer or config.hf_checkpoint
+    if not path:
+        raise ValueError("data.tokenizer is empty and there is no hf_checkpoint to take a tokenizer from")
+    setting = "data.tokenizer" if config.data.tokenizer else "hf_checkpoint"
+    with hf_io.hub_errors(setting, path, "--config.data.tokenizer=/local/dir (a saved tokenizer)"):
+        return AutoTokenizer.from_pretrained(path)
+
+
+def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[list[dict[str, np.ndarray]], str]:
+    """Each client's examples as fixed-shape arrays, per `config.data`, and a clients x labels table.
+
+    source 'synthetic' makes token data; 'mathinstruct', 'alpaca_gpt4' load instruction data (the hub,
+    or `data.path`), tokenize it with response-only loss masks and partition it across clients
+    (Dirichlet over the label, or IID).
+    """
+    d = config.data
+    if d.source == "synthetic":
+        clients = data.synthetic_clients(
+            config.num_clients, d.examples_per_client, config.seq_len, cfg.vocab_size,
+            num_sources=d.num_sources, seed=config.seed,
+        )  # fmt: skip
+        return clients, f"synthetic token data: {config.num_clients} clients x {d.examples_per_client} examples"
+    examples = instruct.load_examples(d.source, d.path or None, sample=d.sample, seed=config.seed)
+    tokenizer = load_tokenizer(config)
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {cfg.vocab_size}")
+    arrays = instruct.tokenize(tokenizer, examples, config.seq_len)
+    labels = [e["label"] for e in examples]
+    if d.partition == "dirichlet":
+        parts = instruct.dirichlet_partition(
+            labels, config.num_clients, d.alpha, seed=config.seed, min_size=d.min_client_size
+        )
+    elif d.partition == "iid":
+        parts = instruct.iid_partition(len(examples), config.num_clients, seed=config.seed)
+    else:
+        raise ValueError(f"data.partition={d.partition!r}: choose 'dirichlet' or 'iid'")
+    table = f"{len(examples)} examples of {d.source} over {config.num_clients} clients ({d.partition}):\n"
+    table += instruct.partition_table(labels, parts)
+    return [{k: v[np.asarray(idx)] for k, v in arrays.items()} for idx in parts], table
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run builds from its config, shared by the simulator, the server and the clients."""
+
+    fed: loop.FedConfig
+    algorithm: algorithms.Algorithm
+    cfg: ModelConfig
+    layout: Layout
+    params: dict
+    partition: Partition
+    batches_fn: loop.BatchesFn
+    client_sizes: np.ndarray
+    loss_fn: local.LossFn
+    optimizer: optax.GradientTransformation
+    shardings: dict
+    partition_table: str
+    policy: validate.Policy
+    client_batch: int = 1  # the simulator's clients trained at once (loop.client_batch_size)
+
+    def local_train(self):
+        return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
+
+    def trainer(self, store: transport.Store | None = None, links=None) -> loop.Trainer:
+        return loop.Trainer(
+            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store,
+            self.algorithm, links and tuple(links), self.policy, self.client_batch,
+        )  # fmt: skip
+
+    def abstract_params(self) -> dict:
+        return abstract(self.params)
+
+
+def abstract(params: dict) -> dict:
+    """ShapeDtypeStructs, shardings included: an orbax restore target for arrays like these."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+
+
+def setup(config: ml_collections.ConfigDict) -> Setup:
+    """Builds the model, data, partition and optimizer of a run config (validated at the boundary).
+
+    Writes nothing: every mistake in the config, the base model or the data is found here, before
+    a workdir is touched.
+    """
+    config_lib.validate(config)
+    runtime.setup_jax(config)
+    layout = runtime.make_layout(config)
+    client_batch = config.get("sim", {}).get("client_batch", 0)  # sim.client_batch (0 = auto)
+    if client_batch > 1 and layout.mesh.size > 1:
+        raise ValueError(
+            f"sim.client_batch={client_batch}: batched clients run on one device, and mesh "
+            f"{dict(layout.mesh.shape)} has {layout.mesh.size}: use sim.client_batch=1 (or 0, auto)"
+        )
+    if config.batch_size % layout.ways("activation_batch"):
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split over the {layout.ways('activation_batch')} "
+            f"data-parallel devices of mesh {dict(layout.mesh.shape)}: use a multiple, or change config.mesh"
+        )
+    cfg, params = runtime.load_model(config, layout)
+    fed = runtime.fed_config(config)
+    algorithm = runtime.make_algorithm(config, cfg)
+    shardings = layout.tree_shardings(runtime.logical_axes(config, cfg))
+    layers = runtime.layer_partition(config, cfg, params)
+    params = algorithm.server_params(params)  # LoRA methods: adapters beside the frozen kernels
+    params = jax.device_put(params, subtree_like(shardings, params))
+    partition = algorithm.partition(params, layers)
+    clients, table = client_data(config, cfg)
+    return Setup(
+        policy=runtime.policy(config),
+        fed=fed,
+        algorithm=algorithm,
+        cfg=cfg,
+        layout=layout,
+        params=params,
+        partition=partition,
+        batches_fn=data.make_batches_fn(clients, config.batch_size, seed=config.seed),
+        client_sizes=np.array([len(c["tokens"]) for c in clients]),
+        loss_fn=local.lm_loss(cfg, layout),
+        optimizer=local.make_optimizer(runtime.optimizer_config(config), fed.local_steps),
+        shardings=shardings,
+        partition_table=table,
+        client_batch=loop.client_batch_size(
+            client_batch,
+            params,
+            fed.clients_per_round,
+            layout.mesh.size,
+            layout.mesh.devices.flat[0].platform,
+        ),
+    )
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, step: int | None = None) -> dict:
+    """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary.
+
+    Resumes from the newest checkpoint that restores (or from `step`); steps it cannot use (damaged,
+    or newer than `step`) are moved to `workdir/set_aside/`, never deleted.
+    """
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ValueError(f"--workdir {workdir} is a file, not a directory")
+    run = setup(config)  # every user error is raised here, before anything is written
+    fed, partition = run.fed, run.partition
+    links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
+    # The simulator's exchanges go through the configured TensorStore (memory:// by default).
+    trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None, links)
+    loss_fn, batches_fn = run.loss_fn, run.batches_fn
+
+    restored, steps = None, []
+    if os.path.isdir(checkpoint.directory(workdir)):
+        mgr = checkpoint.manager(workdir, read_only=True)
+        try:
+            steps = sorted(mgr.all_steps())
+            # The settings first (meta is cheap JSON): a changed setting that also changes array
+            # shapes must be named as such, not reported as damaged steps after full restores.
+            meta = checkpoint.newest_readable_meta(mgr)
+            if meta is not None:
+                check_same_run(meta, config, workdir)
+            restored = checkpoint.restore_newest(mgr, run.abstract_params(), partition, step)
+        finally:
+            mgr.close()
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if restored is None:
+        if step is not None:
+            raise ValueError(f"--step {step}: {workdir} has no checkpoints yet")
+        state, wall_before, final = trainer.init_state(run.params), 0.0, False
+        write_run_files(config, workdir)
+    else:
+        state, meta, skipped = restored
+        if meta.get("mode", "simulator") != "simulator":
+            raise ValueError(f"--workdir {workdir} holds a {meta['mode']} run: train.py cannot resume it")
+        base_model.verify(workdir, config.hf_checkpoint, base_model.resolve(config.hf_checkpoint) or None)
+        newer = [s for s in steps if s > meta["round"] and s not in dict(skipped)]
+        for s, reason in skipped:
+            print(f"checkpoint step {s} does not restore ({reason}): set aside in {set_aside(workdir, s, reason)}")
+        for s in newer:
+            set_aside(workdir, s, f"newer than --step {step}")
+        wall_before, final = meta["wall_s"], meta["final"]
+        print(f"resuming {workdir} from round {state['round']} (checkpoint step {meta['round']})")
+        with open(os.path.join(workdir, "config.json"), "w") as f:  # settings a resume may change (eval, ...)
+            f.write(dump_json(config))
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    if progress:
+        print(run.partition_table)
+    with open(os.path.join(workdir, "partition.txt"), "w") as f:
+        f.write(run.partition_table + "\n")
+    run.params = None  # the state owns the model from here on
+    timeline_path = os.path.join(workdir, "timeline.jsonl")
+    history = _truncate_metrics(metrics_path, state["round"])
+    _truncate_metrics(timeline_path, state["round"])
+    timeline = comm.TimelineWriter(timeline_path)
+
+    start = time.perf_counter()
+    bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
+    while state["round"] < fed.rounds:
+        state, metrics = loop.run_round(trainer, state)
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        history.append(metrics)
+        for row in comm.modeled_timeline(fed, partition, links, history):
+            timeline(row)
+        loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # FedBuff: a round may train nobody
+        bar.set_postfix(block=metrics["block"], loss=loss, s=f"{metrics['seconds']:.1f}")
+        bar.update(1)
+        if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
+            checkpoint.save(mgr, state, fed, wall_s=wall_before + time.perf_counter() - start, config=config.to_dict())
+    bar.close()
+    if not final:
+        state = loop.flush(trainer, state)
+        wall_s = wall_before + time.perf_counter() - start
+        checkpoint.save(mgr, state, fed, wall_s=wall_s, final=True, config=config.to_dict())
+    mgr.wait_until_finished()
+    wall_s = wall_before + time.perf_counter() - start
+
+    totals = _timeline_totals(timeline_path, fed.num_clients)
+    label = f"{fed.algorithm}\n{_link_label(config.comm.bandwidth_mbps)}"
+    plots.runtime_bars(
+        [{"label": label, "compute_s": totals["compute_s"], "exposed_s": totals["exposed_wait_s"]}],
+        os.path.join(workdir, "runtime.png"),
+        "Per client, whole run: compute vs exposed communication (modeled link)",
+    )
+    summary = {
+        "algorithm": fed.algorithm,
+        "rounds": fed.rounds,
+        "num_clients": fed.num_clients,
+        "staleness": list(fed.stalenesses) if isinstance(fed.staleness, tuple) else fed.effective_staleness,
+        "blocks": partition.num_blocks,
+        "wall_s": wall_s,
+        **{f"per_client_{k}": v for k, v in totals.items()},
+        "modeled_wall_s": comm.modeled_wall_s(timeline_path, history),
+        "final_train_loss": train_loss(loss_fn, state["params"], batches_fn, fed.num_clients),
+        "checkpoint_step": int(mgr.latest_step()),
+        "fed": dataclasses.asdict(fed),
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    mgr.close()
+    return summary
+
+
+def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches: int = 8) -> float:
+    """Mean loss of `params` on every client's first `num_batches` batches: the same fixed set for
+    every algorithm (8 batches: a few hundred examples in all, so one odd batch cannot swing it)."""
+    fn = jax.jit(loss_fn)
+    losses = []
+    for c in range(num_clients):
+        batches = batches_fn(c, 0, num_batches)[0]
+        losses += [float(fn(params, jax.tree.map(operator.itemgetter(i), batches))) for i in range(num_batches)]
+    return float(np.mean(losses))
+
+
+# Settings that may differ when a run resumes: they change neither the model nor the logs.
+RESUMABLE_KEYS = (
+    "checkpoint.", "comm.timeout_s", "comm.store", "comm.keep_rounds", "compilation_cache_dir", "eval.", "memory.",
+    "sim.",
+)  # fmt: skip
+
+
+# Settings a client may hold differently from the server: where files are, and its own link.
+PER_PARTY_KEYS = (
+    "comm.keys",
+    "comm.server_timeout_s",
+    *RESUMABLE_KEYS,
+    "hf_checkpoint",
+    "data.path",
+    "data.tokenizer",
+    "comm.bandwidth_mbps",
+    "comm.latency_ms",
+)
+
+
+def agreed_settings(config: ml_collections.ConfigDict) -> dict:
+    """Every setting that changes the result, as {flat key: JSON text}: server and clients must agree."""
+    return {k: _json(v) for k, v in sorted(_flat(config.to_dict()).items()) if not k.startswith(PER_PARTY_KEYS)}
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def check_agreement(published: dict, config: ml_collections.ConfigDict) -> None:
+    """ValueError listing every key where this client's config differs from the one the server published."""
+    mine = agreed_settings(config)
+    if settings_hash(mine) == published.get("hash"):
+        return
+    theirs = published.get("settings", {})
+    diff = [f"{k}={mine.get(k, '(unset)')} (server: {theirs.get(k, '(unset)')})" for k in sorted({*mine, *theirs})
+            if mine.get(k) != theirs.get(k)]  # fmt: skip
+    raise ValueError(
+        f"this config differs from the server's in {', '.join(diff) or 'its hash'}: rerun with the server's settings"
+    )
+
+
+def check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Refuses to resume a run with settings that change its result, listing every differing key.
+
+    The run's settings come from the checkpoint's meta (older checkpoints: workdir/config.json, or
+    only the federated settings). A key the saved run lacks was added later: it had the default.
+    """
+    saved = meta.get("config")
+    if saved is None and os.path.exists(os.path.join(workdir, "config.json")):
+        saved = read_config(workdir).to_dict()
+    if saved is None:
+        saved, now = (
+            {**dataclasses.asdict(loop.FedConfig()), **meta["fed"]},
+            dataclasses.asdict(runtime.fed_config(config)),
+        )
+    else:
+        saved, now = {**_flat(config_lib.base_config().to_dict()), **_flat(saved)}, _flat(config.to_dict())
+    diff = [
+        f"{k}={_json(saved.get(k))} (now {_json(v)})"
+        for k, v in now.items()
+        if _json(saved.get(k)) != _json(v) and not k.startswith(RESUMABLE_KEYS)
+    ]
+    if diff:
+        raise ValueError(
+            f"--workdir {workdir} holds a run with {', '.join(diff)}: rerun with its settings "
+            f"({os.path.join(workdir, 'config.json')}) or use a new workdir"
+        )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _json(v) -> str:  # one spelling per value: a tuple and a list, as config.json would have them
+    return json.dumps(v, default=str)
+
+
+def write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """config.json (the resolved config) and base_model.json (what the base model was) of a new run."""
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(dump_json(config))
+    base_model.record(workdir, config.hf_checkpoint)
+
+
+def set_aside(workdir: str, step: int, reason: str) -> str:
+    """Moves checkpoint `step` to workdir/set_aside/ (with the reason beside it); returns where."""
+    dest_root = os.path.join(workdir, "set_aside")
+    os.makedirs(dest_root, exist_ok=True)
+    dest = os.path.join(dest_root, f"step_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(os.path.join(checkpoint.directory(workdir), str(step)), dest)
+    with open(dest + ".reason.txt", "w") as f:
+        f.write(reason + "\n")
+    return dest
+
+
+def _truncate_metrics(path: str, next_round: int) -> list[dict]:
+    """Keeps the JSON lines of rounds before `next_round` (a resumed run rewrites the rest); returns them."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["round"] < next_round]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    return [json.loads(line) for line in kept]
+
+
+def _timeline_totals(path: str, num_clients: int) -> dict:
+    """Whole-run sums per client (averaged over clients) of a timeline.jsonl."""
+    totals = {"compute_s": 0.0, "comm_s": 0.0, "exposed_wait_s": 0.0, "bytes_up": 0.0, "bytes_down": 0.0}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                row = json.loads(line)
+                for k in totals:
+                    totals[k] += row[k]
+    return {k: v / num_clients for k, v in totals.items()}
+
+
+def _link_label(bandwidth) -> str:
+    if bandwidth is None:
+        return "unlimited link"
+    if isinstance(bandwidth, str):
+        return f"{bandwidth} link"
+    if isinstance(bandwidth, list):
+        return "per-client links"
+    return f"{bandwidth:g} MB/s"
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def comm_config(config: ml_collections.ConfigDict, store: str | None = None) -> comm.CommConfig:
+    return comm.CommConfig(
+        store=store or config.comm.store,
+        timeout_s=float(config.comm.timeout_s),
+        keep_rounds=bool(config.comm.get("keep_rounds", False)),
+        keys=config.comm.get("keys", ""),
+        server_timeout_s=float(config.comm.get("server_timeout_s", 1800.0)),
+    )
+
+
+def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None = None) -> dict:
+    """The server process: plans rounds, aggregates clients' uploads, checkpoints after each aggregate.
+
+    Returns the summary; the final model is the workdir's last orbax checkpoint. Rerunning the same
+    command after the server stopped (killed, crashed) resumes: from the workdir's newest checkpoint
+    (none: from round 0), on the store that holds this run, while the clients wait for it.
+    """
+    run = setup(config)
+    comm.check_supported(run.fed)
+    cc = comm_config(config, store_url)
+    store = transport.Store(cc.store)
+    settings = agreed_settings(config)
+    keys = cc.load_keys()
+    published = {"kind": "config", "hash": settings_hash(settings), "settings": settings}
+    state = None
+    if transport.holds_a_run(store):  # a restart: the store must hold this very run, unfinished
+        theirs = store.get_json("server/config") or {}
+        if theirs.get("hash") != published["hash"]:
+            raise ValueError(f"--store {cc.store} holds another run (its settings differ): use an empty store")
+        if store.get_json("server/done") is not None:
+            raise ValueError(f"--store {cc.store} holds a finished run: use an empty store")
+        store.delete("server/error")  # the failure that stopped it: clients started anew must not stop on it
+        mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+        if mgr.latest_step() is not None:
+            check_same_run(checkpoint.newest_readable_meta(mgr) or {}, config, workdir)
+            state, meta, skipped = checkpoint.restore_newest(mgr, run.abstract_params(), run.partition)
+            for step, why in skipped:
+                print(f"checkpoint step {step} skipped: {why}", file=sys.stderr)
+        mgr.close()
+        resumed = 0 if state is None else state["round"]
+        _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), resumed + run.fed.effective_staleness)
+        print(f"server: resuming the run in {cc.store} after round {resumed}", file=sys.stderr, flush=True)
+    elif os.path.isdir(checkpoint.directory(workdir)):
+        raise ValueError(f"--workdir {workdir} holds checkpoints but --store {cc.store} no run: use the run's store")
+    write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
+    store.put_json("server/config", keys.seal(published) if keys else published)
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    start = time.perf_counter()
+
+    def save(state):
+        final = state["round"] == run.fed.rounds
+        wall_s = time.perf_counter() - start
+        checkpoint.save(mgr, state, run.fed, wall_s=wall_s, final=final, config=config.to_dict(), mode="server")
+
+    try:
+        params = comm.serve(
+            run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
+            on_aggregate=save, on_merge=functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl")),
+            state=state,
+        )  # fmt: skip
+    except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
+        raise RunFailed(f"the server failed: {e}") from e
+    finally:
+        mgr.wait_until_finished()
+        mgr.close()
+    summary = {
+        "algorithm": run.fed.algorithm,
+        "rounds": run.fed.rounds,
+        "num_clients": run.fed.num_clients,
+        "wall_s": time.perf_counter() - start,
+        "final_train_loss": train_loss(run.loss_fn, params, run.batches_fn, run.fed.num_clients),
+        "store": cc.store,
+    }
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def log_merge(path: str, row: dict) -> None:
+    """The server's record of round t's merges: a line in metrics.jsonl (with the left-out updates
+    counted by reason) and a line on stderr per update left out."""
+    reasons = [why.split(":")[0] for _, _, why in row["left_out"]]
+    row = {**row, "left_out_by_reason": {k: reasons.count(k) for k in sorted(set(reasons))}}
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    for r, c, why in row["left_out"]:
+        print(f"round {r}: client {c}'s update left out: {why}", file=sys.stderr, flush=True)
+
+
+def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, store_url: str | None = None) -> dict:
+    """A client process: trains its blocks and exchanges deltas; appends to workdir/timeline.jsonl and
+    checkpoints its state in workdir/client_<i>/ each round; rerunning it resumes from there."""
+    if not 0 <= client_id < config.num_clients:
+        raise ValueError(f"--client-id {client_id}: the run has clients 0..{config.num_clients - 1}")
+    cc = comm_config(config, store_url)
+    link = wire.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
+    store = transport.Store(cc.store)
+    # Before anything is built: a client with other settings would train another run.
+    published = store.wait_json("server/config", cc.server_wait_s, "the server's config")
+    keys = cc.load_keys()
+    if keys is not None:
+        try:
+            keys.check(published, "server", {"kind": "config"})
+        except signing.BadSignature as e:
+            raise RunFailed(f"the server's config in the store is not the server's ({e})") from None
+    check_agreement(published, config)
+    run = setup(config)
+    comm.check_supported(run.fed)
+    os.makedirs(workdir, exist_ok=True)
+    timeline = comm.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    # Its own state, each round (before it acks the round): rerunning the command rejoins the run.
+    mgr = checkpoint.manager(os.path.join(workdir, f"client_{client_id}"), max_to_keep=2)
+    resume = None
+    if mgr.latest_step() is not None:
+        check_same_run(checkpoint.newest_readable_meta(mgr) or {}, config, workdir)
+        resume, _, skipped = checkpoint.restore_newest(mgr, run.abstract_params(), run.partition)
+        for step, why in skipped:
+            print(f"client {client_id}: checkpoint step {step} skipped: {why}", file=sys.stderr)
+        print(f"client {client_id}: rejoining the run at round {resume['round']}", file=sys.stderr, flush=True)
+
+    def save(state: dict) -> None:
+        checkpoint.save(mgr, state, run.fed, wall_s=0.0, config=config.to_dict(), mode="client")
+        mgr.wait_until_finished()
+
+    try:
+        return comm.run_client(
+            client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
+            store, cc, link, on_round=timeline, on_state=save, resume=resume,
+        )  # fmt: skip
+    except ValueError as e:  # see serve
+        raise RunFailed(f"the client failed: {e}") from e
+    finally:
+        mgr.close()
+
+
+class RunFailed(RuntimeError):
+    """A server or client run that failed after its setup (store I/O, ...): not a user error."""
+
+
+# ----------------------------------------------------------------------------- after training
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        raise ValueError(f"--workdir {workdir}: no config.json (not a jaxblock run directory)")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def restore_model(
+    workdir: str, step: int | None = None, *, base_dir: str | None = None, log=print
+) -> tuple[ml_collections.ConfigDict, ModelConfig, dict, int]:
+    """(config, model config, the run's server params at `step` (default: the newest that restores), step).
+
+    Reads only the workdir (the checkpoint holds the whole model) and writes nothing to it. The base
+    model directory, whose tokenizer the run used, is checked against base_model.json; `base_dir`
+    points at it if it moved, and becomes the config's `hf_checkpoint`.
+    """
+    config = read_config(workdir)
+    runtime.setup_jax(config)  # the evaluation's executables are cached like training's
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep, read_only=True)
+    directory = base_model.verify(workdir, config.hf_checkpoint, base_dir)
+    if directory is not None:
+        config.hf_checkpoint = directory
+    cfg = config_lib.model_config(config)
+    partition = runtime.make_partition(config, cfg)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shapes = runtime.server_shapes(config, cfg)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), shapes)
+    try:
+        restored = checkpoint.restore_newest(mgr, target, partition, step)
+    finally:
+        mgr.close()
+    if restored is None:
+        raise ValueError(f"--workdir {workdir}: no checkpoints yet (train it first with scripts/train.py)")
+    state, meta, skipped = restored
+    for s, reason in skipped:
+        log(f"checkpoint step {s} does not restore ({reason}): using step {meta['round']}")
+    return config, cfg, state["params"], meta["round"]
+
+
+def evaluate_run(
+    workdir: str,
+    step: int | None = None,
+    *,
+    base: bool = True,
+    base_dir: str | None = None,
+    loss_by_token: bool = False,
+    log=print,
+) -> dict:
+    """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes
+    eval.json and predictions_{base,finetuned}.jsonl (every question, output, extracted and gold answer).
+    `loss_by_token`: also the reference tokens that carry most of the eval loss (`evaluate.loss_by_token`)."""
+    config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir, log=log)
+    base_params = runtime.load_model(config)[1] if base else None
+    tokenizer = load_tokenizer(config)
+    e = config.eval
+    examples = instruct.load_examples(e.source, e.path or None, split="test", path_key="eval.path")
+    if e.num_examples:
+        examples = examples[: e.num_examples]
+    results = {"workdir": workdir, "step": step, "eval_source": e.path or e.source, "n": len(examples)}
+    for name, p in ([("base", base_params)] if base else []) + [("finetuned", params)]:
+        em = evaluate.exact_match(
+            cfg, p, tokenizer, examples, batch_size=e.batch_size, prompt_len=e.prompt_len,
+            max_new_tokens=e.max_new_tokens, desc=f"{name}: exact match",
+        )  # fmt: skip
+        loss = evaluate.eval_loss(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+        results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["records"][:5]}
+        if loss_by_token:
+            rows = evaluate.loss_by_token(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+            results[name]["loss_by_token"] = rows
+            log(f"{name:>9}: the tokens that carry the eval loss (share, count, mean loss):")
+            for r in rows:
+                log(f"{'':>11}{r['token']!r:>14} {r['share']:6.1%} {r['count']:6d} {r['mean_loss']:8.3f}")
+        with open(os.path.join(workdir, f"predictions_{name}.jsonl"), "w") as f:  # every answer, to read
+            f.writelines(json.dumps(r) + "\n" for r in em["records"])
+        log(f"{name:>9}: exact match {em['exact_match']:.1%} on {len(examples)}, eval loss {loss:.4f}")
+    with open(os.path.join(workdir, "eval.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+def export_hf(workdir: str, out_dir: str, step: int | None = None, *, force: bool = False, base_dir=None) -> int:
+    """The run's model as an HF checkpoint (safetensors, config.json, tokenizer); returns the step.
+
+    A run with LoRA adapters is written merged (W + BA * alpha / r), and its adapters also as a PEFT
+    adapter directory `out_dir/adapter` for the base model.
+
+    Refuses an `out_dir` that is a non-empty directory unless `force`, and never writes into the
+    base model's directory or the run's workdir, whatever `force` says.
+    """
+    out = os.path.realpath(out_dir)
+    config = read_config(workdir)
+    protected = {os.path.realpath(workdir): "the run's workdir"}
+    recorded = base_model.recorded_path(workdir)  # where a hub id resolved to (the HF cache), too
+    for path in (config.hf_checkpoint, config.data.tokenizer, base_dir, recorded):
+        if path and os.path.isdir(path):
+            protected[os.path.realpath(path)] = "the base model's directory"
+    if out in protected:
+        raise ValueError(f"--out {out_dir} is {protected[out]}: export elsewhere")
+    if os.path.isdir(out) and os.listdir(out) and not force:
+        raise ValueError(f"--out {out_dir} is a non-empty directory: choose another, or pass --force to overwrite")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out_dir} is a file, not a directory")
+    config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir)
+    tokenizer = load_tokenizer(config)
+    adapted = lora.has_adapters(params)  # FedIT, FFA-LoRA (FLoRA merges every round: plain params)
+    save_hf(cfg, lora.merge(cfg, params) if adapted else params, out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if adapted:  # also as a PEFT adapter on the run's base model: PeftModel.from_pretrained(base, out/adapter)
+        lora.save_peft(cfg, params, os.path.join(out_dir, "adapter"), base_model_name_or_path=config.hf_checkpoint)
+    return step

@@ -1,0 +1,310 @@
+"""The paper's comparisons as data: each table's cells as config overrides, the paper's own numbers
+beside them, the claims each table tests, and how a verdict is computed from our numbers.
+
+`scripts/reproduce.py` runs the cells (ordinary resumable training runs) and writes the reports.
+Numbers are transcribed from `ParaBlock.txt` (Llama 3-8B on MathInstruct, GSM8K accuracy and
+runtime in minutes, unless a row says otherwise). A cell's overrides apply on top of the user's
+config; `{rounds}` and `{num_clients}` in a value are the config's own, so the tables scale with
+the config they run on.
+
+Noise: a claim "A is better than B" on a metric compares the means over seeds. The difference's
+standard error is sqrt(var_A / n_A + var_B / n_B) with each var the sample variance over seeds;
+with one seed, exact match uses the binomial variance p (1 - p) / n_eval of one evaluation, and
+modelled time (deterministic given the bytes and the compute model) none. The claim **holds** if
+the difference exceeds 2 standard errors in the claimed direction, **does not hold** if it exceeds
+them the other way, and is **within noise** otherwise.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+
+import numpy as np
+
+# The LoRA methods' learning rates picked on configs/tiny.py (BENCHMARKS.md, issue 12).
+# (jaxblock/run/paper.py -> the checkout)
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LORA_LR = {"fedit": "2e-3", "ffa_lora": "1e-2", "flora": "5e-3"}
+SLOW_LINK = "[" + ",".join(["100"] * 9 + ["2"]) + "]"  # Table 8: the last of 10 clients on a slow link
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    label: str
+    overrides: tuple[str, ...]  # --config.KEY=VALUE items (without --config.)
+    paper: dict  # the paper's numbers for this cell: {"gsm8k": accuracy %, "rt_min": runtime}
+    missing: str = ""  # why this row cannot run yet ("" = it runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    text: str
+    better: str  # the row label the paper finds better
+    worse: str
+    metric: str  # 'exact_match' (higher is better) or 'wall_s' (lower is better)
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    name: str
+    title: str
+    rows: tuple[Row, ...]
+    claims: tuple[Claim, ...]
+    bandwidth: str = "100"  # the link the modelled wall time uses (MB/s, or a per-client list)
+
+    @property
+    def link(self):
+        """The bandwidth as `wire.link_for` takes it: a number or a list."""
+        return ast.literal_eval(self.bandwidth)
+
+
+def _alg(name: str, *extra: str) -> tuple[str, ...]:
+    lr = (f"optimizer.learning_rate={LORA_LR[name]}",) if name in LORA_LR else ()
+    return (f"algorithm={name}", *lr, *extra)
+
+
+TABLES: dict[str, Table] = {
+    "T1": Table(
+        "T1",
+        "Every algorithm (Table 1, GSM8K, Llama 3-8B)",
+        (
+            Row("ParaBlock", _alg("parablock"), {"gsm8k": 55.88, "rt_min": 15.8}),
+            Row("FedBCD", _alg("fedbcd"), {"gsm8k": 54.74, "rt_min": 24.9}),
+            Row("Fed full FT", _alg("fedavg_full"), {"gsm8k": 55.80, "rt_min": 15.5}),
+            Row("FedIT", _alg("fedit"), {"gsm8k": 54.60, "rt_min": 23.1}),
+            Row("FFA-LoRA", _alg("ffa_lora"), {"gsm8k": 54.59, "rt_min": 21.2}),
+            Row("FLoRA", _alg("flora"), {"gsm8k": 52.54, "rt_min": 64.9}),
+            # A FedCyBGD round is one client's turn: N turns train as much as one round of the others.
+            Row("FedCyBGD", _alg("fedcybgd", "rounds={rounds_x_clients}"), {"gsm8k": 51.40, "rt_min": 63.2}),
+        ),
+        (
+            Claim("ParaBlock is at least as accurate as FedBCD", "ParaBlock", "FedBCD", "exact_match"),
+            Claim("ParaBlock is faster than FedBCD", "ParaBlock", "FedBCD", "wall_s"),
+            Claim("ParaBlock is more accurate than FedCyBGD", "ParaBlock", "FedCyBGD", "exact_match"),
+            Claim("ParaBlock is faster than FedIT", "ParaBlock", "FedIT", "wall_s"),
+            Claim("ParaBlock is more accurate than FLoRA", "ParaBlock", "FLoRA", "exact_match"),
+        ),
+        bandwidth="10",
+    ),
+    "T2": Table(
+        "T2",
+        "Layers per block (Table 2)",
+        (
+            Row(
+                "partial layer", ("blocks.layers_per_block=1", "blocks.partial=True"), {"gsm8k": 53.22, "rt_min": 15.0}
+            ),
+            Row("1 layer", ("blocks.layers_per_block=1",), {"gsm8k": 53.90, "rt_min": 15.1}),
+            Row("2 layers", ("blocks.layers_per_block=2",), {"gsm8k": 55.88, "rt_min": 15.8}),
+            Row("4 layers", ("blocks.layers_per_block=4",), {"gsm8k": 55.04, "rt_min": 19.4}),
+        ),
+        (
+            Claim("2 layers per block beat 1", "2 layers", "1 layer", "exact_match"),
+            Claim("runtime grows with the layers in a block", "1 layer", "4 layers", "wall_s"),
+        ),
+        bandwidth="10",
+    ),
+    "T3": Table(
+        "T3",
+        "Block schedules (Table 3)",
+        (
+            Row("Random", ("schedule=random",), {"gsm8k": 55.88}),
+            Row("Seq.", ("schedule=sequential",), {"gsm8k": 54.21}),
+            Row("Rev. seq.", ("schedule=reverse",), {"gsm8k": 54.59}),
+            Row("Gradient based", ("schedule=gradient",), {"gsm8k": 53.60}),
+        ),
+        (
+            Claim("random scheduling beats sequential", "Random", "Seq.", "exact_match"),
+            Claim("random scheduling beats the gradient-based one", "Random", "Gradient based", "exact_match"),
+        ),
+    ),
+    "T4": Table(
+        "T4",
+        "Data heterogeneity (Table 4)",
+        (
+            Row("i.i.d.", ("data.partition=iid",), {"gsm8k": 56.14}),
+            Row("Non-i.i.d. (Dirichlet 0.6)", ("data.partition=dirichlet", "data.alpha=0.6"), {"gsm8k": 55.88}),
+            # At alpha 0.01 a label's examples go almost all to one client: with fewer labels than
+            # clients (the bundled task has 5 sources for 10 clients) some clients get a handful of
+            # examples, so the row accepts clients of 1 example (they cycle through it).
+            Row(
+                "Extreme (Dirichlet 0.01)",
+                ("data.partition=dirichlet", "data.alpha=0.01", "data.min_client_size=1"),
+                {"gsm8k": 54.66},
+            ),
+        ),
+        (
+            Claim("i.i.d. data beats non-i.i.d.", "i.i.d.", "Non-i.i.d. (Dirichlet 0.6)", "exact_match"),
+            Claim(
+                "non-i.i.d. beats extreme non-i.i.d.",
+                "Non-i.i.d. (Dirichlet 0.6)",
+                "Extreme (Dirichlet 0.01)",
+                "exact_match",
+            ),
+        ),  # fmt: skip
+    ),
+    "T5": Table(
+        "T5",
+        "Staleness (Table 5)",
+        (
+            Row("one-round staleness", ("algorithm=parablock", "staleness=1"), {"gsm8k": 55.88, "rt_min": 15.8}),
+            Row("two-round staleness", ("algorithm=parablock", "staleness=2"), {"gsm8k": 54.74, "rt_min": 16.1}),
+        ),
+        (
+            Claim(
+                "two rounds of staleness cost a little accuracy",
+                "one-round staleness",
+                "two-round staleness",
+                "exact_match",
+            ),
+        ),  # fmt: skip
+        bandwidth="10",
+    ),
+    "T7": Table(
+        "T7",
+        "50 clients, 20% participation (Table 7)",
+        (
+            Row("FedIT", _alg("fedit", "num_clients=50", "participation=0.2"), {"gsm8k": 53.75, "rt_min": 44.15}),
+            Row("FedBCD", _alg("fedbcd", "num_clients=50", "participation=0.2"), {"gsm8k": 53.60, "rt_min": 52.16}),
+            Row(
+                "ParaBlock", _alg("parablock", "num_clients=50", "participation=0.2"), {"gsm8k": 53.90, "rt_min": 28.44}
+            ),
+        ),  # fmt: skip
+        (
+            Claim("ParaBlock is at least as accurate as FedBCD", "ParaBlock", "FedBCD", "exact_match"),
+            Claim("ParaBlock is faster than FedBCD", "ParaBlock", "FedBCD", "wall_s"),
+        ),
+        bandwidth="10",
+    ),
+    "T8": Table(
+        "T8",
+        "One slow client (Table 8; FedBuff from the appendix)",
+        (
+            Row("homogeneous staleness 1", ("algorithm=parablock",), {"gsm8k": 55.88, "rt_min": 38.72}),
+            Row(
+                "slow client at staleness 3",
+                ("algorithm=parablock", "staleness=[1,1,1,1,1,1,1,1,1,3]"),
+                {"gsm8k": 52.46, "rt_min": 20.16},
+            ),
+            Row(
+                "FedBuff, 2 of 10 clients slow",
+                (
+                    "algorithm=fedbuff",
+                    "buffer_size=5",
+                    "rounds={rounds_x_2}",
+                    "client_slowdown=[1,1,1,1,1,1,1,1,10,10]",
+                    "step_seconds=0.06",
+                ),
+                {"gsm8k": 52.24},
+            ),
+        ),  # fmt: skip
+        (
+            Claim(
+                "a per-client staleness shortens the run",
+                "slow client at staleness 3",
+                "homogeneous staleness 1",
+                "wall_s",
+            ),
+            Claim(
+                "the slow client costs accuracy", "homogeneous staleness 1", "slow client at staleness 3", "exact_match"
+            ),
+            Claim(
+                "FedBuff with slow clients falls below ParaBlock",
+                "homogeneous staleness 1",
+                "FedBuff, 2 of 10 clients slow",
+                "exact_match",
+            ),
+        ),  # fmt: skip
+        bandwidth=SLOW_LINK,
+    ),
+    "T10": Table(
+        "T10",
+        "Top-k compression (Table 10, 100M/s, ebs 4)",
+        (
+            Row("FedBCD", _alg("fedbcd"), {"gsm8k": 54.74, "rt_min": 24.9}),
+            Row(
+                "FedBCD +Top-20%",
+                _alg("fedbcd", "compression=topk", "topk_ratio=0.2"),
+                {"gsm8k": 54.12, "rt_min": 21.1},
+            ),
+            Row("ParaBlock", _alg("parablock"), {"gsm8k": 55.88, "rt_min": 15.8}),
+            Row(
+                "ParaBlock +Top-20%",
+                _alg("parablock", "compression=topk", "topk_ratio=0.2"),
+                {"gsm8k": 55.27, "rt_min": 15.6},
+            ),
+        ),  # fmt: skip
+        (
+            Claim("ParaBlock is faster than FedBCD with top-k", "ParaBlock", "FedBCD +Top-20%", "wall_s"),
+            Claim("top-k shortens FedBCD", "FedBCD +Top-20%", "FedBCD", "wall_s"),
+            Claim(
+                "ParaBlock is at least as accurate as FedBCD with top-k", "ParaBlock", "FedBCD +Top-20%", "exact_match"
+            ),
+        ),  # fmt: skip
+        bandwidth="10",
+    ),
+}
+ORDER = ("T1", "T2", "T3", "T4", "T5", "T7", "T8", "T10")
+
+
+def resolve(overrides: tuple[str, ...], rounds: int, num_clients: int) -> tuple[str, ...]:
+    """The overrides with `{rounds_x_clients}` / `{rounds_x_2}` filled in from the config."""
+    values = {"rounds_x_clients": rounds * num_clients, "rounds_x_2": rounds * 2}
+    return tuple(re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), o) for o in overrides)
+
+
+def cell_name(config: dict, base: dict) -> str:
+    """A cell's directory name, from its resolved config alone: the settings that differ from the
+    sweep's `base` config (readable) and a hash of the whole config. Cells of different tables with
+    the same settings (T1's ParaBlock is T2's 2 layers, T3's random schedule, ...) are one cell.
+    The memory levers (`memory.*`) and the simulator's client batching (`sim.*`) change how a cell
+    runs, not what it computes (beyond float rounding): they are left out.
+    Paths inside this checkout are hashed relative to it, so a moved or fresh clone finds its cells."""
+    config = {k: v for k, v in config.items() if k not in ("memory", "sim")}
+    mine, theirs = _flat(config), _flat(base)
+    changed = [f"{k.split('.')[-1]}={mine[k]}" for k in sorted(mine) if mine[k] != theirs.get(k)]
+    slug = re.sub(r"[^A-Za-z0-9_.=-]+", "", "_".join(changed))[:60]
+    text = json.dumps(config, sort_keys=True, default=str).replace(_CHECKOUT + os.sep, "")
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{slug or 'base'}-{digest}"
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def verdict(better: list[float], worse: list[float], metric: str, n_eval: int | None = None) -> dict:
+    """{'verdict', 'diff', 'se'}: the claim "better beats worse" on `metric`, judged as the module says."""
+    b, w = np.asarray(better, float), np.asarray(worse, float)
+    sign = 1.0 if metric == "exact_match" else -1.0  # wall time: lower is better
+    diff = sign * (b.mean() - w.mean())
+
+    def var_of_mean(x):
+        if len(x) >= 2:
+            return x.var(ddof=1) / len(x)
+        if metric == "exact_match" and n_eval:
+            return x[0] * (1 - x[0]) / n_eval
+        return 0.0
+
+    se = math.sqrt(var_of_mean(b) + var_of_mean(w))
+    if diff > 2 * se:
+        word = "holds"
+    elif diff < -2 * se:
+        word = "does not hold"
+    else:
+        word = "within noise"
+    return {"verdict": word, "diff": float(diff), "se": float(se)}
+
+
+def ranks(values: dict[str, float], higher_is_better: bool) -> dict[str, int]:
+    """1 = best, equal values share a rank; rows without a value get none."""
+    sign = -1.0 if higher_is_better else 1.0
+    return {k: 1 + sum(sign * v < sign * values[k] for v in values.values()) for k in values}

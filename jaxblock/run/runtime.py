@@ -1,0 +1,180 @@
+"""Wiring shared by the scripts: a Layout from a run config, sharded init, model loading."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import jax
+import ml_collections
+
+from jaxblock import model
+from jaxblock.fed import algorithms, blocks
+from jaxblock.fed.local import OptimizerConfig
+from jaxblock.fed.loop import FedConfig
+from jaxblock.fed.validate import Policy
+from jaxblock.model import hf_io, lora
+from jaxblock.model.config import ModelConfig
+from jaxblock.model.hf_io import load_hf
+from jaxblock.model.sharding import Layout, make_mesh, rules_from_config
+from jaxblock.run.config import load_config, model_config, split_config_args, validate
+
+
+def make_layout(config: ml_collections.ConfigDict, devices=None) -> Layout:
+    """The mesh (`config.mesh`) and logical-axis rules (`config.rules`) of a run config."""
+    return Layout(make_mesh(config.mesh.to_dict(), devices), rules_from_config(config.rules))
+
+
+CACHE_MIN_COMPILE_S = 0.2  # quicker compiles are not worth a file: axpy, weighted sums, ...
+CACHE_MAX_BYTES = 4 << 30  # the cache evicts its least recently used executables beyond this
+
+
+def cache_dir(setting: str) -> str | None:
+    """The persistent compilation cache's directory for `compilation_cache_dir`: '' = the user cache,
+    ($XDG_CACHE_HOME or ~/.cache)/jaxblock/xla; 'off' = None (no cache); else the path itself."""
+    if setting == "off":
+        return None
+    if setting:
+        return os.path.expanduser(setting)
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxblock", "xla")
+
+
+def setup_jax(config: ml_collections.ConfigDict) -> None:
+    """Process-wide JAX settings from the run config: the persistent compilation cache, so that a
+    resumed or repeated run, its evaluation, and every other run of the same shapes load their
+    executables instead of compiling them again (the cache key is the program, the compiler
+    options and the devices: it never serves a stale executable)."""
+    path = cache_dir(config.get("compilation_cache_dir", ""))
+    if path is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
+
+
+def make_partition(config: ml_collections.ConfigDict, cfg: ModelConfig) -> blocks.Partition:
+    """What the run's algorithm trains, as blocks, from param shapes alone (no weights loaded): the
+    layer blocks of `config.blocks` for ParaBlock/FedBCD, one block of everything for Fed full FT,
+    the adapters for the LoRA methods."""
+    algo = make_algorithm(config, cfg)
+    base = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))
+    return algo.partition(jax.eval_shape(algo.server_params, base), layer_partition(config, cfg, base))
+
+
+def layer_partition(config: ml_collections.ConfigDict, cfg: ModelConfig, params=None) -> blocks.Partition:
+    """The decoder's layer blocks of `config.blocks` (blocks.llm_block_rules) over `params` (the
+    model's arrays or shapes; default: its shapes)."""
+    params = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))) if params is None else params
+    return blocks.partition(params, blocks.llm_block_rules(cfg.num_layers, **config.blocks.to_dict()))
+
+
+def server_shapes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
+    """ShapeDtypeStructs of the run's server model (the base model, plus adapters for FedIT/FFA-LoRA)."""
+    algo = make_algorithm(config, cfg)
+    return jax.eval_shape(lambda: algo.server_params(model.init(cfg, jax.random.key(0))))
+
+
+def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
+    """The federated algorithm's settings, from the run config's top-level keys (a key that a run
+    written before it existed lacks takes its default, as `check_same_run` assumes)."""
+    values = {f.name: config[f.name] for f in dataclasses.fields(FedConfig) if f.name in config}
+    for name in ("staleness", "client_slowdown"):  # lists in a config, tuples in the frozen FedConfig
+        if isinstance(values.get(name), (list, tuple)):
+            values[name] = tuple(values[name])
+    return FedConfig(**values)
+
+
+def policy(config: ml_collections.ConfigDict) -> Policy:
+    """Which uploads are accepted (`comm.min_clients`, `comm.max_*`, `comm.on_bad_update`); a run
+    written before these keys existed takes the defaults."""
+    names = [f.name for f in dataclasses.fields(Policy)]
+    return Policy(**{n: config.comm[n] for n in names if n in config.comm})
+
+
+def lora_config(config: ml_collections.ConfigDict) -> lora.LoraConfig:
+    if "lora" not in config:  # a run written before the LoRA methods existed
+        return lora.LoraConfig()
+    d = config.lora.to_dict()
+    return lora.LoraConfig(**{**d, "targets": tuple(d["targets"]), "client_ranks": tuple(d["client_ranks"])})
+
+
+def make_algorithm(config: ml_collections.ConfigDict, cfg: ModelConfig) -> algorithms.Algorithm:
+    """The run's algorithm (`config.algorithm`), bound to its model and `lora` section."""
+    return algorithms.make(fed_config(config), cfg, lora_config(config))
+
+
+def logical_axes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
+    """Logical PartitionSpecs of every leaf a run's models have: the decoder's, and the adapters'
+    of a LoRA method (any rank: the rank axis is never sharded)."""
+    axes = model.logical_axes(cfg)
+    if algorithms.REGISTRY[config.algorithm].uses_lora:
+        axes = blocks.merge(axes, lora.logical_axes(cfg, lora_config(config)))
+    return axes
+
+
+def optimizer_config(config: ml_collections.ConfigDict) -> OptimizerConfig:
+    return OptimizerConfig(**config.optimizer.to_dict())
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, layout: Layout | None = None) -> dict:
+    """Random params, created directly in their shardings (no full copy on any one device)."""
+    if layout is None:
+        return jax.jit(model.init, static_argnums=0)(cfg, rng)
+    shardings = layout.tree_shardings(model.logical_axes(cfg))
+    return jax.jit(model.init, static_argnums=0, out_shardings=shardings)(cfg, rng)
+
+
+def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) -> tuple[ModelConfig, dict]:
+    """The run's model: `config.hf_checkpoint` if set, else a seeded random init from `config.model`.
+
+    With a checkpoint, its config.json defines the model: `config.model` must say the same (only
+    the dtypes are the run's choice), so that a `--config.model.*` override is never silently
+    ignored and the run's config.json records the model it trained.
+    """
+    cfg = model_config(config)
+    if not config.hf_checkpoint:
+        return cfg, init_params(cfg, jax.random.key(config.seed), layout)
+    # config.json first: a disagreeing model section is refused before any weight is read.
+    path = hf_io.resolve(config.hf_checkpoint)
+    loaded = hf_io.read_config(path, cfg.param_dtype, cfg.dtype).replace(lora_alpha=cfg.lora_alpha, remat=cfg.remat)
+    diff = [
+        f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(loaded, f.name)!r})"
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(cfg, f.name) != getattr(loaded, f.name)
+    ]
+    if diff:
+        raise ValueError(
+            f"config {', '.join(diff)} disagrees with hf_checkpoint {config.hf_checkpoint}, whose config.json "
+            f"defines the model: drop the override, or set --config.hf_checkpoint= to train from a random init"
+        )
+    loaded_cfg, params = load_hf(path, param_dtype=cfg.param_dtype, dtype=cfg.dtype, layout=layout)
+    return loaded_cfg.replace(lora_alpha=cfg.lora_alpha, remat=cfg.remat), params
+
+
+def config_path(argv: list[str] | None = None) -> str | None:
+    """The `--config FILE` of argv (default: sys.argv)."""
+    return split_config_args(sys.argv[1:] if argv is None else argv)[0]
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Parses `--config FILE [--config.key=value ...]` plus the parser's own flags.
+
+    Returns (run config, argparse namespace). A bad file, key or value exits with a one-line error.
+    """
+    path, overrides, rest = split_config_args(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(rest)
+    if path is None:
+        parser.error("--config FILE is required (e.g. --config configs/tiny.py)")
+    try:
+        config = load_config(path, overrides)
+        # Validate the sections now, not deep inside a jit or rounds into the run.
+        validate(config)
+        optimizer_config(config)
+        fed_config(config)
+        make_partition(config, model_config(config))
+    except ValueError as e:
+        parser.error(str(e))
+    return config, args
