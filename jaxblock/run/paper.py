@@ -27,9 +27,8 @@ import re
 
 import numpy as np
 
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # from jaxblock/run/
 # The LoRA methods' learning rates picked on configs/tiny.py (BENCHMARKS.md, issue 12).
-# (jaxblock/run/paper.py -> the checkout)
-_CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LORA_LR = {"fedit": "2e-3", "ffa_lora": "1e-2", "flora": "5e-3"}
 SLOW_LINK = "[" + ",".join(["100"] * 9 + ["2"]) + "]"  # Table 8: the last of 10 clients on a slow link
 
