@@ -19,6 +19,7 @@ from test_train import ROOT, SMALL, final_params
 
 from jaxblock.fed import algorithms, blocks, data, local, loop, validate, wire
 from jaxblock.net import comm, transport
+from jaxblock.net import exchange as net_exchange
 from jaxblock.run import compare, experiment
 from jaxblock.run.config import load_config
 
@@ -108,7 +109,7 @@ def files_under(directory) -> dict[str, int]:
 def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, lr_decay, extra, report, tmp_path):
     params, clients = toy_params(), toy_clients(4)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(
+    fed = algorithms.configure(
         algorithm=algorithm,
         rounds=6,
         num_clients=4,
@@ -133,14 +134,14 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
     assert len(trained) == fed.rounds * len(fed_participants(fed, 0))
     up = sum(r["bytes_up"] for r in rows)
     block_bytes = {b.id: b.params * (4 if wire == "float32" else 2) for b in part.blocks}
-    if fed.compression == "topk":  # per leaf k = ceil(0.2 size) int32 indices and float32 values
+    if fed.transforms:  # per leaf k = ceil(0.2 size) int32 indices and float32 values
         block_bytes = {b.id: sum(8 * math.ceil(0.2 * x.size - 1e-9) for x in jax.tree.leaves(part.block(params, b.id)))
                        for b in part.blocks}  # fmt: skip
     expected_up = sum(block_bytes[r["block"]] for r in trained)  # exactly one block per trained round
     assert up == expected_up
     if wire == "bfloat16":
         fp32 = loop.run(
-            loop.FedConfig(**{**fed.__dict__, "wire_dtype": "float32"}), params, toy_loss,
+            algorithms.configure(**{**fed.__dict__, "wire_dtype": "float32"}), params, toy_loss,
             data.make_batches_fn(clients, BS), part, optimizer,
         )[0]["params"]  # fmt: skip
         diff = max(
@@ -171,7 +172,7 @@ def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):
     links = [wire.Link(), wire.Link(), wire.Link(latency_ms=120.0)]
     waits = {}
     for staleness in [1, (1, 1, 3)]:
-        fed = loop.FedConfig(rounds=6, num_clients=3, local_steps=2, staleness=staleness)
+        fed = algorithms.configure(rounds=6, num_clients=3, local_steps=2, staleness=staleness)
         rows = []
         comm.run_in_threads(
             fed, params, part, slow_train, data.make_batches_fn(clients, BS), transport.Store("memory://"),
@@ -190,7 +191,7 @@ def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):
 def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(rounds=3, num_clients=2, local_steps=1)
+    fed = algorithms.configure(rounds=3, num_clients=2, local_steps=1)
     store = transport.Store(f"file://{tmp_path}/store")
     run_threads(fed, params, clients, part, optax.sgd(0.1), store=store, keep_rounds=True)
     for t in range(fed.rounds):
@@ -212,7 +213,7 @@ def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
 
 
 def test_the_last_client_to_ack_deletes_the_round():
-    fed = loop.FedConfig(num_clients=2, rounds=3, staleness=1)  # merges at the end of rounds 1, 2, 3
+    fed = algorithms.configure(num_clients=2, rounds=3, staleness=1)  # merges at the end of rounds 1, 2, 3
     store = transport.Store("memory://")
     for t in range(2):
         store.put_json(transport.plan_key(t), {"block": t, "clients": [0, 1]})
@@ -243,7 +244,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
     not yet merged (the lean form)."""
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(rounds=4, num_clients=3, local_steps=2, staleness=staleness)
+    fed = algorithms.configure(rounds=4, num_clients=3, local_steps=2, staleness=staleness)
     server_at = {t: jax.device_get(params) for t in range(staleness)}  # nothing merges before round s's end
     seen, merges = [], []
 
@@ -275,7 +276,7 @@ def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical
     and restarts from it within the timeout: no update is lost, the final model is the simulator's."""
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(rounds=5, num_clients=2, local_steps=2, staleness=staleness, seed=2)
+    fed = algorithms.configure(rounds=5, num_clients=2, local_steps=2, staleness=staleness, seed=2)
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     store, cc = transport.Store("memory://"), comm.CommConfig(timeout_s=20.0)
     saved, result = {}, {}
@@ -311,7 +312,7 @@ def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical
 def test_fewer_clients_than_min_clients_stop_the_run_naming_the_silent_one():
     params, clients = toy_params(), toy_clients(2)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(rounds=3, num_clients=2, local_steps=2)
+    fed = algorithms.configure(rounds=3, num_clients=2, local_steps=2)
     store = transport.Store("memory://")
     with pytest.raises(transport.TransportTimeout) as e:
         comm.run_in_threads(
@@ -452,11 +453,13 @@ def test_a_killed_server_resumes_and_the_final_model_is_bit_identical(tmp_path):
 def test_simulator_through_a_store_equals_the_in_memory_exchange(wire):
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(rounds=5, num_clients=3, local_steps=2, wire_dtype=wire, seed=1)
+    fed = algorithms.configure(rounds=5, num_clients=3, local_steps=2, wire_dtype=wire, seed=1)
     optimizer = optax.adamw(0.05, eps=1e-6)
     batches_fn = data.make_batches_fn(clients, BS)
     in_memory, _ = loop.run(fed, params, toy_loss, batches_fn, part, optimizer)
     store = transport.Store("memory://")
-    through, _ = loop.run(fed, params, toy_loss, batches_fn, part, optimizer, store=store)
+    through, _ = loop.run(
+        fed, params, toy_loss, batches_fn, part, optimizer, exchange=net_exchange.ThroughStore(store, wire)
+    )
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(through["params"]), jax.device_get(in_memory["params"]))
     assert store.kv.list().result() == []  # every round's keys are removed once aggregated

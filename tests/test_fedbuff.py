@@ -9,7 +9,7 @@ import optax
 import pytest
 from test_federated import BLOCK_KEY, BS, LR, RULES, toy_clients, toy_loss, toy_params
 
-from jaxblock.fed import blocks, data, loop, wire
+from jaxblock.fed import algorithms, blocks, data, loop, wire
 from jaxblock.fed.algorithms import fedbuff
 from jaxblock.run import checkpoint
 
@@ -21,7 +21,7 @@ ASYNC = {"buffer_size": 2, "client_slowdown": (1.0, 1.0, 1.5, 5.0), "step_second
 
 
 def fed_config(**kw):
-    return loop.FedConfig(**{"algorithm": "fedbuff", "num_clients": NC, "local_steps": K, **kw})
+    return algorithms.configure(**{"algorithm": "fedbuff", "num_clients": NC, "local_steps": K, **kw})
 
 
 def setup(fed, links=LINKS):
@@ -47,7 +47,7 @@ def hand_fedbuff(fed, links, rounds):
     """FedBuff's event order written out: a heap of (time, 0 = arrival | 1 = pull, client).
 
     Returns per apply (clients, staleness, dropped since the previous apply, time)."""
-    z, n = fed.buffer_size or fed.num_clients, fed.num_clients
+    z, n = fed.options.buffer_size or fed.num_clients, fed.num_clients
     version, base, buffer, dropped, applies = 0, [0] * n, [], [], []
     events = [(0.0, 1, c) for c in range(n)]
     while len(applies) < rounds:
@@ -58,12 +58,12 @@ def hand_fedbuff(fed, links, rounds):
             wire = link.latency_ms / 1e3 + (
                 4 * TOY_VALUES / (link.bandwidth_mbps * 1e6) if link.bandwidth_mbps else 0.0
             )
-            compute = fed.step_seconds * fed.local_steps * fed.client_slowdown[c]
+            compute = fed.options.step_seconds * fed.local_steps * fed.options.client_slowdown[c]
             heapq.heappush(events, (now + wire + compute + wire, 0, c))
             continue
         heapq.heappush(events, (now, 1, c))  # it pulls again after every arrival at `now`
         tau = version - base[c]
-        if fed.max_staleness and tau > fed.max_staleness:
+        if fed.options.max_staleness and tau > fed.options.max_staleness:
             dropped.append(c)
             continue
         buffer.append((c, tau))
@@ -91,7 +91,7 @@ def test_equal_speeds_and_full_buffer_is_fedavg_bitwise(lr_decay, report):
     fed = fed_config(rounds=4, eta=0.7, lr_decay=lr_decay, staleness_weight=0.0)
     trainer, state = setup(fed, links=[wire.Link(100.0, 20.0)] * NC)
     final, history, _ = run(trainer, state, fed.rounds, links=[wire.Link(100.0, 20.0)] * NC)
-    sync = loop.FedConfig(
+    sync = algorithms.configure(
         algorithm="fedavg_full", rounds=fed.rounds, num_clients=NC, local_steps=K, eta=0.7, lr_decay=lr_decay
     )
     params = toy_params()

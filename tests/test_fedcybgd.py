@@ -21,7 +21,7 @@ LEAVES = {
 def _run(fed, rules, n_data=None):
     """The jaxblock simulator round by round: (state after each round, metrics, final state, partition)."""
     params = toy_params()
-    part = loop.algorithm_partition(fed, params, blocks.partition(params, rules))
+    part = algorithms.make(fed).partition(params, blocks.partition(params, rules))
     batches_fn = data.make_batches_fn(toy_clients(n_data or fed.num_clients), BS)
     trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR))
     state = trainer.init_state(params)
@@ -41,7 +41,7 @@ def _f64(p):
 def test_fedcybgd_equals_numpy_sequential_loop(rules, leaves):
     """Server params after every turn (and the final ones) equal a float64 NumPy loop: client t % 2 trains
     block (t % 2) % 2 for K SGD steps from the server model on its own batches, then the server block is replaced."""
-    fed = loop.FedConfig(algorithm="fedcybgd", rounds=6, num_clients=2, local_steps=K, seed=4)
+    fed = algorithms.configure(algorithm="fedcybgd", rounds=6, num_clients=2, local_steps=K, seed=4)
     states, history, final, _ = _run(fed, rules)
 
     batches_fn = data.make_batches_fn(toy_clients(2), BS)
@@ -64,7 +64,7 @@ def test_fedcybgd_equals_numpy_sequential_loop(rules, leaves):
 def test_one_cycle_touches_each_block_once_and_too_few_clients_is_an_error():
     """N = B = 3: turns 0..2 are clients 0, 1, 2 on blocks 0, 1, 2, and each turn changes exactly its
     block of the server model (every other leaf bitwise unchanged); N < B raises a one-line ValueError."""
-    fed = loop.FedConfig(algorithm="fedcybgd", rounds=6, num_clients=3, local_steps=K)
+    fed = algorithms.configure(algorithm="fedcybgd", rounds=6, num_clients=3, local_steps=K)
     states, history, _, part = _run(fed, RULES)
     assert [m["clients"] for m in history] == [[0], [1], [2], [0], [1], [2]]
     assert [m["block"] for m in history] == [0, 1, 2, 0, 1, 2]
@@ -80,12 +80,12 @@ def test_one_cycle_touches_each_block_once_and_too_few_clients_is_an_error():
         before = after
 
     params = toy_params()
-    too_few = loop.FedConfig(algorithm="fedcybgd", num_clients=2)
+    too_few = algorithms.configure(algorithm="fedcybgd", num_clients=2)
     with pytest.raises(ValueError, match=r"num_clients=2 < 3 blocks") as err:
         algorithms.make(too_few).partition(params, blocks.partition(params, RULES))
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match=r"num_clients=2 < 3 blocks"):  # the simulator's entry point too
-        loop.algorithm_partition(too_few, params, blocks.partition(params, RULES))
+        algorithms.make(too_few).partition(params, blocks.partition(params, RULES))
 
 
 @pytest.mark.parametrize("num_clients, rules", [(3, RULES), (4, RULES_2_ALL)])
@@ -93,7 +93,7 @@ def test_params_down_counts_the_blocks_changed_since_the_clients_last_turn(num_c
     """params_down = {client: values of the blocks whose server values differ between the end of the client's
     last turn (the start, in the first cycle) and the start of this turn}, found by comparing the params;
     params_up = [its block's values], bytes_down = 4 x params_down."""
-    fed = loop.FedConfig(algorithm="fedcybgd", rounds=2 * num_clients + 1, num_clients=num_clients, local_steps=K)
+    fed = algorithms.configure(algorithm="fedcybgd", rounds=2 * num_clients + 1, num_clients=num_clients, local_steps=K)
     states, history, _, part = _run(fed, rules)
     servers = [toy_params()] + [s["params"] for s in states]  # servers[t] = the model at the start of turn t
     sizes = [b.params for b in part.blocks]

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from jaxblock import model
-from jaxblock.fed import blocks, data, local, loop, validate
+from jaxblock.fed import algorithms, blocks, data, lean, local, loop, schedule, validate
 from jaxblock.model.config import ModelConfig
 
 N, K, BS, LR = 3, 2, 4, 0.05
@@ -114,11 +114,11 @@ def numpy_algorithm2(fed, theta0, batches_fn, schedule, participants_of):
 
 def run_core(fed, params, clients, *, rules=RULES, optimizer=None, client_batch=1):
     """The jaxblock core, round by round, recording server/client models and each round's deltas."""
-    part = loop.algorithm_partition(fed, params, blocks.partition(params, rules))
+    part = algorithms.make(fed).partition(params, blocks.partition(params, rules))
     batches_fn = data.make_batches_fn(clients, BS)
     optimizer = optimizer or optax.sgd(LR)
     trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optimizer, client_batch=client_batch)
-    state = loop.init_state(fed, params)
+    state = lean.init_state(fed, params)
     servers, client_models, schedule, parts, deltas = [], [], [], [], []
     for _ in range(fed.rounds):
         state, m = loop.run_round(trainer, state)
@@ -126,7 +126,7 @@ def run_core(fed, params, clients, *, rules=RULES, optimizer=None, client_batch=
         parts.append(m["clients"])
         deltas.append(state["pending"].get(m["round"], {}).get("deltas"))
         servers.append(state["params"])
-        client_models.append([loop.client_params(state, part, i, fed.eta) for i in range(fed.num_clients)])
+        client_models.append([lean.client_params(state, part, i, fed.eta) for i in range(fed.num_clients)])
     final = loop.flush(trainer, state)
     return servers, client_models, final, schedule, parts, part, batches_fn
 
@@ -143,7 +143,7 @@ def _close(a, b, tol=1e-6):
 def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay, client_batch):
     """(b) server trajectory and (a)-style client models equal an explicit NumPy Algorithm 2, with the
     clients trained one by one or `client_batch` at a time (one vmapped program)."""
-    fed = loop.FedConfig(
+    fed = algorithms.configure(
         rounds=8, num_clients=N, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3,
         lr_decay=lr_decay, lr_decay_alpha=0.1 if lr_decay == "linear" else 0.0,
     )  # fmt: skip
@@ -165,7 +165,7 @@ def test_parablock_equals_numpy_algorithm2(staleness, participation, lr_decay, c
 @pytest.mark.parametrize("staleness", [1, 2])
 def test_eq3_4_invariant_for_every_client_after_every_round(staleness):
     """(a) Right after the correction for round r = t - s, block b_r of every client equals the server's."""
-    fed = loop.FedConfig(rounds=9, num_clients=N, local_steps=K, staleness=staleness, seed=5)
+    fed = algorithms.configure(rounds=9, num_clients=N, local_steps=K, staleness=staleness, seed=5)
     params = toy_params()
     servers, client_models, _, schedule, _, part, _ = run_core(fed, params, toy_clients())
     checked = 0
@@ -189,7 +189,7 @@ def test_one_client_parablock_equals_fedbcd():
     params, clients = toy_params(), toy_clients(n=1)
     finals = {}
     for algorithm in ("parablock", "fedbcd"):
-        fed = loop.FedConfig(algorithm=algorithm, rounds=6, num_clients=1, local_steps=K, seed=2)
+        fed = algorithms.configure(algorithm=algorithm, rounds=6, num_clients=1, local_steps=K, seed=2)
         finals[algorithm] = run_core(fed, params, clients, optimizer=optax.adamw(0.05, eps=1e-6))[2]["params"]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), finals["parablock"], finals["fedbcd"])
     assert not np.allclose(finals["fedbcd"]["a"]["w"], params["a"]["w"])  # it trained
@@ -198,11 +198,11 @@ def test_one_client_parablock_equals_fedbcd():
 def test_single_block_fedbcd_equals_fed_full_ft():
     """(d) FedBCD over one block of every parameter = FedAvg with local AdamW, written out here."""
     params, clients = toy_params(), toy_clients()
-    fed = loop.FedConfig(algorithm="fedbcd", rounds=4, num_clients=N, local_steps=K, eta=1.0)
+    fed = algorithms.configure(algorithm="fedbcd", rounds=4, num_clients=N, local_steps=K, eta=1.0)
     adamw = optax.adamw(0.05, b1=0.9, b2=0.999, eps=1e-6)
     core = run_core(fed, params, clients, rules=[(".*", "everything")], optimizer=adamw)[2]["params"]
     full = run_core(
-        loop.FedConfig(algorithm="fedavg_full", rounds=4, num_clients=N, local_steps=K), params, clients,
+        algorithms.configure(algorithm="fedavg_full", rounds=4, num_clients=N, local_steps=K), params, clients,
         optimizer=adamw,
     )[2]["params"]  # fmt: skip
 
@@ -227,11 +227,11 @@ def test_single_block_fedbcd_equals_fed_full_ft():
 @pytest.mark.parametrize("staleness", [1, 2, 3])
 def test_flush_leaves_all_T_aggregates_in_the_server(staleness):
     """(e) theta_T = theta_0 + eta * sum_t Delta_t on b_t, for every round including the last s."""
-    fed = loop.FedConfig(rounds=5, num_clients=N, local_steps=K, eta=0.5, staleness=staleness, seed=1)
+    fed = algorithms.configure(rounds=5, num_clients=N, local_steps=K, eta=0.5, staleness=staleness, seed=1)
     params, clients = toy_params(), toy_clients()
     part = blocks.partition(params, RULES)
     trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR))
-    state = loop.init_state(fed, params)
+    state = lean.init_state(fed, params)
     expected = jax.tree.map(lambda x: np.array(x, np.float64), params)
     for _ in range(fed.rounds):
         state, m = loop.run_round(trainer, state)
@@ -246,9 +246,9 @@ def test_flush_leaves_all_T_aggregates_in_the_server(staleness):
 
 
 def test_schedules():
-    def seq(schedule, rounds=8, nb=3, seed=0):
-        fed = loop.FedConfig(schedule=schedule, seed=seed)
-        return [loop.choose_block(fed, t, nb) for t in range(rounds)]
+    def seq(name, rounds=8, nb=3, seed=0):
+        fed = algorithms.configure(schedule=name, seed=seed)
+        return [schedule.choose_block(fed, t, nb) for t in range(rounds)]
 
     assert seq("sequential") == [0, 1, 2, 0, 1, 2, 0, 1]
     assert seq("reverse") == [2, 1, 0, 2, 1, 0, 2, 1]
@@ -262,16 +262,16 @@ def test_schedules():
 def test_gradient_schedule_picks_the_largest_gradient_and_reports_its_cost():
     params, clients = toy_params(), toy_clients()
     params["c"]["bias"] = np.array([30.0, -30.0], np.float32)  # a huge bias error: its gradient dominates
-    fed = loop.FedConfig(schedule="gradient", rounds=1, num_clients=N, local_steps=K)
+    fed = algorithms.configure(schedule="gradient", rounds=1, num_clients=N, local_steps=K)
     part = blocks.partition(params, RULES)
     trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR))
-    _, m = loop.run_round(trainer, loop.init_state(fed, params))
+    _, m = loop.run_round(trainer, lean.init_state(fed, params))
     assert m["block"] == 2 and m["schedule_seconds"] > 0
 
 
 def test_aggregation_by_sample_count():
-    fed = loop.FedConfig(aggregation="samples", num_clients=3)
-    w = loop.aggregation_weights(fed, [0, 2], np.array([10, 99, 30]))
+    fed = algorithms.configure(aggregation="samples", num_clients=3)
+    w = schedule.aggregation_weights(fed, [0, 2], np.array([10, 99, 30]))
     np.testing.assert_allclose(w, [0.25, 0.75])
     params = toy_params()
     part = blocks.partition(params, RULES)
@@ -282,12 +282,12 @@ def test_aggregation_by_sample_count():
 
 
 def test_partial_participation_leaves_absent_clients_alone():
-    fed = loop.FedConfig(rounds=1, num_clients=4, participation=0.5, local_steps=K, seed=0)
+    fed = algorithms.configure(rounds=1, num_clients=4, participation=0.5, local_steps=K, seed=0)
     params = toy_params()
     trainer = loop.make_trainer(
         fed, toy_loss, data.make_batches_fn(toy_clients(4), BS), blocks.partition(params, RULES), optax.sgd(LR)
     )
-    state, m = loop.run_round(trainer, loop.init_state(fed, params))
+    state, m = loop.run_round(trainer, lean.init_state(fed, params))
     absent = sorted(set(range(4)) - set(m["clients"]))
     assert len(m["clients"]) == 2 and all(state["positions"][c] == 0 for c in absent)
     assert all(state["positions"][c] == K * BS for c in m["clients"])
@@ -298,13 +298,13 @@ def test_a_nan_update_is_left_out_or_stops_the_run_as_the_policy_says():
     without it, renormalised over the other two; with on_bad_update='stop' the run ends naming it."""
     params, clients = toy_params(), toy_clients()
     clients[1]["y"][:] = np.nan
-    fed = loop.FedConfig(rounds=2, num_clients=N, local_steps=K, seed=0)
+    fed = algorithms.configure(rounds=2, num_clients=N, local_steps=K, seed=0)
     part = blocks.partition(params, RULES)
 
     def trainer(policy):
         return loop.make_trainer(fed, toy_loss, data.make_batches_fn(clients, BS), part, optax.sgd(LR), policy=policy)
 
-    state, _ = loop.run_round(trainer(validate.Policy()), loop.init_state(fed, params))
+    state, _ = loop.run_round(trainer(validate.Policy()), lean.init_state(fed, params))
     sent = state["pending"][0]
     after, m = loop.run_round(trainer(validate.Policy()), state)
     assert m["rejected"] == [[0, 1, "non-finite: NaN/Inf in the update"]] and m["merged"] == [[0, [0, 2]]]
@@ -338,15 +338,15 @@ def test_norm_bounds_reject_a_scaled_update():
 
 def test_config_errors():
     with pytest.raises(ValueError, match="staleness=0: ParaBlock needs staleness >= 1"):
-        loop.FedConfig(staleness=0)
+        algorithms.configure(staleness=0)
     with pytest.raises(ValueError, match="algorithm='fedsgd'"):
-        loop.FedConfig(algorithm="fedsgd")
+        algorithms.configure(algorithm="fedsgd")
     with pytest.raises(ValueError, match="participation=0"):
-        loop.FedConfig(participation=0)
+        algorithms.configure(participation=0)
     with pytest.raises(ValueError, match="lr_decay='exp': choose one of none, linear, cosine"):
-        loop.FedConfig(lr_decay="exp")
+        algorithms.configure(lr_decay="exp")
     with pytest.raises(ValueError, match="lr_decay_alpha=2"):
-        loop.FedConfig(lr_decay_alpha=2)
+        algorithms.configure(lr_decay_alpha=2)
 
 
 def _live_bytes():
@@ -368,9 +368,9 @@ def test_simulator_memory_is_one_model_plus_pending_deltas(staleness, report):
     live = {}
     for n in (2, 16):
         clients = data.synthetic_clients(n, 8, 16, cfg.vocab_size, seed=n)
-        fed = loop.FedConfig(rounds=3, num_clients=n, local_steps=2, staleness=staleness, schedule="sequential")
+        fed = algorithms.configure(rounds=3, num_clients=n, local_steps=2, staleness=staleness, schedule="sequential")
         trainer = loop.Trainer(fed, local.lm_loss(cfg), data.make_batches_fn(clients, 2), part, train)
-        state = loop.init_state(fed, params)
+        state = lean.init_state(fed, params)
         for _ in range(3):
             state, _ = loop.run_round(trainer, state)
         live[n] = _live_bytes()

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 import jaxblock
 import jaxblock.model.sharding
 from jaxblock import model
-from jaxblock.fed import algorithms, blocks, data, local, loop
+from jaxblock.fed import algorithms, blocks, data, lean, local, loop, schedule
 from jaxblock.model import lora
 from jaxblock.model.config import ModelConfig
 from jaxblock.run import config as config_lib
@@ -106,7 +106,7 @@ def _matmul_output_shapes(jaxpr) -> set[tuple[int, ...]]:
 def test_a_lora_step_keeps_optimizer_state_and_gradients_to_the_adapters():
     cfg = CFG.replace(lora_alpha=8.0)
     params = lora.add(cfg, model.init(CFG, jax.random.key(0)), lora.LoraConfig(rank=3, targets=ALL), jax.random.key(1))
-    fed = loop.FedConfig(algorithm="fedit", num_clients=2)
+    fed = algorithms.configure(algorithm="fedit", num_clients=2)
     algo = algorithms.make(fed, cfg, lora.LoraConfig(rank=3, targets=ALL))
     part = algo.partition(params, None)
     block, frozen = part.split(params, 0)
@@ -155,10 +155,10 @@ def _trainer(fed, lc, opt, num_clients=None):
 
 
 def test_fedit_with_one_client_is_centralized_lora_training():
-    fed = loop.FedConfig(algorithm="fedit", rounds=3, num_clients=1, local_steps=2)
+    fed = algorithms.configure(algorithm="fedit", rounds=3, num_clients=1, local_steps=2)
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj", "down_proj"))
     cfg, _, params, trainer = _trainer(fed, lc, optax.sgd(0.5))
-    state = loop.init_state(fed, params)
+    state = lean.init_state(fed, params)
     for _ in range(fed.rounds):
         state, _ = loop.run_round(trainer, state)
     # Centralized: 6 plain SGD steps on the adapters, on the same batches in the same order.
@@ -176,7 +176,7 @@ def test_fedit_with_one_client_is_centralized_lora_training():
 
 
 def test_ffa_lora_trains_b_only_and_a_stays_at_its_seeded_init():
-    fed = loop.FedConfig(algorithm="ffa_lora", rounds=2, num_clients=3, local_steps=2)
+    fed = algorithms.configure(algorithm="ffa_lora", rounds=2, num_clients=3, local_steps=2)
     lc = lora.LoraConfig(rank=4, alpha=8.0)
     _, _, params, trainer = _trainer(fed, lc, optax.adamw(1e-2))
     assert {b.name for b in trainer.partition.blocks} == {"adapters"}
@@ -194,13 +194,15 @@ def test_ffa_lora_trains_b_only_and_a_stays_at_its_seeded_init():
 
 
 def test_flora_merges_the_exact_weighted_sum_of_heterogeneous_products(report):
-    fed = loop.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2, aggregation="samples", eta=1.0)
+    fed = algorithms.configure(
+        algorithm="flora", rounds=1, num_clients=3, local_steps=2, aggregation="samples", eta=1.0
+    )
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "o_proj", "up_proj"), client_ranks=(2, 5, 3))
     cfg, algo, params, trainer = _trainer(fed, lc, optax.adamw(2e-2))
-    state, metrics = loop.run_round(trainer, loop.init_state(fed, params))
+    state, metrics = loop.run_round(trainer, lean.init_state(fed, params))
     assert metrics["aggregated_round"] == 0 and metrics["params_down"] == sum(metrics["params_up"])
     # Each client's trained adapter, recomputed, and the update it should bring: sum_i p_i s_i A_i B_i.
-    weights = loop.aggregation_weights(fed, [0, 1, 2], trainer.client_sizes)
+    weights = schedule.aggregation_weights(fed, [0, 1, 2], trainer.client_sizes)
     trained = []
     for c in range(3):
         block, frozen = trainer.partition.split(algo.client_model(params, c, 0), 0)
@@ -238,12 +240,12 @@ def test_flora_merges_the_exact_weighted_sum_of_heterogeneous_products(report):
 def test_flora_batched_clients_of_different_ranks_train_apart():
     """sim.client_batch with FLoRA's per-client ranks (2, 5, 2): the rank-2 clients train as one batch,
     the rank-5 one alone (different shapes do not stack); the round equals one by one."""
-    fed = loop.FedConfig(algorithm="flora", rounds=1, num_clients=3, local_steps=2)
+    fed = algorithms.configure(algorithm="flora", rounds=1, num_clients=3, local_steps=2)
     lc = lora.LoraConfig(rank=4, alpha=8.0, targets=("q_proj", "v_proj"), client_ranks=(2, 5, 2))
     _, _, params, trainer = _trainer(fed, lc, optax.adamw(2e-2))
-    one, _ = loop.run_round(trainer, loop.init_state(fed, params))
+    one, _ = loop.run_round(trainer, lean.init_state(fed, params))
     batched = dataclasses.replace(trainer, client_batch=3)
-    many, metrics = loop.run_round(batched, loop.init_state(fed, params))
+    many, metrics = loop.run_round(batched, lean.init_state(fed, params))
     assert _max_diff(many["params"], one["params"]) <= 1e-5 and _max_diff(one["params"], params) > 1e-4
     assert set(metrics["client_compute_s"]) == {0, 1, 2}
 
@@ -348,7 +350,7 @@ def test_adapter_leaves_have_shardings_from_their_kernels_axes():
 def test_fedit_in_the_threaded_runtime_equals_the_simulator():
     from jaxblock.net import comm, transport
 
-    fed = loop.FedConfig(algorithm="fedit", rounds=2, num_clients=2, local_steps=2)
+    fed = algorithms.configure(algorithm="fedit", rounds=2, num_clients=2, local_steps=2)
     lc = lora.LoraConfig(rank=2, alpha=4.0)
     cfg, algo, params, trainer = _trainer(fed, lc, optax.adamw(1e-2))
     server, replicas = comm.run_in_threads(

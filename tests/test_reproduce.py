@@ -10,7 +10,7 @@ import time
 import pytest
 from test_train import ROOT, small_config
 
-from jaxblock.fed import loop
+from jaxblock.fed import schedule
 from jaxblock.run import compare, paper, runtime
 from jaxblock.run.config import load_config
 
@@ -113,7 +113,7 @@ def test_a_run_modelled_without_training():
     config = small_config("rounds=4", "blocks.layers_per_block=1")  # 3 clients, 2 blocks
     round_s = [1.0, 0.5]
     fed = runtime.fed_config(config)
-    schedule = [loop.choose_block(fed, t, 2) for t in range(4)]
+    schedule = [schedule.choose_block(fed, t, 2) for t in range(4)]
     pb = compare.modeled_run(config, "parablock", 1.0, round_s)  # 1 MB/s: a block takes ~0.1-0.2 s
     bcd = compare.modeled_run(config, "fedbcd", 1.0, round_s)
     assert pb["compute_s"] == bcd["compute_s"] == sum(round_s[b] for b in schedule)

@@ -14,7 +14,7 @@ import pytest
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT
 
-from jaxblock.fed import blocks, data, local, loop, validate
+from jaxblock.fed import algorithms, blocks, data, local, validate
 from jaxblock.net import comm, receive, signing, transport
 
 
@@ -108,7 +108,7 @@ def _attacker(store_url, context, keys, fed, part, params, stop):
 def test_forged_and_bad_uploads_are_rejected_and_change_nothing(keys, report):
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
-    fed = loop.FedConfig(rounds=6, num_clients=3, local_steps=2)
+    fed = algorithms.configure(rounds=6, num_clients=3, local_steps=2)
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     policy = validate.Policy(max_norm_ratio=100.0)
 

@@ -6,7 +6,7 @@ import optax
 import pytest
 from test_federated import BLOCK_KEY, BS, LR, RULES, K, numpy_sgd, run_core, toy_clients, toy_loss, toy_params
 
-from jaxblock.fed import blocks, data, loop
+from jaxblock.fed import algorithms, blocks, data, lean, loop
 
 
 def _equal(a, b):
@@ -24,7 +24,7 @@ def test_uniform_tuple_staleness_equals_scalar_bitwise(s, participation):
     n, params, clients = 4, toy_params(), toy_clients(4)
     runs = {}
     for staleness in (s, (s,) * n):
-        fed = loop.FedConfig(
+        fed = algorithms.configure(
             rounds=6, num_clients=n, local_steps=K, eta=0.7, staleness=staleness, participation=participation, seed=3
         )
         runs[type(staleness)] = run_core(fed, params, clients)
@@ -53,7 +53,7 @@ def numpy_per_client_staleness(fed, theta0, batches_fn, schedule, participants_o
     Returns, after every round and after the flush: server models, client models and the pending {(r, i): delta}.
     """
     s, eta, n = fed.stalenesses, fed.eta, fed.num_clients
-    a = fed.staleness_weight or 0.0
+    a = fed.options.staleness_weight or 0.0
     cp = lambda p: {k: {kk: np.array(vv, np.float64) for kk, vv in v.items()} for k, v in p.items()}  # noqa: E731
     server = cp(theta0)
     models = [cp(theta0) for _ in range(n)]
@@ -70,7 +70,7 @@ def numpy_per_client_staleness(fed, theta0, batches_fn, schedule, participants_o
                 tau = s[i] - min(s)
                 delta = pending.pop((r, i))
                 models[i][k1][k2] -= eta * delta  # its own delta leaves its copy: merged or dropped
-                if fed.max_staleness and tau > fed.max_staleness:
+                if fed.options.max_staleness and tau > fed.options.max_staleness:
                     continue
                 total = total + (1 / len(participants_of[r])) * (1 + tau) ** -a * delta
             server[k1][k2] += eta * total
@@ -103,14 +103,14 @@ def _run_recording(fed, n):
     part = blocks.partition(params, RULES)
     batches_fn = data.make_batches_fn(toy_clients(n), BS)
     trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optax.sgd(LR))
-    state = loop.init_state(fed, params)
+    state = lean.init_state(fed, params)
     out, history = [], []
     for _ in range(fed.rounds):
         state, m = loop.run_round(trainer, state)
         history.append(m)
-        out.append((state["params"], [loop.client_params(state, part, i, fed.eta) for i in range(n)], state))
+        out.append((state["params"], [lean.client_params(state, part, i, fed.eta) for i in range(n)], state))
     state = loop.flush(trainer, state)
-    out.append((state["params"], [loop.client_params(state, part, i, fed.eta) for i in range(n)], state))
+    out.append((state["params"], [lean.client_params(state, part, i, fed.eta) for i in range(n)], state))
     return out, history, part, batches_fn
 
 
@@ -129,7 +129,7 @@ def test_one_slow_client_matches_numpy_copies(case):
     the flush equal the NumPy reference with explicit client copies, to 1e-6; metrics' merged/dropped agree with it."""
     weight, max_staleness, participation = CASES[case]
     n = 3
-    fed = loop.FedConfig(
+    fed = algorithms.configure(
         rounds=7, num_clients=n, local_steps=K, eta=0.7, staleness=(1, 1, 3), staleness_weight=weight,
         max_staleness=max_staleness, participation=participation, seed=2,
     )  # fmt: skip
@@ -163,7 +163,7 @@ def test_lean_form_equals_the_explicit_client_copies(staleness, max_staleness):
     that jaxblock's state holds as its pending ones (each on its round's block), and these are the reference's pending
     (round, client) set; client_params(state) - state params agrees too."""
     n = 3
-    fed = loop.FedConfig(
+    fed = algorithms.configure(
         rounds=6, num_clients=n, local_steps=K, eta=0.7, staleness=staleness, max_staleness=max_staleness, seed=7
     )
     got, history, part, batches_fn = _run_recording(fed, n)
@@ -190,9 +190,11 @@ def test_lean_form_equals_the_explicit_client_copies(staleness, max_staleness):
 def test_per_client_staleness_config_errors():
     """A tuple of the wrong length, a tuple outside ParaBlock and an s_i of 0 are one-line ValueErrors."""
     with pytest.raises(ValueError, match="staleness lists 2 values for num_clients=3"):
-        loop.FedConfig(num_clients=3, staleness=(1, 2))
-    with pytest.raises(ValueError, match="per-client staleness is ParaBlock's"):
-        loop.FedConfig(algorithm="fedbcd", num_clients=2, staleness=(1, 2))
+        algorithms.configure(num_clients=3, staleness=(1, 2))
+    with pytest.raises(
+        ValueError, match=r"staleness=\[1, 2\]: a setting of parablock, which algorithm='fedbcd' does not use"
+    ):
+        algorithms.configure(algorithm="fedbcd", num_clients=2, staleness=(1, 2))
     with pytest.raises(ValueError, match="ParaBlock needs staleness >= 1"):
-        loop.FedConfig(num_clients=2, staleness=(0, 1))
-    assert loop.FedConfig(num_clients=3, staleness=(1, 1, 3)).effective_staleness == 3
+        algorithms.configure(num_clients=2, staleness=(0, 1))
+    assert algorithms.configure(num_clients=3, staleness=(1, 1, 3)).effective_staleness == 3

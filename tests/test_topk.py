@@ -8,8 +8,8 @@ import optax
 import pytest
 from test_federated import BS, LR, RULES, K, toy_clients, toy_loss, toy_params
 
-from jaxblock.fed import blocks, data, loop, wire
-from jaxblock.fed.algorithms import topk
+from jaxblock.fed import algorithms, blocks, data, lean, loop, transforms, wire
+from jaxblock.net import exchange as net_exchange
 from jaxblock.net import transport
 
 N = 3
@@ -29,7 +29,7 @@ def _fed(algorithm, **kw):
     kw = {"rounds": 6, "num_clients": N, "local_steps": K, "eta": 0.7, "seed": 1, "schedule": "sequential", **kw}
     if algorithm == "parablock":
         kw.setdefault("staleness", 1)
-    return loop.FedConfig(algorithm=algorithm, **kw)
+    return algorithms.configure(algorithm=algorithm, **kw)
 
 
 def _run(fed, params=None, rules=RULES, **trainer_kw):
@@ -85,7 +85,7 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
     params = toy_params()
     part = blocks.partition(params, RULES)
     trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(toy_clients(N), BS), part, optax.sgd(LR))
-    state = loop.init_state(fed, params)
+    state = lean.init_state(fed, params)
     raw, sent, moved = {}, {}, {}  # (client, block) -> float64 sums; block -> eta * sum of mean densified uploads
     for _ in range(fed.rounds):
         old_residuals = state.get("extra", {}).get("residuals", {})
@@ -95,7 +95,7 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
         dense_uploads = []
         for c in m["clients"]:
             delta, upload = entry["deltas"][c], entry["uploads"][c]
-            old = topk.residual_of(old_residuals, c, b)
+            old = old_residuals.get(f"c{c}", {}).get(f"b{b}")
             corrected = delta if old is None else jax.tree.map(lambda d, r: np.asarray(d) + np.asarray(r), delta, old)
             for x, u in zip(jax.tree.leaves(corrected), _sparse_leaves(upload), strict=True):
                 x, index, value = np.asarray(x).reshape(-1), np.asarray(u["index"]), np.asarray(u["value"])
@@ -110,7 +110,7 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
             raw[c, b] = _add(raw.get((c, b)), jax.tree.map(lambda d: np.asarray(d, np.float64), delta))
             sent[c, b] = _add(sent.get((c, b)), dense)
             # the client's model: server + eta * its whole raw delta, not the sparse upload
-            own = part.block(loop.client_params(state, part, c, fed.eta), b)
+            own = part.block(lean.client_params(state, part, c, fed.eta), b)
             server_b = part.block(state["params"], b)
             jax.tree.map(
                 lambda o, s, d: np.testing.assert_allclose(o, s + fed.eta * d, atol=1e-6), own, server_b, delta
@@ -134,21 +134,21 @@ def test_sent_plus_residual_is_every_raw_delta_and_k_per_leaf():
 
 def test_fedbcd_server_adds_the_mean_of_the_densified_uploads(monkeypatch):
     """FedBCD, ratio 0.2: each round the server's block moves by eta * mean of the NumPy-densified uploads (caught
-    by wrapping topk.compress) and every other block stays bitwise the same."""
+    by wrapping transforms.compress) and every other block stays bitwise the same."""
     calls = []
-    compress = topk.compress
+    compress = transforms.compress
 
     def spy(delta, residual, ratio):
         upload, new_residual = compress(delta, residual, ratio)
         calls.append(upload)
         return upload, new_residual
 
-    monkeypatch.setattr(topk, "compress", spy)
+    monkeypatch.setattr(transforms, "compress", spy)
     fed = _fed("fedbcd", compression="topk", topk_ratio=0.2, rounds=4)
     params = toy_params()
     part = blocks.partition(params, RULES)
     trainer = loop.make_trainer(fed, toy_loss, data.make_batches_fn(toy_clients(N), BS), part, optax.sgd(LR))
-    state = loop.init_state(fed, params)
+    state = lean.init_state(fed, params)
     for _ in range(fed.rounds):
         calls.clear()
         before = state["params"]
@@ -204,7 +204,7 @@ def test_sparse_upload_crosses_a_store_and_a_store_run_equals_the_memory_run():
     """A top-k upload published to Store('memory://') is fetched with int32 indices and equal values (and the
     bytes publish reports = payload_bytes); a ParaBlock/FedBCD run at 0.2 through the store equals the in-memory run bitwise."""
     delta = jax.tree.map(lambda x: x * 0.01, toy_params(seed=5))
-    upload, _ = topk.compress(delta, None, 0.2)
+    upload, _ = transforms.compress(delta, None, 0.2)
     store = transport.Store("memory://")
     nbytes = store.publish("round/0/client/1", jax.device_get(upload))
     fetched, fetched_bytes = store.wait_fetch("round/0/client/1", 5.0, "test upload")
@@ -219,7 +219,7 @@ def test_sparse_upload_crosses_a_store_and_a_store_run_equals_the_memory_run():
         fed = _fed(algorithm, rounds=4, compression="topk", topk_ratio=0.2)
         memory = _run(fed)
         store = _CountingStore("memory://")
-        stored = _run(fed, store=store)
+        stored = _run(fed, exchange=net_exchange.ThroughStore(store, fed.wire_dtype))
         assert store.published == {"client": fed.rounds * N, "aggregate": fed.rounds}  # it went through the store
         for a, b in zip(memory[2], stored[2], strict=True):
             _equal(a, b)

@@ -24,8 +24,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxblock.fed.algorithms import topk
-from jaxblock.fed.blocks import path_str
 from jaxblock.fed.wire import WIRE_DTYPES
 
 ON_BAD_UPDATE = ("drop", "stop")
@@ -55,22 +53,6 @@ class BadUpdate(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
-
-
-def expected_leaves(block_shapes: dict, compression: str, topk_ratio: float, wire_dtype: str) -> dict:
-    """{leaf path: (shape, dtype name, index bound)} of an upload of a block with these shapes; the
-    bound is the dense leaf's size for top-k indices, else None."""
-    wire = WIRE_DTYPES[wire_dtype].name
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(block_shapes)[0]:
-        name, size = path_str(path), math.prod(x.shape)
-        if compression == "topk":
-            k = max(1, math.ceil(topk_ratio * size - 1e-9))
-            out[f"{name}/{topk.INDEX}"] = ((k,), "int32", size)
-            out[f"{name}/{topk.VALUE}"] = ((k,), wire, None)
-        else:
-            out[name] = (tuple(x.shape), wire, None)
-    return out
 
 
 def upload_bytes(expected: dict) -> int:
@@ -118,8 +100,8 @@ def norm(tree) -> float:
 
 
 def _values(tree) -> list:
-    """An update's value leaves (top-k indices left out)."""
-    return [x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if not path_str(p).endswith(f"/{topk.INDEX}")]
+    """An update's value leaves (integer leaves, such as sparse indices, say where, not how much)."""
+    return [x for x in jax.tree.leaves(tree) if not jnp.issubdtype(jnp.asarray(x).dtype, jnp.integer)]
 
 
 @jax.jit

@@ -50,9 +50,10 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxblock.fed import algorithms, loop, validate, wire
+from jaxblock.fed import algorithms, lean, loop, schedule, validate, wire
 from jaxblock.fed.algorithms import topk
 from jaxblock.fed.blocks import Partition
+from jaxblock.fed.config import FedConfig
 from jaxblock.fed.wire import Link
 from jaxblock.net import receive, signing, transport
 from jaxblock.net.transport import Store
@@ -78,22 +79,22 @@ class CommConfig:
         return max(self.server_timeout_s, 3 * self.timeout_s)
 
 
-def check_supported(fed: loop.FedConfig) -> None:
+def check_supported(fed: FedConfig) -> None:
     if not algorithms.REGISTRY[fed.algorithm].runtime:
         raise ValueError(f"algorithm={fed.algorithm!r}: the multi-process runtime does not run it; use the simulator")
     if fed.schedule == "gradient":
         raise ValueError("schedule='gradient' needs the server to see data: use the simulator")
 
 
-def final_merge(fed: loop.FedConfig) -> int:
+def final_merge(fed: FedConfig) -> int:
     """F: the last round at whose end deltas are merged (the final flush runs the merges T .. F)."""
     return fed.rounds - 1 + fed.effective_staleness
 
 
-def _merged(fed: loop.FedConfig, t: int, plans: dict) -> list[tuple[int, list[int]]]:
+def _merged(fed: FedConfig, t: int, plans: dict) -> list[tuple[int, list[int]]]:
     """[(round r, clients)] merged (not dropped) at the end of round t, from the plans."""
-    pieces = loop.merges_at(fed, t, lambda r: plans[r]["clients"])
-    pieces = [(r, loop.split_late(fed, arrived)[0]) for r, arrived in pieces]
+    pieces = schedule.merges_at(fed, t, lambda r: plans[r]["clients"])
+    pieces = [(r, schedule.split_late(fed, arrived)[0]) for r, arrived in pieces]
     return [(r, merged) for r, merged in pieces if merged]
 
 
@@ -101,7 +102,7 @@ def _merged(fed: loop.FedConfig, t: int, plans: dict) -> list[tuple[int, list[in
 
 
 def serve(
-    fed: loop.FedConfig,
+    fed: FedConfig,
     params: dict,
     partition: Partition,
     store: Store,
@@ -136,7 +137,7 @@ def serve(
     algo = algorithms.REGISTRY[fed.algorithm]  # plans need the settings alone
     resumed = state is not None
     first = 0 if state is None else state["round"] + fed.effective_staleness  # the first merge to run
-    state = loop.init_state(fed, params) if state is None else dict(state)
+    state = lean.init_state(fed, params) if state is None else dict(state)
     # Plans are a function of the settings: a resumed server knows those it published.
     plans = {t: {"block": algo.choose_block(fed, t, partition.num_blocks), "clients": algo.participants(fed, t)}
              for t in range(fed.rounds)}  # fmt: skip
@@ -167,7 +168,7 @@ def serve(
                 deltas = loop.dense_uploads(
                     fed, partition, state["params"], plan["block"], [accepted[c] for c in merged]
                 )
-                weights = loop.merge_weights(fed, plan["clients"], merged, client_sizes, lost[r])
+                weights = schedule.merge_weights(fed, plan["clients"], merged, client_sizes, lost[r])
                 agg = jax.device_get(loop.aggregate_deltas(deltas, weights, fed.wire_dtype))
                 state["params"] = loop.apply_aggregate(state["params"], partition, plan["block"], agg, fed.eta)
             store.publish(
@@ -325,7 +326,7 @@ def _download(
     store: Store,
     comm: CommConfig,
     link: Link,
-    fed: loop.FedConfig,
+    fed: FedConfig,
     t: int,
     plans: dict,
     partition: Partition,
@@ -365,7 +366,7 @@ def _download(
     return pieces, total, time.perf_counter() - start
 
 
-def _checked_plan(plan, t: int, fed: loop.FedConfig, partition: Partition, keys) -> dict:
+def _checked_plan(plan, t: int, fed: FedConfig, partition: Partition, keys) -> dict:
     """Round t's plan, if the server signed it (with keys) and could have written it; RuntimeError
     naming the store otherwise."""
     if keys is not None:
@@ -385,7 +386,7 @@ def _checked_plan(plan, t: int, fed: loop.FedConfig, partition: Partition, keys)
     return plan
 
 
-def _release(store: Store, client: int, t: int, fed: loop.FedConfig) -> None:
+def _release(store: Store, client: int, t: int, fed: FedConfig) -> None:
     """Acks the merges of round t; the client that sees every ack deletes round t - max s (and, after
     the last merge, every round left): see the module docstring."""
     store.put_json(transport.ack_key(t, client), {})
@@ -401,7 +402,7 @@ def _release(store: Store, client: int, t: int, fed: loop.FedConfig) -> None:
 
 def run_client(
     client: int,
-    fed: loop.FedConfig,
+    fed: FedConfig,
     params: dict,
     partition: Partition,
     local_train: Callable,
@@ -435,7 +436,7 @@ def run_client(
     keys = comm.load_keys()
     store.party_keys = keys
     overlap = fed.effective_staleness >= 1  # ParaBlock; FedBCD and FedCyBGD exchange after computing
-    replica = {"params": params, "pending": {}}  # the lean client state (loop.client_params)
+    replica = {"params": params, "pending": {}}  # the lean client state (lean.client_params)
     residuals: dict = {}  # top-k error feedback, per block
     position, first = 0, 0
     plans: dict[int, dict] = {}
@@ -475,7 +476,7 @@ def run_client(
         for r, agg in pieces:
             if agg is not None:
                 replica["params"] = loop.apply_aggregate(replica["params"], partition, plans[r]["block"], agg, fed.eta)
-        for r, arrived in loop.merges_at(fed, t, lambda r: plans[r]["clients"]):
+        for r, arrived in schedule.merges_at(fed, t, lambda r: plans[r]["clients"]):
             if client in arrived:  # merged or left out (the aggregate's record says which): pending no more
                 replica["pending"].pop(r, None)
         if on_absorb is not None:
@@ -518,10 +519,10 @@ def run_client(
                 at = transport.aggregate_prefix(t, t + fed.stalenesses[client])
                 catching_up = store.get_json(f"{at}/COMMIT") is not None
             if client in plan["clients"] and not catching_up:
-                model = loop.client_params(replica, partition, client, fed.eta)
+                model = lean.client_params(replica, partition, client, fed.eta)
                 block, frozen = partition.split(model, b)
                 batches, position = batches_fn(client, position, fed.local_steps)
-                lr_scale = loop.lr_factor(fed, t)
+                lr_scale = schedule.lr_factor(fed, t)
                 delta, losses = local_train(block, frozen, batches, lr_scale)  # dispatched; runs asynchronously
             if delta is not None:
                 jax.block_until_ready(delta)
@@ -558,7 +559,7 @@ def run_client(
 
 
 def run_in_threads(
-    fed: loop.FedConfig,
+    fed: FedConfig,
     params: dict,
     partition: Partition,
     local_train: Callable,
@@ -621,7 +622,7 @@ def party(comm: CommConfig, name: str) -> CommConfig:
 # ----------------------------------------------------------------------------- timelines
 
 
-def modeled_timeline(fed: loop.FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
+def modeled_timeline(fed: FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
     """Timeline rows of round `history[-1]` for the one-process simulator, one per client.
 
     Compute is measured (clients run one after another; with `sim.client_batch` > 1 each client of a
@@ -669,7 +670,7 @@ def _of(per_client: dict, client: int, default):
     return per_client.get(client, per_client.get(str(client), default))
 
 
-def replay(fed: loop.FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
+def replay(fed: FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
     """Every round's modelled timeline rows of a run's metrics, as training wrote them round by round."""
     return [row for i in range(len(history)) for row in modeled_timeline(fed, partition, links, history[: i + 1])]
 

@@ -6,11 +6,10 @@ array's stored shape, the signed digests; then the value checks every exchange s
 from __future__ import annotations
 
 import jax
-import numpy as np
 
-from jaxblock.fed.blocks import path_str
+from jaxblock.fed.blocks import path_str, unflatten
 from jaxblock.fed.validate import BadUpdate, check_values, upload_bytes
-from jaxblock.fed.wire import on_wire_dtype
+from jaxblock.fed.wire import _as_float32
 from jaxblock.net import signing
 
 
@@ -49,16 +48,18 @@ def read_checked(store, prefix: str, manifest, expected: dict, max_bytes: int, v
         if (tuple(shape), dtype) != expected[path][:2]:
             raise BadUpdate("shape", f"{path} is stored as {list(shape)} {dtype}, its manifest says otherwise")
 
+    digests, read = [], []
     try:
-        tree, _ = store.fetch(prefix, manifest, before_read=before_read)
+        for path, stored in store.arrays(prefix, manifest, before_read=before_read):
+            if verify is not None:  # the bytes as stored, before any conversion, are the bytes signed
+                digests.append(signing.digest(stored))
+            read.append((path, _as_float32(stored)))
     except BadUpdate:
         raise
     except ValueError as e:  # TensorStore: a half-written or missing array
         raise BadUpdate("garbage", f"unreadable array ({str(e).splitlines()[0][:120]})") from None
-    flat = {path_str(p): np.asarray(x) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    if verify is not None:
-        wire = [on_wire_dtype(flat[path], manifest["dtype"]) for path, *_ in manifest["leaves"]]
-        if [signing.digest(a) for a in wire] != manifest.get("digests"):
-            raise BadUpdate("forged", "the arrays are not the ones signed")
-    check_values(flat, expected)
+    if verify is not None and digests != manifest.get("digests"):
+        raise BadUpdate("forged", "the arrays are not the ones signed")
+    tree = unflatten(read)
+    check_values({path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}, expected)
     return tree

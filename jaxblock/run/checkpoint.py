@@ -16,7 +16,6 @@ temporary directory and renames it when complete, so a killed run leaves its las
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import json
 import logging
@@ -113,7 +112,7 @@ def save(
         "seed": int(state["seed"]),
         "positions": [int(p) for p in state["positions"]],
         "pending": pending_meta,
-        "fed": json.loads(json.dumps(dataclasses.asdict(fed))),  # tuples as lists, as JSON reads them back
+        "fed": json.loads(json.dumps(fed.flat())),  # tuples as lists, as JSON reads them back
         "wall_s": float(wall_s),
         "final": bool(final),
         "checksums": checksums(arrays),

@@ -300,7 +300,7 @@ def base_config() -> ml_collections.ConfigDict:
     # JAX's persistent compilation cache (runtime.cache_dir): '' = the user cache
     # ($XDG_CACHE_HOME or ~/.cache)/jaxblock/xla, shared by every run; a path; 'off' = none.
     config.compilation_cache_dir = ""
-    # Federated run (loop.FedConfig): ParaBlock by default, as in the paper. The algorithms
+    # Federated run (FedConfig): ParaBlock by default, as in the paper. The algorithms
     # (jaxblock/algorithms/): parablock, fedbcd, fedavg_full (Fed full FT), and the LoRA methods
     # fedit, ffa_lora, flora, which train the adapters of the `lora` section on a frozen model.
     config.algorithm = "parablock"

@@ -28,11 +28,13 @@ import tqdm
 
 from jaxblock.fed import algorithms, data, local, loop, validate, wire
 from jaxblock.fed.blocks import Partition, subtree_like
+from jaxblock.fed.config import FedConfig
 from jaxblock.model import hf_io, lora
 from jaxblock.model.config import ModelConfig
 from jaxblock.model.hf_io import save_hf
 from jaxblock.model.sharding import Layout
 from jaxblock.net import comm, signing, transport
+from jaxblock.net import exchange as net_exchange
 from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime
 from jaxblock.run import config as config_lib
 from jaxblock.run.config import dump_json
@@ -87,7 +89,7 @@ def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[li
 class Setup:
     """Everything a run builds from its config, shared by the simulator, the server and the clients."""
 
-    fed: loop.FedConfig
+    fed: FedConfig
     algorithm: algorithms.Algorithm
     cfg: ModelConfig
     layout: Layout
@@ -105,9 +107,9 @@ class Setup:
     def local_train(self):
         return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
 
-    def trainer(self, store: transport.Store | None = None, links=None) -> loop.Trainer:
+    def trainer(self, exchange=None, links=None) -> loop.Trainer:
         return loop.Trainer(
-            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, store,
+            self.fed, self.loss_fn, self.batches_fn, self.partition, self.local_train(), self.client_sizes, exchange,
             self.algorithm, links and tuple(links), self.policy, self.client_batch,
         )  # fmt: skip
 
@@ -185,7 +187,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     fed, partition = run.fed, run.partition
     links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
-    trainer = run.trainer(transport.Store(config.comm.store) if config.comm.store else None, links)
+    store = transport.Store(config.comm.store) if config.comm.store else None
+    trainer = run.trainer(store and net_exchange.ThroughStore(store, fed.wire_dtype), links)
     loss_fn, batches_fn = run.loss_fn, run.batches_fn
 
     restored, steps = None, []
@@ -265,14 +268,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         "algorithm": fed.algorithm,
         "rounds": fed.rounds,
         "num_clients": fed.num_clients,
-        "staleness": list(fed.stalenesses) if isinstance(fed.staleness, tuple) else fed.effective_staleness,
+        "staleness": list(fed.stalenesses) if isinstance(fed.flat().get("staleness"), tuple) else max(fed.stalenesses),
         "blocks": partition.num_blocks,
         "wall_s": wall_s,
         **{f"per_client_{k}": v for k, v in totals.items()},
         "modeled_wall_s": comm.modeled_wall_s(timeline_path, history),
         "final_train_loss": train_loss(loss_fn, state["params"], batches_fn, fed.num_clients),
         "checkpoint_step": int(mgr.latest_step()),
-        "fed": dataclasses.asdict(fed),
+        "fed": fed.flat(),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -342,11 +345,9 @@ def check_same_run(meta: dict, config: ml_collections.ConfigDict, workdir: str) 
     saved = meta.get("config")
     if saved is None and os.path.exists(os.path.join(workdir, "config.json")):
         saved = read_config(workdir).to_dict()
-    if saved is None:
-        saved, now = (
-            {**dataclasses.asdict(loop.FedConfig()), **meta["fed"]},
-            dataclasses.asdict(runtime.fed_config(config)),
-        )
+    if saved is None:  # only the federated settings: those of its algorithm, a missing key at its default
+        now = runtime.fed_config(config).flat()
+        saved = {**algorithms.configure(algorithm=now["algorithm"]).flat(), **meta["fed"]}
     else:
         saved, now = {**_flat(config_lib.base_config().to_dict()), **_flat(saved)}, _flat(config.to_dict())
     diff = [

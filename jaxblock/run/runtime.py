@@ -11,7 +11,7 @@ import jax
 import ml_collections
 
 from jaxblock import model
-from jaxblock.fed import algorithms, blocks
+from jaxblock.fed import algorithms, blocks, transforms
 from jaxblock.fed.local import OptimizerConfig
 from jaxblock.fed.loop import FedConfig
 from jaxblock.fed.validate import Policy
@@ -80,11 +80,8 @@ def server_shapes(config: ml_collections.ConfigDict, cfg: ModelConfig) -> dict:
 def fed_config(config: ml_collections.ConfigDict) -> FedConfig:
     """The federated algorithm's settings, from the run config's top-level keys (a key that a run
     written before it existed lacks takes its default, as `check_same_run` assumes)."""
-    values = {f.name: config[f.name] for f in dataclasses.fields(FedConfig) if f.name in config}
-    for name in ("staleness", "client_slowdown"):  # lists in a config, tuples in the frozen FedConfig
-        if isinstance(values.get(name), (list, tuple)):
-            values[name] = tuple(values[name])
-    return FedConfig(**values)
+    keys = (*algorithms.SHARED, *algorithms.OWN_KEYS, *transforms.SETTINGS)
+    return algorithms.configure(**{k: config[k] for k in keys if k in config})
 
 
 def policy(config: ml_collections.ConfigDict) -> Policy:

@@ -14,19 +14,23 @@ it differs from FedBCD; `loop.run_round` is the one round loop that calls them:
     apply           how the server and every client fold that into the model (FedBCD: block += eta * mean)
     wire_params     how many values cross the wire, up per client and down, for the link model
 
-An asynchronous method (FedBuff) replaces the round itself: `asynchronous = True` and its own
-`init_state(params, links)` and `run_round(trainer, state)`.
+An algorithm's own settings are its `Options` (a frozen dataclass, `fed/config.py`), registered
+with it by name in `algorithms.REGISTRY`; `transforms_ok` says whether update transforms (top-k)
+may wrap its uploads. An asynchronous method (FedBuff) replaces the round itself:
+`asynchronous = True` and its own `init_state(params, links)` and `run_round(trainer, state)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxblock.fed import blocks as blocks_lib
+from jaxblock.fed import schedule
+from jaxblock.fed.config import Options
+from jaxblock.fed.merge import apply_aggregate, weighted_sum
 from jaxblock.model import lora as lora_lib
 from jaxblock.model.config import ModelConfig
 
@@ -36,21 +40,18 @@ class Algorithm:
     """FedBCD: every sampled client trains block b_t for K steps; the server adds the mean delta to
     b_t in the same round (communication after computation)."""
 
-    fed: object  # loop.FedConfig
+    fed: object  # FedConfig
     cfg: ModelConfig | None = None  # the model (LoRA methods need its dims and lora_alpha)
     lora: lora_lib.LoraConfig | None = None
 
     name = "fedbcd"
-    runtime = True  # scripts/server.py and client.py can run it (else: the simulator only)
+    Options = Options  # its own settings: FedBCD has none
     uses_lora = False
+    transforms_ok = False  # update transforms (top-k) may wrap its uploads (the paper's Table 10: FedBCD, ParaBlock)
     asynchronous = False  # True: the algorithm runs its own rounds (init_state, run_round)
 
     def __post_init__(self):  # subclasses check what they need here (the dataclass __init__ calls it)
         pass
-
-    @classmethod
-    def staleness(cls, fed) -> int:
-        return 0
 
     def server_params(self, params: dict) -> dict:
         return params
@@ -74,15 +75,11 @@ class Algorithm:
     # building the algorithm (a LoRA method needs the model config for that).
     @classmethod
     def participants(cls, fed, round_: int) -> list[int]:
-        from jaxblock.fed import loop  # here: federated imports this package
-
-        return loop.participants(fed, round_)
+        return schedule.participants(fed, round_)
 
     @classmethod
     def choose_block(cls, fed, round_: int, num_blocks: int, gradient_norms=None) -> int:
-        from jaxblock.fed import loop
-
-        return loop.choose_block(fed, round_, num_blocks, gradient_norms)
+        return schedule.choose_block(fed, round_, num_blocks, gradient_norms)
 
     def wire_params(
         self, partition: blocks_lib.Partition, block_id: int, clients: list[int], round_: int
@@ -91,20 +88,3 @@ class Algorithm:
         or {client: values} for the clients that download anything) in round `round_`."""
         n = partition.blocks[block_id].params
         return [n] * len(clients), n
-
-
-def apply_aggregate(params: dict, partition: blocks_lib.Partition, block_id: int, aggregate: dict, eta: float):
-    """[params]_b += eta * aggregate. The server and every client replica call exactly this."""
-    block, rest = partition.split(params, block_id)
-    return blocks_lib.merge(axpy(block, eta, aggregate), rest)
-
-
-@jax.jit
-def weighted_sum(trees: list[dict], weights: jax.Array) -> dict:
-    return jax.tree.map(lambda *xs: sum(w * x for w, x in zip(weights, xs, strict=True)), *trees)
-
-
-@jax.jit
-def axpy(block: dict, eta, delta: dict) -> dict:
-    """block + eta * delta, in the block's dtype (the delta is float32)."""
-    return jax.tree.map(lambda p, d: (p.astype(jnp.float32) + eta * d).astype(p.dtype), block, delta)

@@ -8,7 +8,7 @@ them, applies
     params += eta * (1/Z) * sum_k w(tau_k) * delta_k,   tau_k = version - v_k,   w(tau) = (1 + tau)^-a
 
 (into each delta's own block when block updates are on), then version += 1. Deltas older than
-`fed.max_staleness` (> 0) are dropped on arrival and not counted in the buffer.
+`fed.options.max_staleness` (> 0) are dropped on arrival and not counted in the buffer.
 
 Time is modelled, never measured, so a run is deterministic: a client that pulls at time t arrives
 at t + down + compute + up, with down/up = its `wire.Link`'s seconds for the float32 bytes
@@ -27,42 +27,60 @@ flush). Clients that arrive together with that apply pull at the start of the ne
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxblock.fed import blocks as blocks_lib
-from jaxblock.fed import wire
-from jaxblock.fed.algorithms.base import Algorithm, apply_aggregate, weighted_sum
+from jaxblock.fed import lean, schedule, wire
+from jaxblock.fed.algorithms.base import Algorithm
+from jaxblock.fed.algorithms.parablock import check_lateness
+from jaxblock.fed.config import Options
+from jaxblock.fed.merge import apply_aggregate, weighted_sum
 
 WIRE_BYTES = 4  # float32 on the wire
 PAPER_EXPONENT = 0.5  # FedBuff's w(tau) = 1 / sqrt(1 + tau)
 
 
-class FedBuff(Algorithm):
-    """Full-parameter updates (one block of every leaf) unless `fed.fedbuff_blocks`: then each pull
-    trains one layer block, chosen by a seeded RNG of (seed, client, pull count)."""
+@dataclasses.dataclass(frozen=True)
+class FedBuffOptions(Options):
+    buffer_size: int = 0  # Z: the server applies every Z arrivals (0 = num_clients)
+    fedbuff_blocks: bool = False  # each pull trains one layer block instead of every parameter
+    client_slowdown: tuple[float, ...] = ()  # each client's compute slowdown (() = all 1)
+    step_seconds: float = 0.1  # modelled seconds of one local step at slowdown 1
+    staleness_weight: float | None = None  # w(tau) = (1 + tau)^-a; None = the paper's a = 0.5
+    max_staleness: int = 0  # a delta more than this many versions behind is dropped (0 = no limit)
 
-    name = "fedbuff"
-    runtime = False  # asynchronous: the simulator only
-    asynchronous = True
-
-    def __post_init__(self):  # FedConfig checks the settings it shares with other methods
-        fed = self.fed
-        if fed.buffer_size < 0:
-            raise ValueError(f"buffer_size={fed.buffer_size}: must be >= 0 (0 = num_clients)")
-        if any(s <= 0 for s in fed.client_slowdown):
-            raise ValueError(f"client_slowdown={fed.client_slowdown}: every value must be > 0")
-        if fed.step_seconds < 0:
-            raise ValueError(f"step_seconds={fed.step_seconds}: must be >= 0")
+    def check(self, fed) -> None:
+        if self.buffer_size < 0:
+            raise ValueError(f"buffer_size={self.buffer_size}: must be >= 0 (0 = num_clients)")
+        if self.client_slowdown and len(self.client_slowdown) != fed.num_clients:
+            raise ValueError(
+                f"client_slowdown lists {len(self.client_slowdown)} values for num_clients={fed.num_clients}"
+            )
+        if any(s <= 0 for s in self.client_slowdown):
+            raise ValueError(f"client_slowdown={self.client_slowdown}: every value must be > 0")
+        if self.step_seconds < 0:
+            raise ValueError(f"step_seconds={self.step_seconds}: must be >= 0")
+        check_lateness(self)
         ignored = {"participation": 1.0, "aggregation": "uniform", "schedule": "random", "wire_dtype": "float32"}
         for key, default in ignored.items():  # every client always works; blocks are drawn per pull
             if getattr(fed, key) != default:
                 raise ValueError(f"{key}={getattr(fed, key)!r}: FedBuff runs with {key}={default!r}")
 
+
+class FedBuff(Algorithm):
+    """Full-parameter updates (one block of every leaf) unless `fedbuff_blocks`: then each pull
+    trains one layer block, chosen by a seeded RNG of (seed, client, pull count)."""
+
+    name = "fedbuff"
+    Options = FedBuffOptions
+    asynchronous = True
+
     def partition(self, params: dict, layer_partition: blocks_lib.Partition) -> blocks_lib.Partition:
-        return layer_partition if self.fed.fedbuff_blocks else blocks_lib.full_partition(params)
+        return layer_partition if self.fed.options.fedbuff_blocks else blocks_lib.full_partition(params)
 
     def init_state(self, params: dict, links: list[wire.Link]) -> dict:
         return init_state(self.fed, params, links)
@@ -76,17 +94,17 @@ class FedBuff(Algorithm):
 
 def buffer_size(fed) -> int:
     """Z: the updates the server waits for before applying (0 means N)."""
-    return fed.buffer_size or fed.num_clients
+    return fed.options.buffer_size or fed.num_clients
 
 
 def slowdown(fed, client: int) -> float:
-    return float(fed.client_slowdown[client]) if fed.client_slowdown else 1.0
+    return float(fed.options.client_slowdown[client]) if fed.options.client_slowdown else 1.0
 
 
 def staleness_weight(fed, tau: int) -> float:
-    """w(tau) = (1 + tau)^-a, a = `fed.staleness_weight` (None: the paper's 0.5). Exactly 1.0 for
+    """w(tau) = (1 + tau)^-a, a = `fed.options.staleness_weight` (None: the paper's 0.5). Exactly 1.0 for
     a = 0 (no pow), so that equal-speed runs are bitwise FedAvg."""
-    a = PAPER_EXPONENT if fed.staleness_weight is None else fed.staleness_weight
+    a = PAPER_EXPONENT if fed.options.staleness_weight is None else fed.options.staleness_weight
     return 1.0 if a == 0 else float((1.0 + tau) ** -a)
 
 
@@ -105,7 +123,7 @@ def trainable_values(partition: blocks_lib.Partition) -> int:
 def modeled_seconds(fed, partition: blocks_lib.Partition, link: wire.Link, client: int, block: int):
     """(down, compute, up) modelled seconds of one pull-train-upload of `block` by `client`."""
     down = link.seconds(WIRE_BYTES * trainable_values(partition))
-    compute = fed.step_seconds * fed.local_steps * slowdown(fed, client)
+    compute = fed.options.step_seconds * fed.local_steps * slowdown(fed, client)
     up = link.seconds(WIRE_BYTES * partition.blocks[block].params)
     return down, compute, up
 
@@ -124,7 +142,7 @@ def server_apply(params: dict, partition, deltas: list[dict], blocks: list[int],
 
 
 def init_state(fed, params: dict, links: list[wire.Link]) -> dict:
-    """The state of `loop.init_state` (round = server version, pending always {}) plus
+    """The state of `lean.init_state` (round = server version, pending always {}) plus
 
     extra: arrays, {"inflight": {"c<i>": client i's in-flight delta}} ({} while nobody is in flight).
     extra_meta: JSON-able, {"clock": modelled time of the last event, "clients": per client
@@ -133,12 +151,11 @@ def init_state(fed, params: dict, links: list[wire.Link]) -> dict:
     The buffer is not in the state: a round ends with the apply that empties it. Every client
     starts by pulling version 0 at time 0.
     """
-    from jaxblock.fed import loop  # see run_round
 
     _check_links(fed, links)
     client = {"state": "pull", "at": 0.0, "base": 0, "pulls": 0, "block": 0}
     clients = [dict(client) for _ in range(fed.num_clients)]
-    return {**loop.init_state(fed, params), "extra": {}, "extra_meta": {"clock": 0.0, "clients": clients}}
+    return {**lean.init_state(fed, params), "extra": {}, "extra_meta": {"clock": 0.0, "clients": clients}}
 
 
 def _check_links(fed, links) -> None:
@@ -158,7 +175,6 @@ def run_round(trainer, state: dict, links: list[wire.Link]) -> tuple[dict, dict]
     loss* are means over the trainings started in this call (None if none was), lr_factor is that
     of trainings started on version t.
     """
-    from jaxblock.fed import loop  # here, not at the top: federated imports the algorithms package
 
     fed, part = trainer.fed, trainer.partition
     _check_links(fed, links)
@@ -194,7 +210,7 @@ def run_round(trainer, state: dict, links: list[wire.Link]) -> tuple[dict, dict]
         c = clients[i]
         delta = inflight.pop(f"c{i}")
         c["state"] = "pull"
-        if fed.max_staleness > 0 and t - c["base"] > fed.max_staleness:
+        if fed.options.max_staleness > 0 and t - c["base"] > fed.options.max_staleness:
             dropped.append(i)
             continue
         buffer.append((i, c["base"], c["block"], delta))
@@ -205,7 +221,7 @@ def run_round(trainer, state: dict, links: list[wire.Link]) -> tuple[dict, dict]
     taus = [t - base for base in bases]
     for b in sorted(set(blocks)):
         idx = [k for k, bk in enumerate(blocks) if bk == b]
-        loop.check_finite([deltas[k] for k in idx], [applied[k] for k in idx], t, b)
+        lean.check_finite([deltas[k] for k in idx], [applied[k] for k in idx], t, b)
     weights = [staleness_weight(fed, tau) / z for tau in taus]
     params = server_apply(params, part, deltas, blocks, weights, fed.eta)
     new_state = {
@@ -231,7 +247,7 @@ def run_round(trainer, state: dict, links: list[wire.Link]) -> tuple[dict, dict]
         "aggregated_round": t,
         "params_up": [part.blocks[b].params for b in blocks],
         "params_down": trainable_values(part),
-        "lr_factor": loop.lr_factor(fed, t),
+        "lr_factor": schedule.lr_factor(fed, t),
         "seconds": time.perf_counter() - start,
         "client_compute_s": compute_s,
         "modeled_time_s": meta["clock"],
@@ -242,12 +258,11 @@ def run_round(trainer, state: dict, links: list[wire.Link]) -> tuple[dict, dict]
 
 def _train(trainer, params: dict, client: int, block: int, position: int, version: int):
     """Client `client` trains `block` of the server model at `version`: (delta, losses [K], next position)."""
-    from jaxblock.fed import loop  # see run_round
 
     fed = trainer.fed
     trained, frozen = trainer.partition.split(params, block)
     batches, position = trainer.batches_fn(client, position, fed.local_steps)
-    delta, loss = trainer.local_train(trained, frozen, batches, loop.lr_factor(fed, version))
+    delta, loss = trainer.local_train(trained, frozen, batches, schedule.lr_factor(fed, version))
     return delta, np.asarray(loss), position  # np.asarray waits: the caller's compute time is real
 
 

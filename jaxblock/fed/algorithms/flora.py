@@ -18,7 +18,6 @@ from jaxblock.model import lora as lora_lib
 class FLoRA(Algorithm):
     name = "flora"
     uses_lora = True
-    runtime = False  # the multi-process runtime exchanges block deltas only
 
     def __post_init__(self):
         if self.cfg is None or self.lora is None:

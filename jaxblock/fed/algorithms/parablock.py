@@ -1,16 +1,49 @@
 """ParaBlock (paper Algorithm 2): FedBCD whose exchange of round t's deltas overlaps round t+1's
 compute. The only difference is when a delta is aggregated."""
 
+from __future__ import annotations
+
+import dataclasses
+
 from jaxblock.fed.algorithms.base import Algorithm
+from jaxblock.fed.config import Options
+
+
+@dataclasses.dataclass(frozen=True)
+class ParaBlockOptions(Options):
+    # s: round r's deltas are aggregated at the end of round r + s. A tuple gives each client its own
+    # s_i (a slow link): client i's delta of round r is merged at the end of r + s_i.
+    staleness: int | tuple[int, ...] = 1
+    # Weights of late deltas, (1 + tau)^-a with tau the delta's lateness beyond the fastest client's;
+    # None = 0, no weights. A delta later than max_staleness (tau > max) is dropped; 0 = no limit.
+    staleness_weight: float | None = None
+    max_staleness: int = 0
+
+    def check(self, fed) -> None:
+        if isinstance(self.staleness, tuple) and len(self.staleness) != fed.num_clients:
+            raise ValueError(f"staleness lists {len(self.staleness)} values for num_clients={fed.num_clients}")
+        if min(self.stalenesses(fed.num_clients)) < 1:
+            raise ValueError(f"staleness={self.staleness}: ParaBlock needs staleness >= 1 (0 is FedBCD)")
+        check_lateness(self)
+
+    def stalenesses(self, num_clients: int) -> tuple[int, ...]:
+        s = self.staleness
+        return tuple(s) if isinstance(s, tuple) else (s,) * num_clients
+
+
+def check_lateness(options) -> None:
+    """The checks of the late-delta settings ParaBlock and FedBuff share."""
+    if options.staleness_weight is not None and not options.staleness_weight >= 0:
+        raise ValueError(f"staleness_weight={options.staleness_weight}: must be >= 0")
+    if options.max_staleness < 0:
+        raise ValueError(f"max_staleness={options.max_staleness}: must be >= 0 (0 = no limit)")
 
 
 class ParaBlock(Algorithm):
-    """Round r's deltas are aggregated at the end of round r + s (s = `fed.staleness` >= 1); the
-    client's correction for b_r happens then (the server model now holds the aggregate and the
-    client drops its own pending delta). After the last round a flush drains the s rounds in flight."""
+    """Round r's deltas are aggregated at the end of round r + s (s = `staleness` >= 1); the client's
+    correction for b_r happens then (the server model now holds the aggregate and the client drops
+    its own pending delta). After the last round a flush drains the s rounds in flight."""
 
     name = "parablock"
-
-    @classmethod
-    def staleness(cls, fed) -> int:
-        return fed.staleness
+    Options = ParaBlockOptions
+    transforms_ok = True
