@@ -184,7 +184,8 @@ class Store:
         """What TensorStore may reference instead of copying: left to itself, it copies every array
         into small fresh pages (0.5 s of CPU for a 805 MB block). A memory:// store keeps what it
         references for good, so it gets a copy of its own, on huge pages (0.2 s), that nobody can
-        change; every other driver reads the caller's arrays only until the write is done."""
+        change; every other driver reads the caller's arrays only until the write is done (a
+        Store's context has no cache pool that could hold on to them)."""
         if not self.url.startswith("memory://"):
             return arrays
         kept = _aligned_arrays([(a.shape, a.dtype) for a in arrays])
