@@ -24,7 +24,7 @@ import sys
 import jax
 import numpy as np
 
-from jaxblock.fed import wire
+from jaxblock.fed import algorithms, wire
 from jaxblock.net import comm, transport
 from jaxblock.run import experiment, plots, runtime
 
@@ -56,6 +56,7 @@ def main():
     config.blocks.head_block = config.blocks.embed_block = False  # (the tiny config trains its head as a block)
     setup = experiment.setup(config)
     fed = dataclasses.replace(setup.fed, schedule="sequential")
+    as_algorithm = lambda name: algorithms.configure(**{**fed.flat(), "algorithm": name})  # noqa: E731
     block_bytes = setup.partition.blocks[0].params * wire.WIRE_DTYPES[fed.wire_dtype].itemsize
     print(
         f"model {setup.cfg.num_layers} layers, block = {block_bytes / 1e6:.2f} MB on the wire, K={fed.local_steps}, "
@@ -64,7 +65,7 @@ def main():
 
     # Calibrate: compute time per round with an unlimited link (FedBCD, nothing to hide).
     train = setup.local_train()  # one executable for every run
-    calib = run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), wire.Link(), max(args.rounds // 2, 3))
+    calib = run(setup, train, as_algorithm("fedbcd"), wire.Link(), max(args.rounds // 2, 3))
     comp_s = statistics.median(r["compute_s"] for r in calib)
     print(f"calibration: compute {comp_s:.3f} s/round")
 
@@ -74,8 +75,8 @@ def main():
         link = wire.Link(bandwidth_mbps=2 * block_bytes / (ratio * comp_s) / 1e6)
         fedbcd, para = [], []
         for _ in range(args.repeats):  # alternate, so that drift in machine speed hits both alike
-            fedbcd += run(setup, train, dataclasses.replace(fed, algorithm="fedbcd"), link, args.rounds)
-            para += run(setup, train, dataclasses.replace(fed, algorithm="parablock", staleness=1), link, args.rounds)
+            fedbcd += run(setup, train, as_algorithm("fedbcd"), link, args.rounds)
+            para += run(setup, train, as_algorithm("parablock"), link, args.rounds)
         t_comp = statistics.median(r["compute_s"] for r in fedbcd)
         t_comm = statistics.median(r["comm_s"] for r in fedbcd)
         t_fedbcd = statistics.median(r["compute_s"] + r["exposed_wait_s"] for r in fedbcd)

@@ -1,7 +1,7 @@
 """Compares finished runs: exact match, eval loss, modelled wall time and bytes on the wire.
 
 Each WORKDIR is a finished `scripts/train.py` run evaluated by `scripts/eval.py`. The modelled wall
-time replays the run's `metrics.jsonl` through the link model (`comm.modeled_timeline`): per round
+time replays the run's `metrics.jsonl` through the link model (`timeline.modeled_timeline`): per round
 the slowest client's compute plus its exposed communication, summed over rounds (clients train in
 parallel; a FedCyBGD turn has one client working). `--bandwidth` re-models every run over other
 links (a number in MB/s, a preset such as 100MBps, or a list with one value per client), so that

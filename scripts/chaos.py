@@ -200,7 +200,7 @@ def report(args, procs, injected, starts, store_url):
     import jax
     import numpy as np
 
-    from jaxblock.fed import loop, validate
+    from jaxblock.fed import loop, schedule, transforms, validate
     from jaxblock.net import receive, transport
     from jaxblock.run import checkpoint, compare, experiment
 
@@ -221,14 +221,14 @@ def report(args, procs, injected, starts, store_url):
                 continue
             block = plans[r]["block"]
             shapes = jax.eval_shape(lambda b=block, p=params: part.block(p, b))
-            expected = validate.expected_leaves(shapes, fed.compression, fed.topk_ratio, fed.wire_dtype)
+            expected = transforms.wire_leaves(fed.transforms, shapes, fed.wire_dtype)
             deltas = [
                 receive.read_checked(store, transport.delta_prefix(r, c), store.get_json(
                     f"{transport.delta_prefix(r, c)}/COMMIT"), expected, validate.upload_bytes(expected))
                 for c in merged
             ]  # fmt: skip
             deltas = loop.dense_uploads(fed, part, params, block, deltas)
-            weights = loop.merge_weights(fed, plans[r]["clients"], merged, run.client_sizes, lost.get(r, []))
+            weights = schedule.merge_weights(fed, plans[r]["clients"], merged, run.client_sizes, lost.get(r, []))
             agg = jax.device_get(loop.aggregate_deltas(deltas, weights, fed.wire_dtype))
             params = loop.apply_aggregate(params, part, block, agg, fed.eta)
     mgr = checkpoint.manager(os.path.join(args.workdir, "server"), read_only=True)

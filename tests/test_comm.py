@@ -1,5 +1,6 @@
 """The TensorStore transport and the server/client runtime, in threads and in separate processes."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,7 @@ from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT, SMALL, final_params
 
 from jaxblock.fed import algorithms, blocks, data, local, loop, validate, wire
+from jaxblock.net import client as net_client
 from jaxblock.net import comm, transport
 from jaxblock.net import exchange as net_exchange
 from jaxblock.run import compare, experiment
@@ -141,7 +143,7 @@ def test_threaded_runtime_equals_the_simulator(algorithm, participation, wire, l
     assert up == expected_up
     if wire == "bfloat16":
         fp32 = loop.run(
-            algorithms.configure(**{**fed.__dict__, "wire_dtype": "float32"}), params, toy_loss,
+            dataclasses.replace(fed, wire_dtype="float32"), params, toy_loss,
             data.make_batches_fn(clients, BS), part, optimizer,
         )[0]["params"]  # fmt: skip
         diff = max(
@@ -218,14 +220,14 @@ def test_the_last_client_to_ack_deletes_the_round():
     for t in range(2):
         store.put_json(transport.plan_key(t), {"block": t, "clients": [0, 1]})
         store.publish(transport.aggregate_prefix(t, t + 1), {"w": np.ones(3, np.float32)})
-    comm._release(store, 1, 1, fed)
+    net_client._release(store, 1, 1, fed)
     assert store.acked(1) == {1} and store.get_json(transport.plan_key(0)) is not None  # client 0 still needs it
-    comm._release(store, 0, 1, fed)
+    net_client._release(store, 0, 1, fed)
     assert {k.split("/")[0] for k in store.keys("round/")} == {"1"}  # round 0 gone, round 1 untouched
     store.delete_round(0)  # both clients saw every ack and both delete: harmless
     for t in (2, 3):  # round 2's acks delete round 1; the last merge's, every round left
-        comm._release(store, 0, t, fed)
-        comm._release(store, 1, t, fed)
+        net_client._release(store, 0, t, fed)
+        net_client._release(store, 1, t, fed)
     assert store.keys("round/") == []
 
 

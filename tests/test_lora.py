@@ -325,14 +325,6 @@ def test_lora_runs_export_merged_and_as_a_peft_adapter(tmp_path, report):
     assert np.abs(ours - np.asarray(model.forward(cfg, lora.split(params)[0], tokens))).max() > 1e-4  # it trained
 
 
-def test_flora_is_refused_by_the_multi_process_runtime():
-    from jaxblock.net import comm
-
-    with pytest.raises(ValueError, match="algorithm='flora': the multi-process runtime does not run it"):
-        comm.check_supported(runtime.fed_config(small_config("algorithm=flora")))
-    comm.check_supported(runtime.fed_config(small_config("algorithm=fedit")))  # FedIT's exchange is FedBCD's
-
-
 def test_adapter_leaves_have_shardings_from_their_kernels_axes():
     config = small_config("algorithm=fedit", "lora.targets=['q_proj', 'o_proj', 'down_proj']")
     cfg = config_lib.model_config(config)
@@ -355,7 +347,7 @@ def test_fedit_in_the_threaded_runtime_equals_the_simulator():
     cfg, algo, params, trainer = _trainer(fed, lc, optax.adamw(1e-2))
     server, replicas = comm.run_in_threads(
         fed, params, trainer.partition, trainer.local_train, trainer.batches_fn, transport.Store("memory://"),
-        comm.CommConfig(timeout_s=30.0),
+        comm.CommConfig(timeout_s=30.0), algorithm=algo,
     )  # fmt: skip
     sim, _ = loop.run(fed, params, trainer.loss_fn, trainer.batches_fn, trainer.partition, optax.adamw(1e-2),
                            algorithm=algo)  # fmt: skip

@@ -14,7 +14,7 @@ import pytest
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 from test_train import ROOT
 
-from jaxblock.fed import algorithms, blocks, data, local, validate
+from jaxblock.fed import algorithms, blocks, data, local, transforms, validate
 from jaxblock.net import comm, receive, signing, transport
 
 
@@ -59,7 +59,7 @@ def test_arrays_changed_after_signing_are_rejected(keys):
     tree = {"w": np.arange(6, dtype=np.float32).reshape(2, 3)}
     signed = {"kind": "delta", "round": 0, "block": 0, "client": 0}
     store.publish("round/0/client/0", tree, seal=lambda m: c0.seal({**m, **signed}))
-    expected = validate.expected_leaves(jax.eval_shape(lambda: tree), "none", 1.0, "float32")
+    expected = transforms.wire_leaves((), jax.eval_shape(lambda: tree), "float32")
     manifest = store.get_json("round/0/client/0/COMMIT")
     verify = lambda m: server.check(m, "client_0", signed)  # noqa: E731
     back = receive.read_checked(store, "round/0/client/0", manifest, expected, 24, verify)
@@ -163,7 +163,7 @@ def test_garbage_in_the_store_is_rejected_never_read_as_an_update(tmp_path):
     """A COMMIT whose arrays were never written (or half written), or one that is not a manifest."""
     store = transport.Store(f"file://{tmp_path}/store")
     tree = {"w": np.ones((4, 3), np.float32)}
-    expected = validate.expected_leaves(jax.eval_shape(lambda: tree), "none", 1.0, "float32")
+    expected = transforms.wire_leaves((), jax.eval_shape(lambda: tree), "float32")
     store.publish("round/0/client/0", tree)
     manifest = store.get_json("round/0/client/0/COMMIT")
     store.put_json("round/0/client/1/COMMIT", manifest)  # a marker with no arrays behind it

@@ -337,6 +337,16 @@ def flush(trainer: Trainer, state: dict) -> dict:
     return state
 
 
+def run_rounds(trainer: Trainer, state: dict, hooks=()) -> dict:
+    """Runs the rounds left (state['round'] .. T-1); after each, every `hook(state, metrics)` (what a
+    run does each round, as Levanter's `Trainer.add_hook`: log, checkpoint, a progress bar)."""
+    while state["round"] < trainer.fed.rounds:
+        state, metrics = run_round(trainer, state)
+        for hook in hooks:
+            hook(state, metrics)
+    return state
+
+
 def run(
     fed: FedConfig,
     params: dict,
@@ -360,11 +370,7 @@ def run(
     trainer = make_trainer(
         fed, loss_fn, batches_fn, partition, optimizer, client_sizes=client_sizes, algorithm=algorithm, **trainer_kw
     )
-    state = trainer.init_state(params) if state is None else state
     history = []
-    while state["round"] < fed.rounds:
-        state, metrics = run_round(trainer, state)
-        history.append(metrics)
-        if on_round is not None:
-            on_round(state, metrics)
+    hooks = [lambda s, m: history.append(m), *([on_round] if on_round else [])]
+    state = run_rounds(trainer, trainer.init_state(params) if state is None else state, hooks)
     return flush(trainer, state), history

@@ -13,9 +13,8 @@ from __future__ import annotations
 import json
 import os
 
-from jaxblock.fed import blocks, wire
-from jaxblock.net import comm
-from jaxblock.run import experiment, runtime
+from jaxblock.fed import algorithms, blocks, wire
+from jaxblock.run import experiment, runtime, timeline
 from jaxblock.run.config import model_config
 
 MB = 1e6
@@ -41,8 +40,8 @@ def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None 
         bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
     links = [wire.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
     partition = runtime.make_partition(config, model_config(config))
-    rows = comm.replay(fed, partition, links, history)
-    wall_compute, wall_exposed = comm.slowest_per_round(rows)
+    rows = timeline.replay(fed, partition, links, history)
+    wall_compute, wall_exposed = timeline.slowest_per_round(rows)
     if "modeled_time_s" in history[-1]:  # FedBuff: its clock, split as its clients' time adds up
         clock, busy = history[-1]["modeled_time_s"], sum(r["compute_s"] for r in rows)
         share = busy / (busy + sum(r["exposed_wait_s"] for r in rows))
@@ -143,10 +142,10 @@ def block_flops(config, name: str) -> list[float]:
 def modeled_run(config, name: str, bandwidth, round_s: list[float]) -> dict:
     """The modelled wall time of a whole run of `name` on `config` without training it: the rounds'
     blocks, participants and wire values come from the algorithm, each block's compute per round
-    from `round_s`, communication from the link model (`comm.modeled_timeline`)."""
+    from `round_s`, communication from the link model (`timeline.modeled_timeline`)."""
     config = config.copy_and_resolve_references()
     config.algorithm = name
-    if name == "fedcybgd":  # one turn per round: as many client trainings as the others
+    if algorithms.REGISTRY[name].turns:  # one turn per round: as many client trainings as the others
         config.rounds = config.rounds * config.num_clients
     cfg = model_config(config)
     fed = runtime.fed_config(config)
@@ -159,5 +158,5 @@ def modeled_run(config, name: str, bandwidth, round_s: list[float]) -> dict:
         up, down = algo.wire_params(part, block, clients, t)
         history.append({"round": t, "block": block, "clients": clients, "params_up": up, "params_down": down,
                         "client_compute_s": {c: round_s[block] for c in clients}})  # fmt: skip
-    compute_s, exposed_s = comm.slowest_per_round(comm.replay(fed, part, links, history))
+    compute_s, exposed_s = timeline.slowest_per_round(timeline.replay(fed, part, links, history))
     return {"compute_s": compute_s, "exposed_s": exposed_s, "wall_s": compute_s + exposed_s}

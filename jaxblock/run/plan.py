@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxblock.fed import algorithms
 from jaxblock.run import compare
 
 GB = 1e9
@@ -81,12 +82,12 @@ def parse_bandwidth(text: str) -> float:
 
 
 def for_algorithm(config, name: str):
-    """The config as algorithm `name` runs it. FedCyBGD gives each client one block (the paper: "the
+    """The config as algorithm `name` runs it. Turns (FedCyBGD) give each client one block (the paper: "the
     model is partitioned into 10 blocks" for 10 clients): the fewest layers per block that leave at
     most num_clients blocks."""
     config = config.copy_and_resolve_references()
     config.algorithm = name
-    if name == "fedcybgd":
+    if algorithms.REGISTRY[name].turns:
         layers = config.model.num_layers
         while -(-layers // config.blocks.layers_per_block) + config.blocks.head_block > config.num_clients:
             config.blocks.layers_per_block += 1

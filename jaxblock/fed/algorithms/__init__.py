@@ -34,7 +34,13 @@ OWN_KEYS = {f.name for cls in REGISTRY.values() for f in dataclasses.fields(cls.
 
 def make(fed: FedConfig, cfg=None, lora=None) -> Algorithm:
     """The algorithm `fed.algorithm`, bound to the run (LoRA methods need `cfg` and `lora`)."""
-    return REGISTRY[fed.algorithm](fed, cfg, lora)
+    cls = REGISTRY[fed.algorithm]
+    if type(fed.options) is not cls.Options:  # e.g. dataclasses.replace(fed, algorithm=...) kept the old options
+        raise ValueError(
+            f"algorithm={fed.algorithm!r} takes {cls.Options.__name__}, not {type(fed.options).__name__}: "
+            f"build the settings with algorithms.configure(**{{**fed.flat(), 'algorithm': ...}})"
+        )
+    return cls(fed, cfg, lora)
 
 
 def configure(**settings) -> FedConfig:

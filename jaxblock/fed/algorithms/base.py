@@ -47,6 +47,7 @@ class Algorithm:
     name = "fedbcd"
     Options = Options  # its own settings: FedBCD has none
     uses_lora = False
+    turns = False  # clients take turns, one per round, each training a block of its own (FedCyBGD)
     transforms_ok = False  # update transforms (top-k) may wrap its uploads (the paper's Table 10: FedBCD, ParaBlock)
     asynchronous = False  # True: the algorithm runs its own rounds (init_state, run_round)
 

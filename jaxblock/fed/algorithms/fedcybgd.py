@@ -15,6 +15,7 @@ from jaxblock.fed.algorithms.base import Algorithm
 
 class FedCyBGD(Algorithm):
     name = "fedcybgd"
+    turns = True
 
     def __post_init__(self):  # the turn order decides who trains and what: these settings would be ignored
         if self.fed.participation != 1.0:
