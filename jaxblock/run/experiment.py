@@ -33,9 +33,9 @@ from jaxblock.model import hf_io, lora
 from jaxblock.model.config import ModelConfig
 from jaxblock.model.hf_io import save_hf
 from jaxblock.model.sharding import Layout
-from jaxblock.net import comm, signing, transport
+from jaxblock.net import asynchronous, comm, signing, transport
 from jaxblock.net import exchange as net_exchange
-from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime
+from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime, timeline
 from jaxblock.run import config as config_lib
 from jaxblock.run.config import dump_json
 
@@ -179,18 +179,50 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary.
 
     Resumes from the newest checkpoint that restores (or from `step`); steps it cannot use (damaged,
-    or newer than `step`) are moved to `workdir/set_aside/`, never deleted.
+    or newer than `step`) are moved to `workdir/set_aside/`, never deleted. The rounds are the round
+    loop's (`loop.run_rounds`); what a run does each round hangs on it as hooks (`_round_hooks`).
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} is a file, not a directory")
     run = setup(config)  # every user error is raised here, before anything is written
-    fed, partition = run.fed, run.partition
+    fed = run.fed
     links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
     store = transport.Store(config.comm.store) if config.comm.store else None
     trainer = run.trainer(store and net_exchange.ThroughStore(store, fed.wire_dtype), links)
-    loss_fn, batches_fn = run.loss_fn, run.batches_fn
+    state, wall_before, final = _start_or_resume(run, trainer, config, workdir, step)
+    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
+    if progress:
+        print(run.partition_table)
+    with open(os.path.join(workdir, "partition.txt"), "w") as f:
+        f.write(run.partition_table + "\n")
+    run.params = None  # the state owns the model from here on
+    start = time.perf_counter()
+    history = _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), state["round"])
+    _truncate_metrics(os.path.join(workdir, "timeline.jsonl"), state["round"])
 
+    def save(state: dict, final: bool = False) -> None:
+        wall_s = wall_before + time.perf_counter() - start
+        checkpoint.save(mgr, state, fed, wall_s=wall_s, final=final, config=config.to_dict())
+
+    bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
+    state = loop.run_rounds(trainer, state, _round_hooks(run, config, workdir, links, history, bar, save))
+    bar.close()
+    if not final:
+        state = loop.flush(trainer, state)
+        save(state, final=True)
+    mgr.wait_until_finished()
+    summary = _summary(run, config, workdir, state, history, wall_before + time.perf_counter() - start)
+    summary["checkpoint_step"] = int(mgr.latest_step())
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    mgr.close()
+    return summary
+
+
+def _start_or_resume(run: Setup, trainer, config, workdir: str, step: int | None) -> tuple[dict, float, bool]:
+    """(state, wall seconds before this process, whether the run is final): round 0's, or the newest
+    checkpoint's that restores (or `step`'s) after checking the settings are the run's."""
     restored, steps = None, []
     if os.path.isdir(checkpoint.directory(workdir)):
         mgr = checkpoint.manager(workdir, read_only=True)
@@ -201,62 +233,56 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
             meta = checkpoint.newest_readable_meta(mgr)
             if meta is not None:
                 check_same_run(meta, config, workdir)
-            restored = checkpoint.restore_newest(mgr, run.abstract_params(), partition, step)
+            restored = checkpoint.restore_newest(mgr, run.abstract_params(), run.partition, step)
         finally:
             mgr.close()
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
     if restored is None:
         if step is not None:
             raise ValueError(f"--step {step}: {workdir} has no checkpoints yet")
-        state, wall_before, final = trainer.init_state(run.params), 0.0, False
         write_run_files(config, workdir)
-    else:
-        state, meta, skipped = restored
-        if meta.get("mode", "simulator") != "simulator":
-            raise ValueError(f"--workdir {workdir} holds a {meta['mode']} run: train.py cannot resume it")
-        base_model.verify(workdir, config.hf_checkpoint, base_model.resolve(config.hf_checkpoint) or None)
-        newer = [s for s in steps if s > meta["round"] and s not in dict(skipped)]
-        for s, reason in skipped:
-            print(f"checkpoint step {s} does not restore ({reason}): set aside in {set_aside(workdir, s, reason)}")
-        for s in newer:
-            set_aside(workdir, s, f"newer than --step {step}")
-        wall_before, final = meta["wall_s"], meta["final"]
-        print(f"resuming {workdir} from round {state['round']} (checkpoint step {meta['round']})")
-        with open(os.path.join(workdir, "config.json"), "w") as f:  # settings a resume may change (eval, ...)
-            f.write(dump_json(config))
-    mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
-    if progress:
-        print(run.partition_table)
-    with open(os.path.join(workdir, "partition.txt"), "w") as f:
-        f.write(run.partition_table + "\n")
-    run.params = None  # the state owns the model from here on
-    timeline_path = os.path.join(workdir, "timeline.jsonl")
-    history = _truncate_metrics(metrics_path, state["round"])
-    _truncate_metrics(timeline_path, state["round"])
-    timeline = comm.TimelineWriter(timeline_path)
+        return trainer.init_state(run.params), 0.0, False
+    state, meta, skipped = restored
+    if meta.get("mode", "simulator") != "simulator":
+        raise ValueError(f"--workdir {workdir} holds a {meta['mode']} run: train.py cannot resume it")
+    base_model.verify(workdir, config.hf_checkpoint, base_model.resolve(config.hf_checkpoint) or None)
+    newer = [s for s in steps if s > meta["round"] and s not in dict(skipped)]
+    for s, reason in skipped:
+        print(f"checkpoint step {s} does not restore ({reason}): set aside in {set_aside(workdir, s, reason)}")
+    for s in newer:
+        set_aside(workdir, s, f"newer than --step {step}")
+    print(f"resuming {workdir} from round {state['round']} (checkpoint step {meta['round']})")
+    with open(os.path.join(workdir, "config.json"), "w") as f:  # settings a resume may change (eval, ...)
+        f.write(dump_json(config))
+    return state, meta["wall_s"], meta["final"]
 
-    start = time.perf_counter()
-    bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
-    while state["round"] < fed.rounds:
-        state, metrics = loop.run_round(trainer, state)
-        with open(metrics_path, "a") as f:
+
+def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, save) -> list:
+    """What the simulator does after each round: metrics.jsonl, the modelled timeline, the progress
+    bar, and a checkpoint every `checkpoint.interval` rounds (the last one is the final flush's)."""
+    fed, write_row = run.fed, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+
+    def log(state, metrics):
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         history.append(metrics)
-        for row in comm.modeled_timeline(fed, partition, links, history):
-            timeline(row)
+        for row in timeline.modeled_timeline(fed, run.partition, links, history):
+            write_row(row)
+
+    def progress(state, metrics):
         loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # FedBuff: a round may train nobody
         bar.set_postfix(block=metrics["block"], loss=loss, s=f"{metrics['seconds']:.1f}")
         bar.update(1)
-        if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
-            checkpoint.save(mgr, state, fed, wall_s=wall_before + time.perf_counter() - start, config=config.to_dict())
-    bar.close()
-    if not final:
-        state = loop.flush(trainer, state)
-        wall_s = wall_before + time.perf_counter() - start
-        checkpoint.save(mgr, state, fed, wall_s=wall_s, final=True, config=config.to_dict())
-    mgr.wait_until_finished()
-    wall_s = wall_before + time.perf_counter() - start
 
+    def checkpoint_every(state, metrics):
+        if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
+            save(state)
+
+    return [log, progress, checkpoint_every]
+
+
+def _summary(run: Setup, config, workdir: str, state: dict, history: list, wall_s: float) -> dict:
+    """summary.json's figures (and runtime.png): the run's outcome, traffic and modelled wall time."""
+    fed, timeline_path = run.fed, os.path.join(workdir, "timeline.jsonl")
     totals = _timeline_totals(timeline_path, fed.num_clients)
     label = f"{fed.algorithm}\n{_link_label(config.comm.bandwidth_mbps)}"
     plots.runtime_bars(
@@ -264,23 +290,19 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         os.path.join(workdir, "runtime.png"),
         "Per client, whole run: compute vs exposed communication (modeled link)",
     )
-    summary = {
+    per_client = isinstance(fed.flat().get("staleness"), tuple)
+    return {
         "algorithm": fed.algorithm,
         "rounds": fed.rounds,
         "num_clients": fed.num_clients,
-        "staleness": list(fed.stalenesses) if isinstance(fed.flat().get("staleness"), tuple) else max(fed.stalenesses),
-        "blocks": partition.num_blocks,
+        "staleness": list(fed.stalenesses) if per_client else max(fed.stalenesses),
+        "blocks": run.partition.num_blocks,
         "wall_s": wall_s,
         **{f"per_client_{k}": v for k, v in totals.items()},
-        "modeled_wall_s": comm.modeled_wall_s(timeline_path, history),
-        "final_train_loss": train_loss(loss_fn, state["params"], batches_fn, fed.num_clients),
-        "checkpoint_step": int(mgr.latest_step()),
+        "modeled_wall_s": timeline.modeled_wall_s(timeline_path, history),
+        "final_train_loss": train_loss(run.loss_fn, state["params"], run.batches_fn, fed.num_clients),
         "fed": fed.flat(),
     }
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    mgr.close()
-    return summary
 
 
 def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches: int = 8) -> float:
@@ -449,7 +471,8 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     (none: from round 0), on the store that holds this run, while the clients wait for it.
     """
     run = setup(config)
-    comm.check_supported(run.fed)
+    if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
+        comm.check_supported(run.algorithm)
     cc = comm_config(config, store_url)
     store = transport.Store(cc.store)
     settings = agreed_settings(config)
@@ -472,6 +495,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         mgr.close()
         resumed = 0 if state is None else state["round"]
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), resumed + run.fed.effective_staleness)
+        _truncate_metrics(os.path.join(workdir, "arrivals.jsonl"), resumed)  # FedBuff's: judged again
         print(f"server: resuming the run in {cc.store} after round {resumed}", file=sys.stderr, flush=True)
     elif os.path.isdir(checkpoint.directory(workdir)):
         raise ValueError(f"--workdir {workdir} holds checkpoints but --store {cc.store} no run: use the run's store")
@@ -485,12 +509,24 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         wall_s = time.perf_counter() - start
         checkpoint.save(mgr, state, run.fed, wall_s=wall_s, final=final, config=config.to_dict(), mode="server")
 
+    def log_and_save(state, row):  # FedBuff's apply: durable on return, as the driver deletes what it consumed
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        save(state)
+        mgr.wait_until_finished()
+
     try:
-        params = comm.serve(
-            run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
-            on_aggregate=save, on_merge=functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl")),
-            state=state,
-        )  # fmt: skip
+        if run.algorithm.asynchronous:  # FedBuff: arrivals in real time, applied every buffer_size
+            params = asynchronous.serve(
+                run.fed, run.params, run.partition, store, cc, policy=run.policy, state=state, on_apply=log_and_save,
+                on_arrival=functools.partial(asynchronous.log_arrival, os.path.join(workdir, "arrivals.jsonl")),
+            )  # fmt: skip
+        else:
+            params = comm.serve(
+                run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
+                on_aggregate=save, on_merge=functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl")),
+                state=state, algorithm=run.algorithm,
+            )  # fmt: skip
     except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
         raise RunFailed(f"the server failed: {e}") from e
     finally:
@@ -538,9 +574,18 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
             raise RunFailed(f"the server's config in the store is not the server's ({e})") from None
     check_agreement(published, config)
     run = setup(config)
-    comm.check_supported(run.fed)
+    if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
+        comm.check_supported(run.algorithm)
     os.makedirs(workdir, exist_ok=True)
-    timeline = comm.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    write_row = timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    if run.algorithm.asynchronous:  # its state is {n, data position}: a JSON file, not a model
+        try:
+            return asynchronous.run_client(
+                client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn, store, cc, link,
+                on_round=write_row, state_path=os.path.join(workdir, f"client_{client_id}", "fedbuff.json"),
+            )  # fmt: skip
+        except ValueError as e:  # see serve
+            raise RunFailed(f"the client failed: {e}") from e
     # Its own state, each round (before it acks the round): rerunning the command rejoins the run.
     mgr = checkpoint.manager(os.path.join(workdir, f"client_{client_id}"), max_to_keep=2)
     resume = None
@@ -558,7 +603,7 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     try:
         return comm.run_client(
             client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
-            store, cc, link, on_round=timeline, on_state=save, resume=resume,
+            store, cc, link, on_round=write_row, on_state=save, resume=resume, algorithm=run.algorithm,
         )  # fmt: skip
     except ValueError as e:  # see serve
         raise RunFailed(f"the client failed: {e}") from e
