@@ -23,6 +23,7 @@ compute and communication add up).
 import argparse
 import ast
 import json
+import os
 
 from jaxblock.run import plots
 from jaxblock.run.compare import comm_label, modeled, score
@@ -37,13 +38,20 @@ def main():
     parser.add_argument("--plot", help="a PNG: the runs' modelled wall time, compute vs exposed communication")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args()
+    runs = []
+    for item in args.runs:  # every run checked before any is read: one line, exit 2, as eval.py
+        name, _, workdir = item.partition("=")
+        if not name or not workdir:
+            parser.exit(2, f"error: --runs {item}: give NAME=WORKDIR (e.g. parablock=runs/tiny)\n")
+        if not os.path.isfile(os.path.join(workdir, "config.json")):
+            parser.exit(2, f"error: --runs {item}: {workdir} is not a jaxblock run directory (no config.json)\n")
+        runs.append((name, workdir))
     parse = lambda v: None if v is None else (ast.literal_eval(v) if v[:1] in "[0123456789." else v)  # noqa: E731
     bandwidth, latency = parse(args.bandwidth), parse(args.latency)
     summary = {}
     print(f"{'run':<20} {'algorithm':<10} {'exact match':>11} {'eval loss':>9} {'rounds':>6} {'trainings':>9} "
           f"{'modelled wall s':>15} {'compute s':>9} {'exposed s':>9} {'MB up':>8} {'MB down':>8}  link")  # fmt: skip
-    for item in args.runs:
-        name, workdir = item.split("=", 1)
+    for name, workdir in runs:
         m = {**modeled(workdir, bandwidth, latency, args.compute_s), **score(workdir)}
         em = f"{m['exact_match']:.1%}" if "exact_match" in m else "-"
         loss = f"{m['eval_loss']:.3f}" if "eval_loss" in m else "-"

@@ -1,6 +1,6 @@
 """A client process: trains its block each round, exchanges deltas via the store.
 
-Runs ParaBlock, FedBCD, Fed full FT, FedIT and FFA-LoRA (FLoRA runs in the simulator: train.py).
+Runs every round-based algorithm (ParaBlock, FedBCD, Fed full FT, FedIT, FFA-LoRA, FLoRA, FedCyBGD).
 
 python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0 --workdir runs/client0
 
@@ -20,6 +20,7 @@ def main():
     parser.add_argument("--workdir", default="runs/clients", help="timeline.jsonl is appended here")
     config, args = runtime.parse_args(parser)
     try:
+        runtime.check_dir_arg(args.workdir, "--workdir")
         experiment.client(config, args.client_id, args.workdir, args.store)
     except ValueError as e:  # the user's config, data or files
         parser.exit(2, f"error: client {args.client_id}: {e}\n")

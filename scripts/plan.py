@@ -78,6 +78,10 @@ def main():
         acc = plan.Accelerator(acc.name, acc.peak_tflops, args.memory_gb)
     name = os.path.splitext(os.path.basename(runtime.config_path()))[0]
     out = args.out or os.path.join("runs", "plan", f"{name}-{jax.device_count()}dev")
+    try:
+        runtime.check_dir_arg(out, "--out")
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
     os.makedirs(out, exist_ok=True)
     cfg = model_config(config)
     n_params = model.count_params(jax.eval_shape(lambda: model.init(cfg, jax.random.key(0))))

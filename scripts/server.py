@@ -1,6 +1,6 @@
 """The server process: plans rounds, aggregates uploads through a shared store.
 
-Runs ParaBlock, FedBCD, Fed full FT, FedIT and FFA-LoRA (FLoRA runs in the simulator: train.py).
+Runs every round-based algorithm (ParaBlock, FedBCD, Fed full FT, FedIT, FFA-LoRA, FLoRA, FedCyBGD).
 
     python scripts/server.py --config configs/tiny.py --store file:///tmp/run/store --workdir runs/server
     python scripts/client.py --config configs/tiny.py --store file:///tmp/run/store --client-id 0   # one per client
@@ -25,6 +25,7 @@ def main():
     parser.add_argument("--workdir", default="runs/server")
     config, args = runtime.parse_args(parser)
     try:
+        runtime.check_dir_arg(args.workdir, "--workdir")
         summary = experiment.serve(config, args.workdir, args.store)
     except ValueError as e:  # the user's config, data or files
         parser.exit(2, f"error: {e}\n")

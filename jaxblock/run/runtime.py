@@ -151,6 +151,12 @@ def load_model(config: ml_collections.ConfigDict, layout: Layout | None = None) 
     return loaded_cfg.replace(lora_alpha=cfg.lora_alpha, remat=cfg.remat), params
 
 
+def check_dir_arg(path: str | None, flag: str) -> None:
+    """ValueError, one line, if a directory argument names an existing file (before anything is built)."""
+    if path and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a directory")
+
+
 def config_path(argv: list[str] | None = None) -> str | None:
     """The `--config FILE` of argv (default: sys.argv)."""
     return split_config_args(sys.argv[1:] if argv is None else argv)[0]
