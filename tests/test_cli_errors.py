@@ -1,0 +1,50 @@
+"""A user's mistakes on the command line get one line naming the cause and exit 2, and write nothing
+(issue 27's numbered defects)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def _run(script, *args, timeout=120):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", script), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.mark.parametrize(
+    "script, args",
+    [
+        ("server.py", ["--config", TINY, "--workdir"]),
+        ("client.py", ["--config", TINY, "--client-id", "0", "--workdir"]),
+        ("plan.py", ["--config", TINY, "--out"]),
+    ],
+)
+def test_a_directory_argument_that_is_a_file_is_one_line_exit_2(script, args, tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("mine\n")
+    proc = _run(script, *args, str(path))
+    flag = args[-1]
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines[-1].endswith(f"{flag} {path} is a file, not a directory"), proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+    assert path.read_text() == "mine\n" and sorted(os.listdir(tmp_path)) == ["a_file"]  # nothing written, nothing lost
+
+
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        ("runs/tiny", "--runs runs/tiny: give NAME=WORKDIR (e.g. parablock=runs/tiny)"),
+        ("x=runs/nonexist", "--runs x=runs/nonexist: runs/nonexist is not a jaxblock run directory (no config.json)"),
+    ],
+)
+def test_bench_runs_bad_runs_are_one_line_exit_2(item, message):
+    proc = _run("bench_runs.py", "--runs", item)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {message}"
