@@ -74,7 +74,7 @@ class CommConfig:
 def check_supported(algorithm: algorithms.Algorithm) -> None:
     fed = algorithm.fed
     if algorithm.asynchronous:
-        raise ValueError(f"algorithm={fed.algorithm!r} is asynchronous: the deployment runs rounds; use the simulator")
+        raise ValueError(f"algorithm={fed.algorithm!r} is asynchronous: net.asynchronous runs it, not these rounds")
     if fed.schedule == "gradient":
         raise ValueError("schedule='gradient' needs the server to see data: use the simulator")
 

@@ -318,9 +318,10 @@ def base_config() -> ml_collections.ConfigDict:
     # of each leaf of a delta goes up as int32 index + value; the client keeps the rest for next time).
     config.compression = "none"
     config.topk_ratio = 0.2
-    # FedBuff (asynchronous, modelled times): the server applies every buffer_size arrivals (0 = all
-    # clients); fedbuff_blocks trains one random block per pull instead of every parameter; a client's
-    # local training takes step_seconds x local_steps x client_slowdown[i] modelled seconds.
+    # FedBuff (asynchronous): the server applies every buffer_size arrivals (0 = all clients);
+    # fedbuff_blocks trains one random block per pull instead of every parameter; a client's local
+    # training takes step_seconds x local_steps x client_slowdown[i] seconds: modelled in the
+    # simulator, and in the deployment (scripts/client.py) at least that long in real time when set.
     config.buffer_size = 0
     config.fedbuff_blocks = False
     config.client_slowdown = []  # one factor per client, [] = all 1
