@@ -7,17 +7,19 @@ goes through what a round does on the host:
 
     device_get     the client's delta, device -> host
     publish        Store.publish: arrays + COMMIT (with keys: + SHA-256 digests and a signature)
-    fetch          Store.fetch: the arrays back, no checks (the simulator's store exchange)
+    fetch          Store.fetch: the arrays back, no checks (the first read after the publishes: it
+                   also pays for the fresh memory the kernel zeroes, which later reads reuse)
     read_checked   receive.read_checked: every check the server makes (with keys: the signature, the digests)
     screen         validate.screen: the server's finiteness and norm check of every accepted update
     reduce         the algorithms' weighted sum of --clients copies of the delta (+ device_get of the result)
 
-on a memory:// and a file:// store. Each is timed --repeats times; the medians are printed, with
-MB/s of block per core = block MB / CPU seconds (time.process_time: every thread of this process,
-TensorStore's too). Under contention CPU seconds move much less than wall seconds.
+on a memory:// and a file:// store. Each is timed --repeats times (after one exchange not
+counted); the medians are printed, with MB/s of block per core = block MB / CPU seconds
+(time.process_time: every thread of this process, TensorStore's too). CPU seconds leave out the
+time spent waiting for a core, so they move much less than wall seconds on a shared machine.
 
-    python scripts/bench_exchange.py
-    python scripts/bench_exchange.py --sizes 13,805 --repeats 5 --json
+    python scripts/bench_exchange.py              # 13 and 805 MB, about a minute
+    python scripts/bench_exchange.py --sizes 13,201,805 --repeats 5 --json
 """
 
 import argparse
@@ -99,7 +101,7 @@ def measure(store: transport.Store, delta: dict, repeats: int, clients: int, key
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="13,201", help="block sizes in MB (each rounded to a layer width)")
+    parser.add_argument("--sizes", default="13,805", help="block sizes in MB (each rounded to a layer width)")
     parser.add_argument("--repeats", type=int, default=3, help="exchanges per size and store (medians reported)")
     parser.add_argument("--clients", type=int, default=2, help="deltas the reduce sums")
     parser.add_argument("--stores", default="memory,file", help="memory and/or file")

@@ -55,7 +55,7 @@ def _aligned_arrays(like: list[tuple[tuple, np.dtype]]) -> list[np.ndarray]:
     out of one allocation.
 
     What is read from the store goes into jitted checks and merges next: an unaligned array would
-    be copied first (0.3 s of CPU for a 805 MB block), an aligned one is used where it lies. One
+    be copied first (0.6 s of CPU for a 805 MB block), an aligned one is used where it lies. One
     allocation for a whole tree is large enough for NumPy to put it on huge pages (it asks from
     4 MB up), which halves the cost of filling fresh memory: a 13 MB block's leaves are 0.6-1.5 MB."""
     sizes = [math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in like]
