@@ -717,6 +717,9 @@ def export_hf(workdir: str, out_dir: str, step: int | None = None, *, force: boo
             protected[os.path.realpath(path)] = "the base model's directory"
     if out in protected:
         raise ValueError(f"--out {out_dir} is {protected[out]}: export elsewhere")
+    checkpoints = os.path.realpath(checkpoint.directory(workdir))
+    if out == checkpoints or out.startswith(checkpoints + os.sep):  # orbax owns it: a stray directory breaks restores
+        raise ValueError(f"--out {out_dir} is inside the run's checkpoints directory: export elsewhere")
     if os.path.isdir(out) and os.listdir(out) and not force:
         raise ValueError(f"--out {out_dir} is a non-empty directory: choose another, or pass --force to overwrite")
     if os.path.exists(out) and not os.path.isdir(out):
