@@ -17,7 +17,7 @@ from jaxblock.run import experiment, runtime
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default="runs/demo")
+    parser.add_argument("--workdir", default="runs/demo", help="the run directory (train, then evaluate)")
     parser.add_argument("--fresh", action="store_true", help="delete the workdir first")
     config, args = runtime.parse_args(parser)
     if args.fresh and os.path.isdir(args.workdir):

@@ -22,7 +22,7 @@ def main():
     parser.add_argument(
         "--store", default=None, help="kvstore URL shared with the clients (default: config.comm.store)"
     )
-    parser.add_argument("--workdir", default="runs/server")
+    parser.add_argument("--workdir", default="runs/server", help="checkpoints, metrics.jsonl, summary.json")
     config, args = runtime.parse_args(parser)
     try:
         runtime.check_dir_arg(args.workdir, "--workdir")

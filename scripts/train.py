@@ -1,4 +1,4 @@
-"""Federated fine-tuning: ParaBlock (default), FedBCD or Fed full FT, resumable.
+"""Federated fine-tuning in one process, resumable: ParaBlock (default) or any of the other seven algorithms.
 
     python scripts/train.py --config configs/tiny.py --workdir runs/tiny
     python scripts/train.py --config configs/tiny.py --config.algorithm=fedbcd --config.rounds=20 --workdir runs/fedbcd

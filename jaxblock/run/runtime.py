@@ -162,15 +162,40 @@ def config_path(argv: list[str] | None = None) -> str | None:
     return split_config_args(sys.argv[1:] if argv is None else argv)[0]
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Every option's default in its help, where there is one to show."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        shown = action.default not in (None, False, argparse.SUPPRESS) and action.option_strings
+        return text + " (default: %(default)s)" if shown and "%(default)" not in text else text
+
+
+def add_config_help(parser: argparse.ArgumentParser) -> None:
+    """Shows `--config FILE` and `--config.KEY=VALUE` in --help (they are parsed apart, by
+    `split_config_args`), and every option's default."""
+    parser.formatter_class = _DefaultsShown
+    group = parser.add_argument_group("run config (parsed before the options above)")
+    group.add_argument(
+        "--config", metavar="FILE", help="a config file whose get_config() gives the run, e.g. configs/tiny.py"
+    )
+    group.add_argument(
+        "--config.KEY", metavar="VALUE", dest="config_override", default=argparse.SUPPRESS,
+        help="set any key of the config, e.g. --config.algorithm=fedbcd --config.rounds=20 "
+        f"--config.comm.store=file:///tmp/store (algorithms: {', '.join(algorithms.NAMES)}; every key in README)",
+    )  # fmt: skip
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """Parses `--config FILE [--config.key=value ...]` plus the parser's own flags.
 
     Returns (run config, argparse namespace). A bad file, key or value exits with a one-line error.
     """
+    add_config_help(parser)
     path, overrides, rest = split_config_args(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(rest)
     if path is None:
-        parser.error("--config FILE is required (e.g. --config configs/tiny.py)")
+        parser.exit(2, f"{parser.prog}: error: --config FILE is required (e.g. --config configs/tiny.py)\n")
     try:
         config = load_config(path, overrides)
         # Validate the sections now, not deep inside a jit or rounds into the run.
@@ -178,6 +203,6 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
         optimizer_config(config)
         fed_config(config)
         make_partition(config, model_config(config))
-    except ValueError as e:
-        parser.error(str(e))
+    except ValueError as e:  # one line, as README promises (parser.error would print the usage first)
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     return config, args

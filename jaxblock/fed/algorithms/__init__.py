@@ -65,7 +65,8 @@ def configure(**settings) -> FedConfig:
     options = cls.Options(**{k: v for k, v in lists.items() if k in own})
     chain = transforms.from_settings(**{k: v for k, v in lists.items() if k in transforms.SETTINGS})
     if chain and not cls.transforms_ok:
-        raise ValueError(f"compression={settings['compression']!r}: top-k is for ParaBlock and FedBCD, not {name}")
+        takes = " and ".join(c.name for c in REGISTRY.values() if c.transforms_ok)
+        raise ValueError(f"compression={settings['compression']!r}: update transforms are for {takes}, not {name}")
     shared = {k: v for k, v in lists.items() if k in SHARED}
     return FedConfig(**shared, options=options, transforms=chain)
 
