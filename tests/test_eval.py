@@ -85,7 +85,9 @@ def test_export_refuses_to_overwrite_and_never_writes_into_the_base_model_or_the
     assert {name: os.path.getmtime(os.path.join(base, name)) for name in os.listdir(base)} == before
     steps = sorted(os.listdir(os.path.join(run_dir, "checkpoints")))
     for out in (os.path.join(run_dir, "checkpoints"), os.path.join(run_dir, "checkpoints", "x")):  # orbax's
-        with pytest.raises(ValueError, match=rf"^--out {out} is inside the run's checkpoints directory: export elsewhere$"):
+        with pytest.raises(
+            ValueError, match=rf"^--out {out} is inside the run's checkpoints directory: export elsewhere$"
+        ):
             experiment.export_hf(run_dir, out, force=True)
     assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == steps  # nothing written there
 
