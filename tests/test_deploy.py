@@ -4,7 +4,9 @@ separate OS processes over a file:// store give the one-process simulator's fina
 per-client ranks and stacked download, FedCyBGD's turns and FedIT's adapters need nothing of their own."""
 
 import json
+import os
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -59,3 +61,57 @@ def test_server_and_client_processes_equal_the_simulator_bitwise(algorithm, tmp_
     assert merged == sim_rounds  # the same clients merged in every round (FedCyBGD: one, in turn)
     report(f"deployment {algorithm}: server + 2 client processes vs the simulator, final model bitwise equal "
            f"({len(jax.tree.leaves(deployed))} leaves, {step_a} rounds)")  # fmt: skip
+
+
+def _wait_for(path, procs, timeout=120.0):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"{path} never appeared"
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-1500:] for p in procs if p.poll() is not None]
+        time.sleep(0.2)
+
+
+def test_a_second_process_with_a_live_client_id_is_refused_at_once_and_the_run_goes_on(tmp_path):
+    """Issue 27 items 1 and 2: a duplicate --client-id, in the same workdir (its lock) or another (the store's
+    lease), is one line and exit 2 while client 0 waits for round 0; the run then completes; a client pointed at
+    the finished store is told so at once, exit 2, and writes nothing (no workdir, no ready key)."""
+    common = ["--config.num_clients=2", "--config.rounds=2", "--config.comm.timeout_s=120"]
+    store, clients = f"file://{tmp_path}/store", str(tmp_path / "c")
+    server = _start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))
+    first = _start("client.py", *common, "--store", store, "--client-id", "0", "--workdir", clients)
+    procs = [server, first]
+    try:
+        _wait_for(tmp_path / "store" / "lease" / "0", procs)  # client 0 holds its id; round 0 waits for client 1
+        for workdir, says in (
+            (clients, "is already running in this workdir"),
+            (str(tmp_path / "other"), "is already running at "),
+        ):
+            dup = _start("client.py", *common, "--store", store, "--client-id", "0", "--workdir", workdir)
+            _, err = dup.communicate(timeout=120)
+            lines = [line for line in err.splitlines() if line.strip()]
+            assert (
+                dup.returncode == 2 and lines[-1].startswith("error: client 0: --client-id 0 ") and says in lines[-1]
+            ), err[-1500:]
+            assert "Traceback" not in err
+        assert first.poll() is None  # the first goes on undisturbed
+        procs.append(_start("client.py", *common, "--store", store, "--client-id", "1", "--workdir", clients))
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert final_params(str(tmp_path / "server"))[0] == 2
+    late = tmp_path / "late"
+    proc = _start("client.py", *common, "--store", store, "--client-id", "1", "--workdir", str(late))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == (
+        f"error: client 1: --store {store} holds a finished run (server/done): start a new run on an empty store"
+    )
+    assert (
+        not late.exists()
+        and not (tmp_path / "store" / "ready" / "1").exists()
+        and not (tmp_path / "store" / "lease" / "1").exists()
+    )

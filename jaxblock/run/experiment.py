@@ -33,7 +33,7 @@ from jaxblock.model import hf_io, lora
 from jaxblock.model.config import ModelConfig
 from jaxblock.model.hf_io import save_hf
 from jaxblock.model.sharding import Layout
-from jaxblock.net import asynchronous, comm, signing, transport
+from jaxblock.net import asynchronous, comm, lease, signing, transport
 from jaxblock.net import exchange as net_exchange
 from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime, timeline
 from jaxblock.run import config as config_lib
@@ -211,6 +211,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     if not final:
         state = loop.flush(trainer, state)
         save(state, final=True)
+    write_row = timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    for row in timeline.flush_timeline(fed, run.partition, links, history):  # rewritten on a resume: modelled
+        write_row(row)
     mgr.wait_until_finished()
     summary = _summary(run, config, workdir, state, history, wall_before + time.perf_counter() - start)
     summary["checkpoint_step"] = int(mgr.latest_step())
@@ -288,7 +291,8 @@ def _summary(run: Setup, config, workdir: str, state: dict, history: list, wall_
     plots.runtime_bars(
         [{"label": label, "compute_s": totals["compute_s"], "exposed_s": totals["exposed_wait_s"]}],
         os.path.join(workdir, "runtime.png"),
-        "Per client, whole run: compute vs exposed communication (modeled link)",
+        "The whole run, mean per client: compute vs exposed communication (modelled link)",
+        "seconds, whole run (mean per client)",
     )
     per_client = isinstance(fed.flat().get("staleness"), tuple)
     return {
@@ -422,7 +426,9 @@ def _truncate_metrics(path: str, next_round: int) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["round"] < next_round]
+        rounds = [(line, json.loads(line)["round"]) for line in f if line.strip()]
+    # A "flush" row (timeline.jsonl) comes after every round: a resumed run writes it again.
+    kept = [line for line, r in rounds if isinstance(r, int) and r < next_round]
     with open(path, "w") as f:
         f.writelines(kept)
     return [json.loads(line) for line in kept]
@@ -562,8 +568,18 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     if not 0 <= client_id < config.num_clients:
         raise ValueError(f"--client-id {client_id}: the run has clients 0..{config.num_clients - 1}")
     cc = comm_config(config, store_url)
-    link = wire.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
     store = transport.Store(cc.store)
+    if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
+        raise ValueError(f"--store {cc.store} holds a finished run (server/done): start a new run on an empty store")
+    held = lease.Lease(store, client_id, workdir)  # a second process with this id is refused here, at once
+    try:
+        return _client(config, client_id, workdir, cc, store)
+    finally:
+        held.release()
+
+
+def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc, store) -> dict:
+    link = wire.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
     # Before anything is built: a client with other settings would train another run.
     published = store.wait_json("server/config", cc.server_wait_s, "the server's config")
     keys = cc.load_keys()
