@@ -34,6 +34,7 @@ def test_server_and_client_processes_equal_the_simulator_bitwise(algorithm, tmp_
             _start("client.py", *common, "--store", store, "--client-id", str(i), "--workdir", str(tmp_path / "c"))
         )
     procs.append(_start("train.py", *common, "--workdir", str(tmp_path / "sim"), "--no-progress"))
+    errs = []
     for p in procs:
         try:
             _, err = p.communicate(timeout=300)
@@ -42,6 +43,10 @@ def test_server_and_client_processes_equal_the_simulator_bitwise(algorithm, tmp_
                 q.kill()
             raise
         assert p.returncode == 0, err[-2000:]
+        errs.append(err)
+    # The deployment shows its progress as it runs: a line per round from the server and from each client.
+    assert "server: end of round 0: merged " in errs[0]
+    assert "client 0: round 0: block " in errs[1] and "client 1: round 1: block " in errs[2]
     (step_a, deployed), (step_b, simulated) = (
         final_params(str(tmp_path / "server")),
         final_params(str(tmp_path / "sim")),

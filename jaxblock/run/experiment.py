@@ -528,10 +528,10 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
                 on_arrival=functools.partial(asynchronous.log_arrival, os.path.join(workdir, "arrivals.jsonl")),
             )  # fmt: skip
         else:
+            log = functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl"), start=start)
             params = comm.serve(
                 run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
-                on_aggregate=save, on_merge=functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl")),
-                state=state, algorithm=run.algorithm,
+                on_aggregate=save, on_merge=log, state=state, algorithm=run.algorithm,
             )  # fmt: skip
     except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
         raise RunFailed(f"the server failed: {e}") from e
@@ -551,13 +551,18 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     return summary
 
 
-def log_merge(path: str, row: dict) -> None:
+def log_merge(path: str, row: dict, start: float | None = None) -> None:
     """The server's record of round t's merges: a line in metrics.jsonl (with the left-out updates
-    counted by reason) and a line on stderr per update left out."""
+    counted by reason), a progress line on stderr (round, merged, left out, seconds since `start`)
+    and a line per update left out."""
     reasons = [why.split(":")[0] for _, _, why in row["left_out"]]
     row = {**row, "left_out_by_reason": {k: reasons.count(k) for k in sorted(set(reasons))}}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    merged = sum(len(clients) for _, clients in row["merged"])
+    elapsed = "" if start is None else f", {time.perf_counter() - start:.1f}s"
+    print(f"server: end of round {row['round']}: merged {merged} update(s), left out {len(row['left_out'])}{elapsed}",
+          file=sys.stderr, flush=True)  # fmt: skip
     for r, c, why in row["left_out"]:
         print(f"round {r}: client {c}'s update left out: {why}", file=sys.stderr, flush=True)
 
@@ -593,7 +598,7 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
     os.makedirs(workdir, exist_ok=True)
-    write_row = timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+    write_row = _with_a_line(client_id, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl")))
     if run.algorithm.asynchronous:  # its state is {n, data position}: a JSON file, not a model
         try:
             return asynchronous.run_client(
@@ -625,6 +630,20 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
         raise RunFailed(f"the client failed: {e}") from e
     finally:
         mgr.close()
+
+
+def _with_a_line(client_id: int, write_row):
+    """A client's timeline writer that also prints the row as a line on stderr: a deployment shows
+    its progress as it runs."""
+
+    def write(row: dict) -> None:
+        write_row(row)
+        loss = "" if row.get("loss") is None else f", loss {row['loss']:.4f}"
+        print(f"client {client_id}: round {row['round']}: block {row['block']}{loss}, "
+              f"compute {row['compute_s']:.2f}s, comm {row['comm_s']:.2f}s, waited {row['exposed_wait_s']:.2f}s",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    return write
 
 
 class RunFailed(RuntimeError):
