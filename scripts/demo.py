@@ -51,8 +51,13 @@ def main():
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     print(f"\nheld-out problems: {result['n']}; written to {os.path.join(args.workdir, 'summary.json')}")
-    sample = result["finetuned"]["samples"][0]
-    print(f"example: {sample['question']!r} -> {sample['output']!r}")
+    with open(os.path.join(args.workdir, "predictions_finetuned.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    for label, want in (("a right answer", True), ("a wrong answer", False)):  # one of each, labelled
+        r = next((r for r in records if r["correct"] is want), None)
+        if r is not None:
+            print(f"{label}: {r['question']!r} -> {r['output']!r} (gold {r['gold']:g})")
+    print(f"every answer: {os.path.join(args.workdir, 'predictions_finetuned.jsonl')}")
 
 
 if __name__ == "__main__":
