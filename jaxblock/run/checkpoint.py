@@ -35,6 +35,17 @@ def directory(workdir: str) -> str:
     return os.path.abspath(os.path.join(workdir, "checkpoints"))
 
 
+class _ReadOnlyIsMeant(logging.Filter):
+    """Orbax warns `Given directory is read only` on every read-only manager; eval, export and the
+    settings check of a resume open one on purpose, so the warning says nothing a user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyIsMeant())
+
+
 def manager(workdir: str, max_to_keep: int = 3, *, read_only: bool = False) -> ocp.CheckpointManager:
     """The run's CheckpointManager over `workdir/checkpoints`.
 
