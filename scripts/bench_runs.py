@@ -2,8 +2,10 @@
 
 Each WORKDIR is a finished `scripts/train.py` run evaluated by `scripts/eval.py`. The modelled wall
 time replays the run's `metrics.jsonl` through the link model (`timeline.modeled_timeline`): per round
-the slowest client's compute plus its exposed communication, summed over rounds (clients train in
-parallel; a FedCyBGD turn has one client working). `--bandwidth` re-models every run over other
+the slowest client's compute plus its exposed communication, summed over rounds and ParaBlock's final
+flush (clients train in parallel; a FedCyBGD turn has one client working); the table's "compute s"
+and "exposed s" are that sum's two parts, as `--plot` draws them. MB up and down are a client's whole
+run (the flush's last upload included), mean over clients. `--bandwidth` re-models every run over other
 links (a number in MB/s, a preset such as 100MBps, or a list with one value per client), so that
 runs trained with one link can be compared over another: training never depends on the link.
 `--compute-s` replaces the measured compute (clients run one after another in the simulator, on a
@@ -49,6 +51,10 @@ def main():
     parse = lambda v: None if v is None else (ast.literal_eval(v) if v[:1] in "[0123456789." else v)  # noqa: E731
     bandwidth, latency = parse(args.bandwidth), parse(args.latency)
     summary = {}
+    print(
+        "modelled wall s = compute s + exposed s: per round (and the final flush) the slowest client's\n"
+        "compute and exposed communication, summed (FedBuff: its clock). MB up, MB down: a client's whole run."
+    )
     print(f"{'run':<20} {'algorithm':<10} {'exact match':>11} {'eval loss':>9} {'rounds':>6} {'trainings':>9} "
           f"{'modelled wall s':>15} {'compute s':>9} {'exposed s':>9} {'MB up':>8} {'MB down':>8}  link")  # fmt: skip
     for name, workdir in runs:
@@ -56,8 +62,8 @@ def main():
         em = f"{m['exact_match']:.1%}" if "exact_match" in m else "-"
         loss = f"{m['eval_loss']:.3f}" if "eval_loss" in m else "-"
         print(f"{name:<20} {m['algorithm']:<10} {em:>11} {loss:>9} {m['rounds']:>6} {m['trainings']:>9} "
-              f"{m['modeled_wall_s']:>15.1f} {m['compute_s']:>9.1f} {m['exposed_s']:>9.1f} {m['mb_up']:>8.1f} "
-              f"{m['mb_down']:>8.1f}  {m['link']}")  # fmt: skip
+              f"{m['modeled_wall_s']:>15.1f} {m['wall_compute_s']:>9.1f} {m['wall_exposed_s']:>9.1f} "
+              f"{m['mb_up']:>8.1f} {m['mb_down']:>8.1f}  {m['link']}")  # fmt: skip
         summary[name] = m
     if args.plot:
         link = comm_label(bandwidth) if bandwidth is not None else next(iter(summary.values()))["link"]
@@ -66,7 +72,9 @@ def main():
              "compute_s": m["wall_compute_s"], "exposed_s": m["wall_exposed_s"]}
             for name, m in summary.items()
         ]  # fmt: skip
-        plots.runtime_bars(bars, args.plot, f"Modelled wall time of the whole run (link: {link})", "seconds")
+        plots.runtime_bars(
+            bars, args.plot, f"Modelled wall time of the whole run (links: {link})", "seconds, whole run"
+        )
         print(f"plot: {args.plot}")
     if args.json:
         print(json.dumps(summary))

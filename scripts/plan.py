@@ -180,7 +180,9 @@ def main():
                           "exposed_s": projections[f"{a}/{bw:g}"]["exposed_s"]} for a in algorithms]
         for bw in (50.0, 100.0, 150.0)
     }  # fmt: skip
-    plots.figure2(panels, os.path.join(out, "plan.png"), f"{name}: projected wall time on {acc.name} (MFU {args.mfu})")
+    plots.figure2(
+        panels, os.path.join(out, "plan.png"), f"{name}: projected wall time on {acc.name} (MFU {args.mfu})", columns=1
+    )
     print(f"\nwrote {os.path.join(out, 'plan.json')} and plan.png")
 
 

@@ -59,12 +59,13 @@ def test_train_writes_metrics_summary_and_checkpoints(tmp_path):
     assert steps == [3, 4]  # max_to_keep=2
     step, params = final_params(workdir)
     assert step == 4 and params["layers_0"]["mlp"]["up_proj"].shape == (64, 128)
-    # Timeline: one row per client per round; ParaBlock sends round t-1's block during round t.
+    # Timeline: one row per client per round; ParaBlock sends round t-1's block during round t, and
+    # round 3's in the final flush.
     timeline = read_jsonl(os.path.join(workdir, "timeline.jsonl"))
-    assert [(r["round"], r["client"]) for r in timeline] == [(t, c) for t in range(4) for c in range(3)]
+    assert [(r["round"], r["client"]) for r in timeline] == [(t, c) for t in [0, 1, 2, 3, "flush"] for c in range(3)]
     block_bytes = 2 * 64 * 64 * 4 + 2 * 64 * 32 * 4 + 3 * 64 * 128 * 4 + 2 * 64 * 4  # one layer, float32
     assert all(r["bytes_up"] == (0 if r["round"] == 0 else block_bytes) for r in timeline)
-    assert summary["per_client_bytes_up"] == 3 * block_bytes and summary["per_client_compute_s"] > 0
+    assert summary["per_client_bytes_up"] == 4 * block_bytes and summary["per_client_compute_s"] > 0
     with open(os.path.join(workdir, "runtime.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 

@@ -3,7 +3,8 @@ and bytes replayed from metrics.jsonl through the link model (`scripts/bench_run
 `scripts/reproduce.py`).
 
 The modelled wall time is, per round, the slowest client's compute plus its exposed communication,
-summed over rounds (clients train in parallel; a FedCyBGD turn has one client working). Any link
+summed over rounds and ParaBlock's final flush (clients train in parallel; a FedCyBGD turn has one
+client working). Any link
 can be put in place of the run's own: training never depends on it. FedBuff's clock is modelled
 while it trains (its arrival order depends on it), so it is always over the run's own links.
 """
@@ -26,7 +27,10 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None = None) -> dict:
-    """Modelled wall, compute and exposed seconds and per-client MB up/down of a run's metrics.
+    """Modelled seconds and bytes of a run's metrics (its rounds and its final flush):
+    `modeled_wall_s` = `wall_compute_s` + `wall_exposed_s`, the slowest client's compute and exposed
+    communication per round, summed; `compute_s`, `exposed_s`, `mb_up`, `mb_down`: a client's whole
+    run, mean over clients.
 
     compute_s: every participant's compute per round, in place of the measured one (runs made on a
     shared machine at different times compare only in their communication then).
@@ -63,8 +67,12 @@ def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None 
 
 
 def comm_label(bandwidth) -> str:
+    """A link setting in a few words: per-client lists by value, e.g. '9 clients at 100 MB/s, 1 at 2 MB/s'."""
     if isinstance(bandwidth, (list, tuple)):
-        return "per client " + ",".join(f"{b:g}" if isinstance(b, (int, float)) else str(b) for b in bandwidth)
+        values = [f"{b:g} MB/s" if isinstance(b, (int, float)) else str(b) for b in bandwidth]
+        counts = {v: values.count(v) for v in values}  # in order of first appearance
+        (v0, n0), *rest = counts.items()
+        return ", ".join([f"{n0} client{'s' if n0 > 1 else ''} at {v0}", *(f"{n} at {v}" for v, n in rest)])
     if isinstance(bandwidth, (int, float)):
         return f"{bandwidth:g} MB/s"
     return "unlimited" if bandwidth is None else str(bandwidth)

@@ -1,64 +1,94 @@
-"""Runtime plots in the style of the paper's Figure 2: compute vs exposed communication per round."""
+"""Runtime plots in the style of the paper's Figure 2: compute vs exposed communication, stacked."""
 
 from __future__ import annotations
 
+import math
 import textwrap
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+COMPUTE, EXPOSED = "#4c72b0", "#c9a227"
+LEGEND = [Patch(color=COMPUTE, label="computation"), Patch(color=EXPOSED, label="exposed communication")]
+OUTLIER = 4.0  # a bar over this many times the median is cut at the axis (its total written in it)
 
 
-def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds per round") -> None:
-    """Stacked bars, one per row: `compute_s` below, `exposed_s` (waiting on the network) above.
+def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds") -> None:
+    """Stacked bars, one per row: `compute_s` below, `exposed_s` (waiting on the network) above, each
+    bar's total written over it.
 
     Args:
       rows: dicts with `label` (e.g. 'ParaBlock\\n100 MB/s'), `compute_s` and `exposed_s`, in seconds.
+      ylabel: what the seconds are (e.g. 'seconds, whole run').
     """
-    labels = [r["label"] for r in rows]
-    compute = [r["compute_s"] for r in rows]
-    exposed = [r["exposed_s"] for r in rows]
-    width = max(4.0, 1.1 * len(rows))
-    fig, ax = plt.subplots(figsize=(width, 3.6))
-    ax.bar(labels, compute, color="#4c72b0", label="computation")
-    ax.bar(labels, exposed, bottom=compute, color="#c9a227", label="exposed communication")
-    for i, (c, e) in enumerate(zip(compute, exposed, strict=True)):
-        ax.text(i, c + e, f"{c + e:.3g}" if c + e < 1000 else f"{c + e:.0f}", ha="center", va="bottom", fontsize=8)
+    width = max(4.5, 1.1 * len(rows))
+    fig, ax = plt.subplots(figsize=(width, 4.0), layout="constrained")
+    _stacked(ax, rows)
     ax.set_ylabel(ylabel)
-    ax.set_title("\n".join(textwrap.wrap(title, int(11 * width))), fontsize=10)  # never wider than the figure
-    ax.legend(fontsize=8, loc="upper left")
-    ax.tick_params(axis="x", labelsize=8)
-    ax.set_ylim(0, 1.35 * max(c + e for c, e in zip(compute, exposed, strict=True)))
-    fig.tight_layout()
+    ax.set_title(_wrap(title, int(13 * width)), fontsize=10)  # never wider than the figure
+    fig.legend(handles=LEGEND, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def figure2(panels: dict[str, list[dict]], path: str, title: str) -> None:
-    """The paper's Figure 2: one panel per setting (e.g. batch size), stacked compute / exposed bars.
+def figure2(panels: dict[str, list[dict]], path: str, title: str, columns: int = 3) -> None:
+    """The paper's Figure 2: one panel per setting (e.g. link and batch size), stacked compute /
+    exposed bars, `columns` panels a row, one legend for all.
 
     Args:
       panels: {panel title: rows as `runtime_bars` takes them}.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8))
-    for ax, (name, rows) in zip(list(axes) if len(panels) > 1 else [axes], panels.items(), strict=True):
-        compute = [r["compute_s"] for r in rows]
-        exposed = [r["exposed_s"] for r in rows]
-        totals = [c + e for c, e in zip(compute, exposed, strict=True)]
-        top = 2.5 * sorted(totals)[len(totals) // 2]  # an outlier (FedCyBGD) would flatten every other bar
-        ax.bar([r["label"] for r in rows], compute, color="#4c72b0", label="computation")
-        ax.bar([r["label"] for r in rows], exposed, bottom=compute, color="#c9a227", label="exposed communication")
-        for i, total in enumerate(totals):
-            if total > top:
-                ax.text(i, top * 0.97, f"{total:.0f}", ha="center", va="top", fontsize=6, rotation=90, color="white")
-        ax.set_ylim(0, top)
-        ax.set_title(name + " (bars above the axis: total written in them)", fontsize=8)
-        ax.tick_params(axis="x", labelsize=6, rotation=90)
-    axes_list = list(axes) if len(panels) > 1 else [axes]
-    axes_list[0].set_ylabel("modelled seconds, whole run")
-    axes_list[0].legend(fontsize=7, loc="upper left")
+    columns = min(columns, len(panels))
+    nrows = math.ceil(len(panels) / columns)
+    bars = max(len(rows) for rows in panels.values())
+    fig, axes = plt.subplots(
+        nrows, columns, figsize=(columns * max(3.2, 0.8 * bars), 2.7 * nrows + 0.8), layout="constrained", squeeze=False
+    )
+    for i, (name, rows) in enumerate(panels.items()):
+        ax = axes[i // columns][i % columns]
+        _stacked(ax, rows)
+        ax.set_title(name, fontsize=9)
+        if i % columns == 0:
+            ax.set_ylabel("modelled seconds, whole run", fontsize=8)
+    for ax in axes.flat[len(panels) :]:
+        ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    fig.legend(handles=LEGEND, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _wrap(text: str, width: int) -> str:
+    """`text` in lines of at most `width` characters, a figure and its unit ("2 MB/s") on one line."""
+    lines = [w for line in text.replace(" MB/s", "\u00a0MB/s").splitlines() for w in textwrap.wrap(line, width)]
+    return "\n".join(lines).replace("\u00a0", " ")
+
+
+def _stacked(ax, rows: list[dict]) -> None:
+    """Draws `rows` as stacked bars on `ax`, labels horizontal (wrapped), totals over the bars. A bar
+    over `OUTLIER` x the median total (FedCyBGD's sequential turns) would flatten every other bar:
+    the axis stops above the others and the cut bar's total is written in it, marked "cut"."""
+    labels = [r["label"] if "\n" in r["label"] else "\n".join(textwrap.wrap(r["label"], 12)) for r in rows]
+    compute = [r["compute_s"] for r in rows]
+    exposed = [r["exposed_s"] for r in rows]
+    totals = [c + e for c, e in zip(compute, exposed, strict=True)]
+    median = sorted(totals)[len(totals) // 2]
+    cut = [len(rows) > 2 and t > OUTLIER * median > 0 for t in totals]
+    shown = max([t for t, c in zip(totals, cut, strict=True) if not c] or [1.0])
+    top = 1.3 * shown if any(cut) else 1.2 * max(totals or [1.0])
+    x = range(len(rows))
+    ax.bar(x, compute, color=COMPUTE)
+    ax.bar(x, exposed, bottom=compute, color=EXPOSED)
+    for i, (total, is_cut) in enumerate(zip(totals, cut, strict=True)):
+        text = f"{total:.3g}" if total < 10 else f"{total:.1f}" if total < 1000 else f"{total:.0f}"  # as the tables
+        if is_cut:
+            ax.text(i, 0.97 * top, f"{text}\n(cut)", ha="center", va="top", fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.0})  # fmt: skip
+        else:
+            ax.text(i, total + 0.01 * top, text, ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, top)
+    ax.set_xticks(list(x), labels, fontsize=8)
+    ax.tick_params(axis="y", labelsize=8)

@@ -24,36 +24,68 @@ def modeled_timeline(fed: FedConfig, partition: Partition, links: list[Link], hi
     (its upload and the download of round r's aggregate) overlaps the compute of its next s_i rounds
     and ends in round r + s_i: the row of round t shows the exchange of round t - s_i, exposed as
     far as those s_i rounds' compute does not cover it. With s_i = 0 (FedBCD, FedCyBGD, ...) the
-    exchange follows the compute and is all exposed. An asynchronous algorithm (FedBuff) models
-    its own rows.
+    exchange follows the compute and is all exposed. The exchanges of the last s_i rounds end after
+    the last round: `flush_timeline`'s rows. An asynchronous algorithm (FedBuff) models its own rows.
     """
     m = history[-1]
     if "modeled_rows" in m:
         return m["modeled_rows"]
-    itemsize = wire.WIRE_DTYPES[fed.wire_dtype].itemsize
     rows = []
     for c in range(fed.num_clients):
         s = fed.stalenesses[c]
-        compute = _of(m["client_compute_s"], c, 0.0)
-        up = down = 0
-        if len(history) > s:
-            ex = history[-1 - s]  # the round whose exchange ends now
-            n = partition.blocks[ex["block"]].params  # metrics written before params_up existed
-            ups = ex.get("bytes_up") or [itemsize * v for v in ex.get("params_up", [n] * len(ex["clients"]))]
-            up = dict(zip(ex["clients"], ups, strict=True)).get(c, 0)
-            if "bytes_down" in ex:
-                down = ex["bytes_down"]
-            else:  # values: an int for every client, or per client
-                down = ex.get("params_down", n)
-                down = {k: itemsize * v for k, v in down.items()} if isinstance(down, dict) else itemsize * down
-            down = _of(down, c, 0) if isinstance(down, dict) else down
-        comm_s = (links[c].seconds(up) if up else 0.0) + (links[c].seconds(down) if down else 0.0)
+        up, down, comm_s = _exchange(fed, partition, links[c], history[-1 - s], c) if len(history) > s else (0, 0, 0.0)
         covered = sum(_of(h["client_compute_s"], c, 0.0) for h in history[len(history) - s :]) if s else 0.0
         rows.append(
-            {"round": m["round"], "client": c, "block": m["block"], "compute_s": compute, "comm_s": comm_s,
-             "exposed_wait_s": max(0.0, comm_s - covered), "bytes_up": up, "bytes_down": down, "modeled": True}
+            {"round": m["round"], "client": c, "block": m["block"], "compute_s": _of(m["client_compute_s"], c, 0.0),
+             "comm_s": comm_s, "exposed_wait_s": max(0.0, comm_s - covered), "bytes_up": up, "bytes_down": down,
+             "modeled": True}
         )  # fmt: skip
     return rows
+
+
+def flush_timeline(fed: FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
+    """The final flush's timeline rows (`"round": "flush"`, as a deployed client writes), one per client
+    with s_i >= 1, after the rows of the whole run `history`: the exchanges of its last s_i rounds,
+    which end after the last round (round T-1's upload, the downloads of the final aggregates).
+
+    No compute runs in the flush: each exchange is exposed as far as the compute of the rounds after
+    its own that did run does not cover it (as `modeled_timeline` would show it, with the rounds T,
+    T+1, ... computing nothing), so with s_i = 1 all of it. FedBCD and the other s = 0 methods have
+    no flush; an asynchronous run (FedBuff) ends with its last apply: none either.
+    """
+    if not history or "modeled_rows" in history[-1]:
+        return []
+    rows, last = [], len(history)
+    for c in range(fed.num_clients):
+        s = fed.stalenesses[c]
+        if not s:
+            continue
+        row = {"round": "flush", "client": c, "block": history[-1]["block"], "compute_s": 0.0, "comm_s": 0.0,
+               "exposed_wait_s": 0.0, "bytes_up": 0, "bytes_down": 0, "modeled": True}  # fmt: skip
+        for r in range(max(0, last - s), last):
+            up, down, comm_s = _exchange(fed, partition, links[c], history[r], c)
+            covered = sum(_of(h["client_compute_s"], c, 0.0) for h in history[r + 1 :])
+            row["bytes_up"] += up
+            row["bytes_down"] += down
+            row["comm_s"] += comm_s
+            row["exposed_wait_s"] += max(0.0, comm_s - covered)
+        rows.append(row)
+    return rows
+
+
+def _exchange(fed: FedConfig, partition: Partition, link: Link, ex: dict, client: int) -> tuple[int, int, float]:
+    """(bytes up, bytes down, seconds over `link`) of `client`'s exchange of round `ex` (its metrics)."""
+    itemsize = wire.WIRE_DTYPES[fed.wire_dtype].itemsize
+    n = partition.blocks[ex["block"]].params  # metrics written before params_up existed
+    ups = ex.get("bytes_up") or [itemsize * v for v in ex.get("params_up", [n] * len(ex["clients"]))]
+    up = dict(zip(ex["clients"], ups, strict=True)).get(client, 0)
+    if "bytes_down" in ex:
+        down = ex["bytes_down"]
+    else:  # values: an int for every client, or per client
+        down = ex.get("params_down", n)
+        down = {k: itemsize * v for k, v in down.items()} if isinstance(down, dict) else itemsize * down
+    down = _of(down, client, 0) if isinstance(down, dict) else down
+    return up, down, (link.seconds(up) if up else 0.0) + (link.seconds(down) if down else 0.0)
 
 
 def _of(per_client: dict, client: int, default):
@@ -62,8 +94,10 @@ def _of(per_client: dict, client: int, default):
 
 
 def replay(fed: FedConfig, partition: Partition, links: list[Link], history: list[dict]) -> list[dict]:
-    """Every round's modelled timeline rows of a run's metrics, as training wrote them round by round."""
-    return [row for i in range(len(history)) for row in modeled_timeline(fed, partition, links, history[: i + 1])]
+    """Every round's modelled timeline rows of a whole run's metrics and its flush's, as training writes
+    them (metrics written before the flush had rows replay with them too)."""
+    rows = [row for i in range(len(history)) for row in modeled_timeline(fed, partition, links, history[: i + 1])]
+    return rows + flush_timeline(fed, partition, links, history)
 
 
 def slowest_per_round(rows: list[dict]) -> tuple[float, float]:
