@@ -55,8 +55,10 @@ def main():
     parser.add_argument("--memory-gb", type=float, default=0.0, help="memory in place of the table's")
     parser.add_argument("--mfu", type=float, default=plan.DEFAULT_MFU, help="model FLOPs utilisation assumed")
     parser.add_argument("--bandwidth", default="100MBps", help="each client's link, e.g. 100MBps, 1Gbps")
-    parser.add_argument("--algorithms", default=",".join(plan.ALGORITHMS))
-    parser.add_argument("--levers", choices=("none", "some", "all"), default="none")
+    parser.add_argument("--algorithms", default=",".join(plan.ALGORITHMS), help="comma-separated algorithms to plan")
+    parser.add_argument(
+        "--levers", choices=("none", "some", "all"), default="none", help="memory levers to compile and compare"
+    )
     parser.add_argument("--steps-from", default=None, help="a plan.json whose compiled steps to reuse (no compiling)")
     parser.add_argument("--out", default=None, help="default: runs/plan/<config>-<devices>")
     config, args = runtime.parse_args(parser)

@@ -337,7 +337,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", required=True, help=f"{', '.join(paper.ORDER)}, fig2 or all")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: the config's seed, +1, ...")
-    parser.add_argument("--workdir", default="runs/paper")
+    parser.add_argument("--workdir", default="runs/paper", help="one subdirectory per cell")
     parser.add_argument("--compute-s", type=float, default=0.6, help="every client's modelled compute per round")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (each is its own process)")
     parser.add_argument("--report-only", action="store_true", help="report the finished cells; train nothing")

@@ -113,10 +113,10 @@ def test_a_run_modelled_without_training():
     config = small_config("rounds=4", "blocks.layers_per_block=1")  # 3 clients, 2 blocks
     round_s = [1.0, 0.5]
     fed = runtime.fed_config(config)
-    schedule = [schedule.choose_block(fed, t, 2) for t in range(4)]
+    blocks_trained = [schedule.choose_block(fed, t, 2) for t in range(4)]
     pb = compare.modeled_run(config, "parablock", 1.0, round_s)  # 1 MB/s: a block takes ~0.1-0.2 s
     bcd = compare.modeled_run(config, "fedbcd", 1.0, round_s)
-    assert pb["compute_s"] == bcd["compute_s"] == sum(round_s[b] for b in schedule)
+    assert pb["compute_s"] == bcd["compute_s"] == sum(round_s[b] for b in blocks_trained)
     assert bcd["exposed_s"] > 0 and pb["exposed_s"] < bcd["exposed_s"]
     cyc = compare.modeled_run(config, "fedcybgd", 1.0, round_s)  # 4 rounds x 3 clients = 12 turns
     assert cyc["compute_s"] == sum(round_s[(t % 3) % 2] for t in range(12)) and cyc["exposed_s"] > 0

@@ -75,6 +75,8 @@ def _attacker(store_url, context, keys, fed, part, params, stop):
     a wrong shape, a huge norm, and a replay of its round-2 upload; each must be rejected."""
     store = transport.Store(store_url, context)
     c1, c2 = signing.Keys(str(keys / "client_1")), signing.Keys(str(keys / "client_2"))
+    # It holds client 2's key, so it can join as client 2 (a never-joined client's slot is not read at all)
+    store.put_json(transport.ready_key(2), c2.seal({"kind": "ready", "client": 2}))
     for t in range(fed.rounds):
         plan = store.wait_json(transport.plan_key(t), 30, "plan")
         if stop.is_set():

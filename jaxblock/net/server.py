@@ -70,6 +70,7 @@ def serve(
     try:
         if not run.resumed:
             _wait_for_clients(store, fed, comm, run.policy, keys)
+        run.joined = transport.ready_clients(store, keys)  # a client that never joined is not waited for
         for t in range(first, final_merge(fed) + 1):  # the rounds, then the final flush
             if t < fed.rounds:
                 store.put_json(transport.plan_key(t), seal({**plans[t], "kind": "plan", "round": t}))
@@ -108,6 +109,7 @@ class _Run:
     plans: dict
     state: dict
     resumed: bool = False
+    joined: set | None = None  # the clients ready when round 0 started (a resumed server: all of them)
     # round -> its clients left out so far (weights renormalise without them); kept in checkpoints
     lost: dict = dataclasses.field(default_factory=dict)
 
@@ -137,9 +139,12 @@ def _reduce_uploads(run: _Run, r: int, t: int, due: list[int], signed: dict):
     who left out: (merged, left_out, down)."""
     fed, plan = run.algo.fed, run.plans[r]
     params = run.state["params"]
+    never = [c for c in due if run.joined is not None and c not in run.joined]
     accepted, left_out = _collect(
-        run.algo, run.partition, params, r, plan["block"], due, run.store, run.comm, run.policy, run.keys
-    )
+        run.algo, run.partition, params, r, plan["block"], [c for c in due if c not in never], run.store, run.comm,
+        run.policy, run.keys, planned=len(due),
+    )  # fmt: skip
+    left_out.update({c: "missing: never joined the run (no ready marker)" for c in never})
     before = [*run.lost.get(r, []), *left_out]
 
     def weights_of(kept, bad):
@@ -202,7 +207,7 @@ def _published(store: Store, keys, r: int, t: int, signed: dict, partition, para
     return list(manifest["merged"]), {int(c): why for c, why in manifest.get("left_out", {}).items()}, agg
 
 
-def _collect(algo, partition, params, r, block, clients, store: Store, comm: CommConfig, policy, keys):
+def _collect(algo, partition, params, r, block, clients, store: Store, comm: CommConfig, policy, keys, planned=None):
     """Round r's uploads from `clients`, each checked as it arrives: ({client: update}, {client: reason}).
 
     Silence is measured against the peers: a client that has sent nothing `comm.timeout_s` after the
@@ -217,7 +222,7 @@ def _collect(algo, partition, params, r, block, clients, store: Store, comm: Com
         return leaves, min(limit, int(policy.max_upload_mb * 1e6)) if policy.max_upload_mb else limit
 
     accepted, left_out, waiting = {}, {}, list(clients)
-    need = min(policy.min_clients, len(clients))
+    need = min(policy.min_clients, planned or len(clients))  # of the round's clients, joined or not
     start, first, poll = time.perf_counter(), None, 0.001
     while waiting:
         for c in list(waiting):
@@ -248,7 +253,7 @@ def _collect(algo, partition, params, r, block, clients, store: Store, comm: Com
         silent = ", ".join(str(c) for c in waiting)
         raise transport.TransportTimeout(
             f"round {r}: client {silent} sent no update: nothing after {2 * comm.timeout_s:g}s, and {arrived} of "
-            f"{len(clients)} updates are fewer than comm.min_clients={policy.min_clients}"
+            f"{planned or len(clients)} updates are fewer than comm.min_clients={policy.min_clients}"
         )
     left_out.update({c: f"missing: no update within {comm.timeout_s:g}s" for c in waiting})
     for c in left_out:
