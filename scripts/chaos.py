@@ -200,7 +200,7 @@ def report(args, procs, injected, starts, store_url):
     import jax
     import numpy as np
 
-    from jaxblock.fed import loop, schedule, transforms, validate
+    from jaxblock.fed import exchange, schedule, transforms, validate
     from jaxblock.net import receive, transport
     from jaxblock.run import checkpoint, compare, experiment
 
@@ -209,7 +209,7 @@ def report(args, procs, injected, starts, store_url):
     fed, part = run.fed, run.partition
     store = transport.Store(store_url)
     rows = compare.read_jsonl(os.path.join(args.workdir, "server", "metrics.jsonl"))
-    algo = loop.algorithms.REGISTRY[fed.algorithm]
+    algo = run.algorithm
     plans = {t: {"block": algo.choose_block(fed, t, part.num_blocks), "clients": algo.participants(fed, t)}
              for t in range(fed.rounds)}  # fmt: skip
     params, lost = run.params, {}
@@ -227,10 +227,12 @@ def report(args, procs, injected, starts, store_url):
                     f"{transport.delta_prefix(r, c)}/COMMIT"), expected, validate.upload_bytes(expected))
                 for c in merged
             ]  # fmt: skip
-            deltas = loop.dense_uploads(fed, part, params, block, deltas)
             weights = schedule.merge_weights(fed, plans[r]["clients"], merged, run.client_sizes, lost.get(r, []))
-            agg = jax.device_get(loop.aggregate_deltas(deltas, weights, fed.wire_dtype))
-            params = loop.apply_aggregate(params, part, block, agg, fed.eta)
+            dense = transforms.reduce(
+                fed.transforms, dict(zip(merged, deltas, strict=True)), shapes, lambda d: list(d.values())
+            )
+            agg = jax.device_get(exchange.on_wire(run.algorithm.reduce(dense, weights, merged), fed.wire_dtype))
+            params = run.algorithm.apply(params, part, block, agg, fed.eta)
     mgr = checkpoint.manager(os.path.join(args.workdir, "server"), read_only=True)
     state, _, _ = checkpoint.restore_newest(mgr, run.abstract_params(), part)
     mine, theirs = jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(jax.device_get(state["params"]))

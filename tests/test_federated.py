@@ -119,16 +119,16 @@ def run_core(fed, params, clients, *, rules=RULES, optimizer=None, client_batch=
     optimizer = optimizer or optax.sgd(LR)
     trainer = loop.make_trainer(fed, toy_loss, batches_fn, part, optimizer, client_batch=client_batch)
     state = lean.init_state(fed, params)
-    servers, client_models, schedule, parts, deltas = [], [], [], [], []
+    servers, client_models, trained_blocks, parts, deltas = [], [], [], [], []
     for _ in range(fed.rounds):
         state, m = loop.run_round(trainer, state)
-        schedule.append(m["block"])
+        trained_blocks.append(m["block"])
         parts.append(m["clients"])
         deltas.append(state["pending"].get(m["round"], {}).get("deltas"))
         servers.append(state["params"])
         client_models.append([lean.client_params(state, part, i, fed.eta) for i in range(fed.num_clients)])
     final = loop.flush(trainer, state)
-    return servers, client_models, final, schedule, parts, part, batches_fn
+    return servers, client_models, final, trained_blocks, parts, part, batches_fn
 
 
 def _close(a, b, tol=1e-6):
