@@ -103,8 +103,8 @@ def test_a_model_override_that_the_checkpoint_would_ignore_is_refused(tmp_path):
             r"^--step 2: .* has no checkpoints yet$",
         ),
         (
-            lambda wd, tmp: experiment.serve(small_config("algorithm=fedbuff"), wd, f"file://{tmp}/store"),
-            r"^algorithm='fedbuff': the multi-process runtime does not run it; use the simulator$",
+            lambda wd, tmp: experiment.serve(small_config("schedule=gradient"), wd, f"file://{tmp}/store"),
+            r"^schedule='gradient' needs the server to see data: use the simulator$",
         ),
         (
             lambda wd, tmp: experiment.train(small_config("sim.client_batch=2", "mesh.data=-1"), wd, progress=False),

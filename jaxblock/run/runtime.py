@@ -174,6 +174,8 @@ class _DefaultsShown(argparse.HelpFormatter):
 def add_config_help(parser: argparse.ArgumentParser) -> None:
     """Shows `--config FILE` and `--config.KEY=VALUE` in --help (they are parsed apart, by
     `split_config_args`), and every option's default."""
+    if "--config" in parser._option_string_actions:  # a parser parsed before (tests reuse one)
+        return
     parser.formatter_class = _DefaultsShown
     group = parser.add_argument_group("run config (parsed before the options above)")
     group.add_argument(
