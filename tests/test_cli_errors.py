@@ -48,3 +48,26 @@ def test_bench_runs_bad_runs_are_one_line_exit_2(item, message):
     proc = _run("bench_runs.py", "--runs", item)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {message}"
+
+
+def test_a_client_with_a_missing_keys_directory_says_so_at_once(tmp_path):
+    """Before it waits for a server (there is none here): one line, exit 2, nothing written."""
+    store = tmp_path / "store"
+    proc = _run("client.py", "--config", TINY, "--client-id", "0", "--store", f"file://{store}",
+                "--workdir", str(tmp_path / "c"), f"--config.comm.keys={tmp_path / 'nokeys'}", timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert proc.stderr.strip().splitlines()[-1].endswith("no such directory (make keys with scripts/keys.py)")
+    assert not (tmp_path / "c").exists() and not store.exists()
+
+
+@pytest.mark.parametrize(
+    "script", ["train.py", "server.py", "client.py", "plan.py", "reproduce.py", "blocks.py", "demo.py"]
+)
+def test_help_shows_the_config_arguments_and_defaults(script):
+    proc = _run(script, "--help")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    text = " ".join(proc.stdout.split())
+    assert "--config FILE" in text and "--config.KEY VALUE" in text
+    assert all(name in text for name in ("parablock", "fedbcd", "fedcybgd", "fedbuff", "flora"))
+    if script in ("train.py", "server.py", "client.py", "demo.py"):
+        assert "--workdir" in text and ("(default: runs/" in text or "default: runs/<config name>" in text)

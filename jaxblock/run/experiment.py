@@ -573,6 +573,7 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     if not 0 <= client_id < config.num_clients:
         raise ValueError(f"--client-id {client_id}: the run has clients 0..{config.num_clients - 1}")
     cc = comm_config(config, store_url)
+    cc.load_keys()  # a missing or wrong keys directory is said now, not once the server has started
     store = transport.Store(cc.store)
     if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
         raise ValueError(f"--store {cc.store} holds a finished run (server/done): start a new run on an empty store")
