@@ -93,11 +93,6 @@ def wire_leaves(transforms, like: dict, wire_dtype: str) -> Leaves:
     return (transforms[-1] if transforms else Transform()).wire_leaves(like, wire_dtype)
 
 
-def value_leaves(tree: dict) -> list:
-    """An upload's floating leaves (integer ones, such as top-k's indices, say where, not how much)."""
-    return [x for x in jax.tree.leaves(tree) if not jnp.issubdtype(x.dtype, jnp.integer)]
-
-
 # ----------------------------------------------------------------------------- top-k
 
 
