@@ -61,6 +61,23 @@ def test_a_client_with_a_missing_keys_directory_says_so_at_once(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "setting, line",
+    [
+        ("data.path", "data.path={missing}: no such file"),
+        ("hf_checkpoint", "hf_checkpoint={missing}: no such directory (a local HF checkpoint or tokenizer)"),
+    ],
+)
+def test_a_client_with_a_missing_data_file_or_base_model_says_so_at_once(tmp_path, setting, line):
+    """Its files are checked before it waits for a server (there is none here): one line, exit 2."""
+    store, missing = tmp_path / "store", tmp_path / "gone"
+    proc = _run("client.py", "--config", TINY, "--client-id", "0", "--store", f"file://{store}",
+                "--workdir", str(tmp_path / "c"), f"--config.{setting}={missing}", timeout=120)  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert proc.stderr.strip().splitlines()[-1].endswith(line.format(missing=missing)), proc.stderr[-1500:]
+    assert not (tmp_path / "c").exists() and not store.exists()
+
+
+@pytest.mark.parametrize(
     "script", ["train.py", "server.py", "client.py", "plan.py", "reproduce.py", "blocks.py", "demo.py"]
 )
 def test_help_shows_the_config_arguments_and_defaults(script):

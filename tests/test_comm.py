@@ -220,14 +220,14 @@ def test_the_last_client_to_ack_deletes_the_round():
     for t in range(2):
         store.put_json(transport.plan_key(t), {"block": t, "clients": [0, 1]})
         store.publish(transport.aggregate_prefix(t, t + 1), {"w": np.ones(3, np.float32)})
-    net_client._release(store, 1, 1, fed)
+    net_client._release(store, 1, 1, fed, {0, 1})
     assert store.acked(1) == {1} and store.get_json(transport.plan_key(0)) is not None  # client 0 still needs it
-    net_client._release(store, 0, 1, fed)
+    net_client._release(store, 0, 1, fed, {0, 1})
     assert {k.split("/")[0] for k in store.keys("round/")} == {"1"}  # round 0 gone, round 1 untouched
     store.delete_round(0)  # both clients saw every ack and both delete: harmless
     for t in (2, 3):  # round 2's acks delete round 1; the last merge's, every round left
-        net_client._release(store, 0, t, fed)
-        net_client._release(store, 1, t, fed)
+        net_client._release(store, 0, t, fed, {0, 1})
+        net_client._release(store, 1, t, fed, {0, 1})
     assert store.keys("round/") == []
 
 
@@ -243,10 +243,11 @@ def test_holds_a_run_after_cleanup():
 def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(staleness):
     """Client 2 of 3 never runs: it never joined, so no round waits for it; the record names
     it, and after every round each live client holds exactly the server model and its own deltas
-    not yet merged (the lean form)."""
+    not yet merged (the lean form). The clients that joined clean the store without its acks."""
     params, clients = toy_params(), toy_clients(3)
     part = blocks.partition(params, RULES)
     fed = algorithms.configure(rounds=4, num_clients=3, local_steps=2, staleness=staleness)
+    store = transport.Store("memory://")
     server_at = {t: jax.device_get(params) for t in range(staleness)}  # nothing merges before round s's end
     seen, merges = [], []
 
@@ -255,7 +256,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
 
     server, replicas = comm.run_in_threads(
         fed, params, part, local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS),
-        transport.Store("memory://"), comm.CommConfig(timeout_s=1.0), clients=[0, 1], on_merge=merges.append,
+        store, comm.CommConfig(timeout_s=1.0), clients=[0, 1], on_merge=merges.append,
         on_aggregate=lambda state: server_at.__setitem__(state["round"] + staleness - 1, jax.device_get(state["params"])),
         on_absorb=absorbed,
     )  # fmt: skip
@@ -272,6 +273,7 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
         assert pending == [r for r in range(max(0, t - staleness + 1), min(t, fed.rounds - 1) + 1)], (client, t)
     for replica in replicas.values():
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(replica), jax.device_get(server))
+    assert store.keys("round/") == [] and store.keys("ready/") == []  # clean, though client 2 never acked
 
 
 @pytest.mark.parametrize("staleness", [1, 2])
@@ -380,7 +382,8 @@ def test_a_client_with_other_settings_refuses_to_start_listing_them(tmp_path):
     settings = experiment.agreed_settings(config)
     store.put_json("server/config", {"hash": experiment.settings_hash(settings), "settings": settings})
     other = ["--config.optimizer.learning_rate=0.5", "--config.local_steps=7", "--config.seed=3"]
-    mine = ["--config.data.path=/elsewhere/train.jsonl", "--config.comm.timeout_s=9"]  # a client's own: allowed
+    (tmp_path / "train.jsonl").write_text("")  # a client's own data file (it must exist: checked before joining)
+    mine = [f"--config.data.path={tmp_path / 'train.jsonl'}", "--config.comm.timeout_s=9"]  # a client's own: allowed
     bad = _start("client.py", *other, *mine, "--store", store.url, "--client-id", "0", "--workdir", str(tmp_path))
     _, err = bad.communicate(timeout=120)
     assert bad.returncode == 2

@@ -103,17 +103,18 @@ def _checked_plan(plan, t: int, fed: FedConfig, partition: Partition, keys) -> d
         and 0 <= plan["block"] < partition.num_blocks
         and isinstance(plan.get("clients"), list)
         and all(isinstance(c, int) and 0 <= c < fed.num_clients for c in plan["clients"])
+        and all(isinstance(c, int) and 0 <= c < fed.num_clients for c in plan.get("joined", []))
     )
     if not ok:
         raise RuntimeError(f"round {t}: the plan in the store is not the server's ({json.dumps(plan)[:120]})")
     return plan
 
 
-def _release(store: Store, client: int, t: int, fed: FedConfig) -> None:
-    """Acks the merges of round t; the client that sees every ack deletes round t - max s (and, after
-    the last merge, every round left): see the module docstring."""
+def _release(store: Store, client: int, t: int, fed: FedConfig, joined: set[int]) -> None:
+    """Acks the merges of round t; the client that sees the ack of every client that joined the run
+    deletes round t - max s (and, after the last merge, every round left): see the module docstring."""
     store.put_json(transport.ack_key(t, client), {})
-    if store.acked(t) >= set(range(fed.num_clients)):
+    if store.acked(t) >= joined:
         s, last = fed.effective_staleness, final_merge(fed)
         if t == last:  # the last merge: every round left
             done = range(max(0, t - s), last + 1)
@@ -315,7 +316,9 @@ class _Client:
                  "pending": replica["pending"], "extra": self.extra}
             )  # fmt: skip
         if not self.comm.keep_rounds:  # its own thread: neither the compute nor the next upload waits for a delete
-            self.releases.append(self.cleaner.submit(_release, self.store, self.client, t, fed))
+            plan = self.plans[min(t, fed.rounds - 1)]  # who joined: a server's plan says (older ones: everyone)
+            joined = set(plan.get("joined", range(fed.num_clients)))
+            self.releases.append(self.cleaner.submit(_release, self.store, self.client, t, fed, joined))
 
     def row(self, t, block, compute_s, comm_s, exposed_s, up, down, losses) -> None:
         if self.hooks["on_round"] is not None:

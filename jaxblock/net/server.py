@@ -70,10 +70,13 @@ def serve(
     try:
         if not run.resumed:
             _wait_for_clients(store, fed, comm, run.policy, keys)
-        run.joined = transport.ready_clients(store, keys)  # a client that never joined is not waited for
+        # A client that never joined is not waited for, and the plans say who joined: clients count
+        # acks against that list (a run whose client never came still leaves a clean store).
+        run.joined = run.joined or transport.ready_clients(store, keys)
         for t in range(first, final_merge(fed) + 1):  # the rounds, then the final flush
             if t < fed.rounds:
-                store.put_json(transport.plan_key(t), seal({**plans[t], "kind": "plan", "round": t}))
+                plan = {**plans[t], "joined": sorted(run.joined), "kind": "plan", "round": t}
+                store.put_json(transport.plan_key(t), seal(plan))
             row = {"round": t, "merged": [], "left_out": []}
             for r, due in merged_at(fed, t, plans):
                 merged, left_out = _merge(run, r, t, due)
@@ -84,7 +87,8 @@ def serve(
             done = t - fed.effective_staleness + 1  # rounds whose every delta is merged
             if done >= 1:
                 run.state["round"] = done
-                run.state["extra_meta"] = {"lost": {str(r): v for r, v in run.lost.items() if v and r >= done - 1}}
+                lost = {str(r): v for r, v in run.lost.items() if v and r >= done - 1}
+                run.state["extra_meta"] = {"lost": lost, "joined": sorted(run.joined)}
                 if on_aggregate is not None:
                     on_aggregate(run.state)
     except BaseException as e:  # every failure is published: no client waits for a dead server
@@ -114,7 +118,9 @@ class _Run:
     lost: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
-        self.lost = {int(r): v for r, v in self.state.get("extra_meta", {}).get("lost", {}).items()}
+        meta = self.state.get("extra_meta", {})
+        self.lost = {int(r): v for r, v in meta.get("lost", {}).items()}
+        self.joined = set(meta["joined"]) if "joined" in meta else None  # a resumed server: as it was
 
 
 def _merge(run: _Run, r: int, t: int, due: list[int]) -> tuple[list[int], dict[int, str]]:

@@ -574,6 +574,7 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
         raise ValueError(f"--client-id {client_id}: the run has clients 0..{config.num_clients - 1}")
     cc = comm_config(config, store_url)
     cc.load_keys()  # a missing or wrong keys directory is said now, not once the server has started
+    check_local_files(config)  # so are its data and base model
     store = transport.Store(cc.store)
     if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
         raise ValueError(f"--store {cc.store} holds a finished run (server/done): start a new run on an empty store")
@@ -582,6 +583,22 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
         return _client(config, client_id, workdir, cc, store)
     finally:
         held.release()
+
+
+def _local_path(value: str) -> bool:
+    """A setting that names a file on this machine (not a hub repo id such as 'org/name')."""
+    return value.startswith(("/", "./", "../", "~")) or os.path.exists(os.path.expanduser(value))
+
+
+def check_local_files(config: ml_collections.ConfigDict) -> None:
+    """Every local file a party reads (its data file, base model, tokenizer) exists: a client says so
+    before it joins a run, not after the server has started and waited for it."""
+    if config.data.path and not os.path.isfile(os.path.expanduser(config.data.path)):
+        raise ValueError(f"data.path={config.data.path}: no such file")
+    for key in ("hf_checkpoint", "data.tokenizer"):
+        value = config.hf_checkpoint if key == "hf_checkpoint" else config.data.tokenizer
+        if value and _local_path(value) and not os.path.isdir(os.path.expanduser(value)):
+            raise ValueError(f"{key}={value}: no such directory (a local HF checkpoint or tokenizer)")
 
 
 def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc, store) -> dict:
