@@ -6,6 +6,9 @@ one jitted `lax.scan` over a `[K, ...]` stack of batches that differentiates the
 constants baked into the executable), with optimizer state created fresh on every call for the
 block's leaves only. Because only the block is differentiated, no gradient is computed for a
 frozen leaf and no backward pass runs through the layers below the block.
+
+With `dp=DPSGD(clip_norm, noise_multiplier)` every step is a DP-SGD step (Abadi et al. 2016) on the
+block: per-example gradients, each clipped to norm C, summed, Gaussian noise of std z*C added.
 """
 
 from __future__ import annotations
@@ -132,17 +135,86 @@ def lm_loss(cfg: ModelConfig, layout: Layout | None = None, loss_chunk: int = 0)
     return loss_fn
 
 
+# ----------------------------------------------------------------------------- DP-SGD
+
+
+@dataclasses.dataclass(frozen=True)
+class DPSGD:
+    """Record-level DP-SGD of the local steps: clip each example's gradient to `clip_norm` (C),
+    add N(0, (noise_multiplier * C)^2) per coordinate to their sum."""
+
+    clip_norm: float
+    noise_multiplier: float
+
+    def __post_init__(self):
+        if not self.clip_norm > 0:
+            raise ValueError(f"dp.clip_norm={self.clip_norm}: must be > 0")
+        if not self.noise_multiplier >= 0:
+            raise ValueError(f"dp.noise_multiplier={self.noise_multiplier}: must be >= 0")
+
+
+def per_example_gradients(loss_fn: LossFn, block: dict, frozen: dict, batch: dict) -> tuple[jax.Array, dict]:
+    """([B] losses, the block's gradient of each example: leaves [B, *leaf]); each example is
+    its own batch of 1, so loss_fn sees [1, T]. Only the block is differentiated."""
+
+    def example_loss(blk, example):
+        return loss_fn(merge(blk, frozen), jax.tree.map(lambda x: x[None], example))
+
+    return jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0))(block, batch)
+
+
+def clip_per_example(grads: dict, clip_norm: float) -> dict:
+    """Each example's gradient (leaves [B, ...]) scaled to global L2 norm <= clip_norm over all
+    leaves: g * min(1, C / (||g|| + tiny)), so one under C passes unchanged."""
+    sq = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree.leaves(grads))  # [B]
+    scale = jnp.minimum(1.0, clip_norm / (jnp.sqrt(sq) + jnp.finfo(jnp.float32).tiny))  # [B]
+    return jax.tree.map(lambda g: g * scale.reshape(-1, *([1] * (g.ndim - 1))), grads)
+
+
+def gaussian_noise(tree: dict, std: float, noise_key: jax.Array) -> dict:
+    """N(0, std^2) per coordinate, shaped as `tree`; noise_key: uint32 [2] threefry key data,
+    split into one key per leaf."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.wrap_key_data(noise_key, impl="threefry2x32"), len(leaves))
+    return treedef.unflatten([std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+
+
+def dp_gradient(loss_fn: LossFn, block: dict, frozen: dict, batch: dict, dp: DPSGD) -> tuple[jax.Array, dict]:
+    """(mean per-example loss, DP-SGD gradient of the block) for one step's batch of B examples:
+    (sum of clipped per-example gradients + N(0, (z C)^2)) / B.
+
+    `batch` holds the model inputs ([B, ...]) and `noise_key` (uint32 [2]), which loss_fn never sees.
+    The B per-example gradients take B x the block's size in memory: affordable because only the
+    active block is differentiated, which is the point of block-coordinate DP. With z = 0 and C
+    above every gradient's norm this is the mean of per-example gradients; for `lm_loss` that is the
+    batch gradient when every example has as many target tokens (the batch loss weights examples
+    by their target counts).
+    """
+    inputs = {name: x for name, x in batch.items() if name != "noise_key"}
+    losses, grads = per_example_gradients(loss_fn, block, frozen, inputs)
+    summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), clip_per_example(grads, dp.clip_norm))
+    noise = gaussian_noise(summed, dp.noise_multiplier * dp.clip_norm, batch["noise_key"])
+    b = losses.shape[0]
+    return jnp.mean(losses), jax.tree.map(lambda g, n: (g + n) / b, summed, noise)
+
+
 # ----------------------------------------------------------------------------- local training
 
 
-def train_step(loss_fn: LossFn, optimizer, block: dict, frozen: dict, opt_state, batch: dict, lr_scale=1.0):
+def train_step(
+    loss_fn: LossFn, optimizer, block: dict, frozen: dict, opt_state, batch: dict, lr_scale=1.0, dp: DPSGD | None = None
+):
     """One optimizer step on the block: gradient with respect to `block` only.
 
     Returns (block, opt_state, loss). The block is float32 (a master copy); the model casts it
     to its compute dtype where it is used. `lr_scale` multiplies the step (for AdamW and SGD,
-    exactly a learning rate times lr_scale): the federated run's decay across rounds.
+    exactly a learning rate times lr_scale): the federated run's decay across rounds. With `dp`,
+    the gradient is `dp_gradient`'s and the loss the mean of the per-example losses.
     """
-    loss, grads = jax.value_and_grad(lambda blk: loss_fn(merge(blk, frozen), batch))(block)
+    if dp is None:
+        loss, grads = jax.value_and_grad(lambda blk: loss_fn(merge(blk, frozen), batch))(block)
+    else:
+        loss, grads = dp_gradient(loss_fn, block, frozen, batch, dp)
     updates, opt_state = optimizer.update(grads, opt_state, block)
     updates = jax.tree.map(lambda u: u * lr_scale, updates)
     return optax.apply_updates(block, updates), opt_state, loss
@@ -155,6 +227,7 @@ def make_local_train(
     layout: Layout | None = None,
     param_shardings: dict | None = None,
     batch_axes: tuple[str, ...] = ("activation_batch", "activation_length"),
+    dp: DPSGD | None = None,
 ):
     """Builds `train(block, frozen, batches, lr_scale=1.0) -> (delta, losses)`.
 
@@ -164,6 +237,8 @@ def make_local_train(
       layout, param_shardings: with a mesh, the shardings of the full params tree (e.g.
         `layout.tree_shardings(model.logical_axes(cfg))`); each call's block and frozen shardings
         are cut from it, batches are sharded by `batch_axes` after the leading K axis.
+      dp: every step a DP-SGD step (`dp_gradient`); batches then hold `noise_key` uint32 [K, 2]
+        (`data.make_sampled_batches_fn`), one key per step, replicated under a mesh.
     Returns:
       `train`, where batches is a pytree of [K, ...] arrays (K = local steps), lr_scale multiplies
       every step (a traced scalar: a new value does not recompile), delta has the block's
@@ -183,13 +258,14 @@ def make_local_train(
 
         def step(carry, batch):
             blk, state = carry
-            blk, state, loss = train_step(loss_fn, optimizer, blk, frozen, state, batch, lr_scale)
+            blk, state, loss = train_step(loss_fn, optimizer, blk, frozen, state, batch, lr_scale, dp)
             return (blk, state), loss
 
         (final, _), losses = jax.lax.scan(step, (master, opt_state), batches)
         return jax.tree.map(jnp.subtract, final, master), losses
 
     def train(block: dict, frozen: dict, batches: dict, lr_scale: float = 1.0):
+        _check_noise_key(batches, dp)
         key = (jax.tree.structure(block), jax.tree.structure(frozen), jax.tree.structure(batches))
         if key not in executables:
             if layout is None:
@@ -198,6 +274,8 @@ def make_local_train(
                 block_sh = subtree_like(param_shardings, block)
                 frozen_sh = subtree_like(param_shardings, frozen)
                 batch_sh = jax.tree.map(lambda x: layout.sharding((None, *batch_axes[: x.ndim - 1])), batches)
+                if "noise_key" in batches:  # [K, 2], not a batch axis: every device draws the same noise
+                    batch_sh["noise_key"] = layout.replicated
                 executables[key] = jax.jit(
                     run,
                     in_shardings=(block_sh, frozen_sh, batch_sh, layout.replicated),
@@ -216,6 +294,8 @@ def make_local_train(
         only the leaves no block contains, so that a block has one executable."""
         if layout is not None and layout.mesh.size > 1:
             raise ValueError("make_local_train: batched clients run on one device (sim.client_batch=1 under a mesh)")
+        for b in batches:
+            _check_noise_key(b, dp)
         shared = jax.tree.map(lambda _: True, frozens[0]) if shared is None else shared
         block_axes, block = _shared_or_stacked(blocks, jax.tree.map(lambda _: False, blocks[0]))
         frozen_axes, frozen = _shared_or_stacked(frozens, shared)
@@ -231,6 +311,11 @@ def make_local_train(
     train.batched = batched
     train.compilations = lambda: traces[0]
     return train
+
+
+def _check_noise_key(batches: dict, dp: DPSGD | None) -> None:
+    if dp is not None and "noise_key" not in batches:
+        raise ValueError("make_local_train(dp=...): batches need 'noise_key' uint32 [K, 2] (make_sampled_batches_fn)")
 
 
 def _unstack(deltas: dict, losses: jax.Array, m: int) -> list[tuple[dict, jax.Array]]:
