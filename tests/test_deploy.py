@@ -21,6 +21,15 @@ CASES = {
     "fedcybgd": ["--config.algorithm=fedcybgd", "--config.rounds=4"],
     # FedIT: FedAvg of LoRA adapters carried by the server model
     "fedit": ["--config.algorithm=fedit", "--config.rounds=2"],
+    # ParaBlock with client-level DP, central noise (issue 28): clipped uploads, the server's noise on
+    # the sum drawn from its secret seed (the simulator is given the same one)
+    "parablock_dp": [
+        "--config.dp.level=client",
+        "--config.dp.noise_multiplier=0.8",
+        "--config.dp.clip_norm=0.05",
+        "--config.dp.noise_seed=11",
+        "--config.rounds=2",
+    ],
 }
 
 
@@ -64,6 +73,11 @@ def test_server_and_client_processes_equal_the_simulator_bitwise(algorithm, tmp_
             row = json.loads(line)
             sim_rounds[row["round"]] = row["clients"]
     assert merged == sim_rounds  # the same clients merged in every round (FedCyBGD: one, in turn)
+    summaries = [json.load(open(tmp_path / d / "summary.json")) for d in ("server", "sim")]  # noqa: SIM115
+    assert summaries[0].get("dp") == summaries[1].get("dp")  # the same budget spent (DP runs)
+    if algorithm.endswith("_dp"):  # the server's rows say what the merged rounds have spent
+        assert [m["epsilon"] for m in merges][-1] == summaries[0]["dp"]["epsilon"] > merges[0]["epsilon"]
+    assert ("dp" in summaries[0]) == algorithm.endswith("_dp") and summaries[0].get("dp", {"epsilon": 1})["epsilon"] > 0
     report(f"deployment {algorithm}: server + 2 client processes vs the simulator, final model bitwise equal "
            f"({len(jax.tree.leaves(deployed))} leaves, {step_a} rounds)")  # fmt: skip
 

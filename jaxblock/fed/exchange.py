@@ -66,7 +66,8 @@ def server_side(
         kept = [c for c in dense if c not in bad]
         if not kept:
             return Result(None, [], bad)
-        down = algorithm.reduce([dense[c] for c in kept], weights_of(kept, list(bad)), kept)
+        uploads, weights = [dense[c] for c in kept], weights_of(kept, list(bad))
+        down = transforms_lib.aggregate(fed.transforms, algorithm, uploads, weights, kept, round_)
         return Result(on_wire(down, fed.wire_dtype), kept, bad)
 
     return lambda received: transforms_lib.reduce(fed.transforms, received, like, reduce)

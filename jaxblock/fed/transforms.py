@@ -12,6 +12,8 @@ transform below it sent (default: `decode` each one) and calls `inner` on them; 
 cannot decode one upload alone (secure aggregation: masks cancel only in the sum) overrides
 `reduce`. `wire_leaves(like, wire_dtype)` describes what the server must receive (shapes, dtypes,
 index bounds), so that every exchange validates an upload before it reads its values.
+`aggregate(algorithm, uploads, weights, clients, round_)` may replace the algorithm's reduce of the
+accepted uploads (client-level DP: fixed weights 1/M and the server's noise).
 
 A transform is a frozen dataclass of its settings; its client state lives in the run state under
 `state['extra'][transform.key]` ({'c<client>': ...}) and is checkpointed with it. The round loop
@@ -55,6 +57,11 @@ class Transform:
     def reduce(self, uploads: dict[int, dict], like: dict, inner: Callable[[dict[int, dict]], object]):
         return inner({c: self.decode(u, like) for c, u in uploads.items()})
 
+    def aggregate(self, algorithm, uploads: list[dict], weights, clients: list[int], round_: int) -> dict | None:
+        """What the server sends down from the accepted dense uploads, if this transform decides it
+        (client-level DP: fixed weights and noise); None: the algorithm's `reduce` does."""
+        return None
+
     def wire_leaves(self, like: dict, wire_dtype: str) -> Leaves:
         """The leaves an upload of a block of shapes `like` holds on the wire."""
         dtype = WIRE_DTYPES[wire_dtype].name
@@ -85,6 +92,16 @@ def reduce(transforms, uploads: dict[int, dict], like: dict, inner: Callable[[di
     for t, shapes in zip(transforms, likes, strict=True):  # inner-most first: t1 wraps the algorithm's reduce
         inner = functools.partial(t.reduce, like=shapes, inner=inner)
     return inner(uploads)
+
+
+def aggregate(transforms, algorithm, uploads: list[dict], weights, clients: list[int], round_: int) -> dict:
+    """The server's down from the accepted uploads: the outermost transform that decides it, else
+    the algorithm's `reduce`."""
+    for t in reversed(transforms):
+        down = t.aggregate(algorithm, uploads, weights, clients, round_)
+        if down is not None:
+            return down
+    return algorithm.reduce(uploads, weights, clients)
 
 
 def wire_leaves(transforms, like: dict, wire_dtype: str) -> Leaves:

@@ -368,6 +368,15 @@ def base_config() -> ml_collections.ConfigDict:
     # may change it on resume.
     config.sim = ml_collections.ConfigDict({"client_batch": 0})
     config.checkpoint = ml_collections.ConfigDict({"interval": 1, "max_to_keep": 3})
+    # Differential privacy (jaxblock/fed/privacy.py): level 'record' (DP-SGD on each client's block:
+    # per-example clipping to clip_norm, Gaussian noise) or 'client' (each upload clipped, the server
+    # adds noise to the sum: noise 'central', or each client its share: 'distributed'). Give z
+    # (noise_multiplier) or target_epsilon at delta (z calibrated for the whole run); accounted with
+    # dp-accounting's RDP accountant. noise_seed: the noise's secret (-1: random, kept in workdir/dp_secret).
+    config.dp = ml_collections.ConfigDict(
+        {"level": "none", "noise": "central", "noise_multiplier": 0.0, "target_epsilon": 0.0, "delta": 1e-5,
+         "clip_norm": 1.0, "accountant": "rdp", "noise_seed": -1}
+    )  # fmt: skip
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'
     # The communication runtime (scripts/server.py, scripts/client.py, bench_overlap.py).
     config.comm = ml_collections.ConfigDict(

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jaxblock.fed import algorithms, data, local, loop, validate, wire
+from jaxblock.fed import algorithms, data, local, loop, privacy, validate, wire
 from jaxblock.fed.blocks import Partition, subtree_like
 from jaxblock.fed.config import FedConfig
 from jaxblock.model import hf_io, lora
@@ -103,9 +103,22 @@ class Setup:
     partition_table: str
     policy: validate.Policy
     client_batch: int = 1  # the simulator's clients trained at once (loop.client_batch_size)
+    dp: privacy.DPConfig = privacy.DPConfig()
+    noise_multiplier: float = 0.0  # z of a DP run (given, or calibrated to dp.target_epsilon)
+    noise_seed: int = 0  # this party's DP secret (privacy.secret_seed)
+    fixed_batches_fn: loop.BatchesFn | None = None  # the data in order (train_loss): batches_fn may sample
+    batch_size: int = 1
 
     def local_train(self):
-        return local.make_local_train(self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings)
+        dp = local.DPSGD(self.dp.clip_norm, self.noise_multiplier) if self.dp.level == "record" else None
+        return local.make_local_train(
+            self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings, dp=dp
+        )
+
+    def budget(self, rounds: int) -> dict:
+        """What rounds [0, rounds) of this DP run spent (privacy.budget)."""
+        return privacy.budget(self.dp, self.fed, self.algorithm, self.noise_multiplier, rounds,
+                              self.client_sizes, self.batch_size)  # fmt: skip
 
     def trainer(self, exchange=None, links=None) -> loop.Trainer:
         return loop.Trainer(
@@ -122,11 +135,11 @@ def abstract(params: dict) -> dict:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
 
 
-def setup(config: ml_collections.ConfigDict) -> Setup:
+def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setup:
     """Builds the model, data, partition and optimizer of a run config (validated at the boundary).
 
     Writes nothing: every mistake in the config, the base model or the data is found here, before
-    a workdir is touched.
+    a workdir is touched. `workdir`: where a DP run keeps this party's noise secret (read, if there).
     """
     config_lib.validate(config)
     runtime.setup_jax(config)
@@ -144,23 +157,33 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
         )
     cfg, params = runtime.load_model(config, layout)
     fed = runtime.fed_config(config)
-    algorithm = runtime.make_algorithm(config, cfg)
+    dp = privacy.from_config(config.get("dp"))
+    privacy.check(dp, fed, algorithms.REGISTRY[fed.algorithm])
+    clients, table = client_data(config, cfg)
+    sizes = np.array([len(c["tokens"]) for c in clients])
+    fed, z, seed = _private(dp, fed, sizes, config.batch_size, workdir)
+    algorithm = algorithms.make(fed, cfg, runtime.lora_config(config))
     shardings = layout.tree_shardings(runtime.logical_axes(config, cfg))
     layers = runtime.layer_partition(config, cfg, params)
     params = algorithm.server_params(params)  # LoRA methods: adapters beside the frozen kernels
     params = jax.device_put(params, subtree_like(shardings, params))
     partition = algorithm.partition(params, layers)
-    clients, table = client_data(config, cfg)
+    in_order = data.make_batches_fn(clients, config.batch_size, seed=config.seed)
     return Setup(
-        policy=runtime.policy(config),
+        policy=privacy.policy(runtime.policy(config), dp),
         fed=fed,
         algorithm=algorithm,
         cfg=cfg,
         layout=layout,
         params=params,
         partition=partition,
-        batches_fn=data.make_batches_fn(clients, config.batch_size, seed=config.seed),
-        client_sizes=np.array([len(c["tokens"]) for c in clients]),
+        batches_fn=data.make_sampled_batches_fn(clients, config.batch_size, seed) if dp.level == "record" else in_order,
+        fixed_batches_fn=in_order,
+        batch_size=config.batch_size,
+        client_sizes=sizes,
+        dp=dp,
+        noise_multiplier=z,
+        noise_seed=seed,
         loss_fn=local.lm_loss(cfg, layout),
         optimizer=local.make_optimizer(runtime.optimizer_config(config), fed.local_steps),
         shardings=shardings,
@@ -175,6 +198,20 @@ def setup(config: ml_collections.ConfigDict) -> Setup:
     )
 
 
+def _private(dp: privacy.DPConfig, fed: FedConfig, client_sizes, batch_size: int, workdir: str | None):
+    """(fed with client-level DP's transform, z, this party's noise seed) of a DP run; DP off: (fed, 0, 0)."""
+    if not dp.on:
+        return fed, 0.0, 0
+    cls = algorithms.REGISTRY[fed.algorithm]
+    z = privacy.noise_multiplier(dp, fed, cls, client_sizes, batch_size)
+    seed = privacy.secret_seed(dp, workdir)
+    if dp.level == "client":
+        per_round = len(cls.participants(fed, 0))  # M: the sampled clients (a rota's one)
+        clip = privacy.ClientDP(dp.clip_norm, z, dp.noise, per_round, seed)
+        fed = dataclasses.replace(fed, transforms=(*fed.transforms, clip))
+    return fed, z, seed
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, step: int | None = None) -> dict:
     """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary.
 
@@ -184,7 +221,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     """
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} is a file, not a directory")
-    run = setup(config)  # every user error is raised here, before anything is written
+    run = setup(config, workdir)  # every user error is raised here, before anything is written
+    privacy.keep_secret(run.dp, workdir, run.noise_seed)
     fed = run.fed
     links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
@@ -265,6 +303,8 @@ def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, sa
     fed, write_row = run.fed, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
 
     def log(state, metrics):
+        if run.dp.on:  # what the run has spent so far
+            metrics["epsilon"] = run.budget(state["round"])["epsilon"]
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(metrics) + "\n")
         history.append(metrics)
@@ -304,8 +344,9 @@ def _summary(run: Setup, config, workdir: str, state: dict, history: list, wall_
         "wall_s": wall_s,
         **{f"per_client_{k}": v for k, v in totals.items()},
         "modeled_wall_s": timeline.modeled_wall_s(timeline_path, history),
-        "final_train_loss": train_loss(run.loss_fn, state["params"], run.batches_fn, fed.num_clients),
+        "final_train_loss": train_loss(run.loss_fn, state["params"], run.fixed_batches_fn, fed.num_clients),
         "fed": fed.flat(),
+        **({"dp": run.budget(fed.rounds)} if run.dp.on else {}),
     }
 
 
@@ -331,6 +372,7 @@ RESUMABLE_KEYS = (
 PER_PARTY_KEYS = (
     "comm.keys",
     "comm.server_timeout_s",
+    "dp.noise_seed",  # each party's secret
     *RESUMABLE_KEYS,
     "hf_checkpoint",
     "data.path",
@@ -476,7 +518,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     command after the server stopped (killed, crashed) resumes: from the workdir's newest checkpoint
     (none: from round 0), on the store that holds this run, while the clients wait for it.
     """
-    run = setup(config)
+    run = setup(config, workdir)
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
     cc = comm_config(config, store_url)
@@ -506,6 +548,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     elif os.path.isdir(checkpoint.directory(workdir)):
         raise ValueError(f"--workdir {workdir} holds checkpoints but --store {cc.store} no run: use the run's store")
     write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
+    privacy.keep_secret(run.dp, workdir, run.noise_seed)
     store.put_json("server/config", keys.seal(published) if keys else published)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     start = time.perf_counter()
@@ -529,6 +572,8 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
             )  # fmt: skip
         else:
             log = functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl"), start=start)
+            if run.dp.on:
+                log = functools.partial(_with_epsilon, run, log)
             params = comm.serve(
                 run.fed, run.params, run.partition, store, cc, client_sizes=run.client_sizes, policy=run.policy,
                 on_aggregate=save, on_merge=log, state=state, algorithm=run.algorithm,
@@ -543,12 +588,19 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         "rounds": run.fed.rounds,
         "num_clients": run.fed.num_clients,
         "wall_s": time.perf_counter() - start,
-        "final_train_loss": train_loss(run.loss_fn, params, run.batches_fn, run.fed.num_clients),
+        "final_train_loss": train_loss(run.loss_fn, params, run.fixed_batches_fn, run.fed.num_clients),
         "store": cc.store,
+        **({"dp": run.budget(run.fed.rounds)} if run.dp.on else {}),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary
+
+
+def _with_epsilon(run: Setup, log, row: dict) -> None:
+    """The server's row of the end of round t, with what the rounds merged by then have spent."""
+    done = min(max(row["round"] - run.fed.effective_staleness + 1, 0), run.fed.rounds)
+    log({**row, "epsilon": run.budget(done)["epsilon"]})
 
 
 def log_merge(path: str, row: dict, start: float | None = None) -> None:
@@ -612,10 +664,12 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
         except signing.BadSignature as e:
             raise RunFailed(f"the server's config in the store is not the server's ({e})") from None
     check_agreement(published, config)
-    run = setup(config)
+    own = os.path.join(workdir, f"client_{client_id}")  # its checkpoints and its DP secret
+    run = setup(config, own)
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
     os.makedirs(workdir, exist_ok=True)
+    privacy.keep_secret(run.dp, own, run.noise_seed)
     write_row = _with_a_line(client_id, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl")))
     if run.algorithm.asynchronous:  # its state is {n, data position}: a JSON file, not a model
         try:

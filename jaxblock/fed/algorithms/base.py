@@ -11,6 +11,7 @@ it differs from FedBCD; `loop.run_round` is the one round loop that calls them:
     client_model    the model a client trains from (FLoRA: the server's plus a fresh adapter)
     upload          what a client sends up (FedBCD: its block delta)
     reduce          what the server sends down, from the uploads (FedBCD: their weighted mean)
+    private_reduce  reduce with client-level DP's noise (FedBCD: on the sum; FLoRA: on each adapter)
     apply           how the server and every client fold that into the model (FedBCD: block += eta * mean)
     wire_params     how many values cross the wire, up per client and down, for the link model
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -68,6 +70,14 @@ class Algorithm:
 
     def reduce(self, uploads: list[dict], weights: np.ndarray, clients: list[int]) -> dict:
         return weighted_sum(uploads, jnp.asarray(weights, jnp.float32))
+
+    def private_reduce(self, uploads: list[dict], weights: np.ndarray, clients: list[int], noise) -> dict:
+        """`reduce` with the Gaussian noise of client-level DP: `noise(tree, i=0)` draws N(0, (zC)^2)
+        per coordinate (draw i: independent of the others). A weighted sum gets it on the sum, so the
+        mean (weights 1/M) gets noise / M."""
+        down = self.reduce(uploads, weights, clients)
+        scale = float(weights[0]) if len(weights) else 0.0  # DP weights are all 1/M
+        return jax.tree.map(lambda d, n: d + scale * n, down, noise(down))
 
     def apply(self, params: dict, partition: blocks_lib.Partition, block_id: int, down: dict, eta: float) -> dict:
         return apply_aggregate(params, partition, block_id, down, eta)

@@ -1,0 +1,326 @@
+"""Differential privacy: its settings, the client-level transform, and the accounting.
+
+Two levels (`DPConfig.level`), both accounted with dp-accounting under replace-one adjacency:
+
+  record   DP-SGD inside each client's block training (`local.DPSGD`): every local step samples
+           B of the client's n_i examples without replacement, clips each example's gradient of
+           the active block to C, adds N(0, (zC)^2) to the sum and divides by B. The unit of
+           privacy is one record of one client; each client's epsilon is its own guarantee.
+  client   each participating client clips its whole upload to C (`ClientDP.encode`); the server
+           adds N(0, (zC)^2) to the sum and divides by the fixed number of sampled clients M
+           (`ClientDP.aggregate`), or each client adds N(0, z^2 C^2 / M) before it uploads
+           (`noise='distributed'`, for secure aggregation). The unit is a whole client.
+
+Sensitivity: under replace-one adjacency a clipped sum moves by up to 2C (one term of norm <= C
+replaced by another), so noise of standard deviation zC is a Gaussian mechanism of noise multiplier
+z / 2 relative to that sensitivity; the events below carry z / 2 (`GaussianDpEvent(z)` would assume
+sensitivity C, true only for add/remove). The subsampling amplification assumes that the adversary
+does not know which records (record level: the client's secret sampling seed) or clients (client
+level: the round plans, which the server sees: central DP trusts the server) a step used.
+
+Noise is drawn from `noise_seed`, a secret of the party that adds it (the server for central noise,
+each client for its own): whoever knows it can subtract the noise. -1 (the default) makes a random
+one and keeps it in the party's workdir (`dp_secret`), so that a resumed run draws the same noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxblock.fed.transforms import Transform
+
+LEVELS = ("none", "record", "client")
+NOISES = ("central", "distributed")
+ACCOUNTANTS = ("rdp", "pld")
+SECRET_FILE = "dp_secret"
+
+
+@dataclasses.dataclass(frozen=True)
+class DPConfig:
+    """The `dp` section of a run config (`--config.dp.*`)."""
+
+    level: str = "none"  # 'none', 'record' (DP-SGD in each client) or 'client' (clip uploads, noise the sum)
+    noise: str = "central"  # client level: 'central' (the server adds it) or 'distributed' (each client)
+    noise_multiplier: float = 0.0  # z: noise std / clip norm; 0 with target_epsilon: calibrated
+    target_epsilon: float = 0.0  # calibrate z so the whole run spends this much (at `delta`)
+    delta: float = 1e-5
+    clip_norm: float = 1.0  # C: per-example gradient (record) or per-client upload (client) L2 bound
+    accountant: str = "rdp"  # 'rdp'; 'pld' is refused with its reason (see `check`)
+    noise_seed: int = -1  # the noise's secret seed; -1: random, kept in the workdir's dp_secret
+
+    def __post_init__(self):
+        for name, choices in (("level", LEVELS), ("noise", NOISES), ("accountant", ACCOUNTANTS)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"dp.{name}={getattr(self, name)!r}: choose one of {', '.join(choices)}")
+        if not self.on:
+            return
+        if not self.clip_norm > 0:
+            raise ValueError(f"dp.clip_norm={self.clip_norm}: must be > 0")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"dp.delta={self.delta}: must be in (0, 1)")
+        if self.noise_multiplier < 0 or self.target_epsilon < 0:
+            raise ValueError("dp.noise_multiplier and dp.target_epsilon must be >= 0")
+        if (self.noise_multiplier > 0) == (self.target_epsilon > 0):
+            raise ValueError(
+                f"dp.level={self.level!r} needs one of dp.noise_multiplier (z) or dp.target_epsilon, not "
+                f"{'both' if self.noise_multiplier else 'neither'}"
+            )
+        if self.noise == "distributed" and self.level != "client":
+            raise ValueError("dp.noise='distributed' is a client-level setting (dp.level='client')")
+
+    @property
+    def on(self) -> bool:
+        return self.level != "none"
+
+    def public(self) -> dict:
+        """Its settings without the secret (for summaries, metrics and the store)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "noise_seed"}
+
+
+def from_config(section) -> DPConfig:
+    """The `dp` section of a run config (a run written before it existed: DP off)."""
+    return DPConfig(**(section.to_dict() if section is not None else {}))
+
+
+def secret_seed(dp: DPConfig, workdir: str | None) -> int:
+    """`dp.noise_seed`, or (-1) the random seed kept in `workdir`/dp_secret, or a new random one
+    (`keep_secret` writes it once the run's settings are checked): a resumed run draws the same
+    noise, and the seed never enters a file that is shared."""
+    if dp.noise_seed >= 0:
+        return dp.noise_seed
+    path = os.path.join(workdir, SECRET_FILE) if workdir else None
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return int(f.read().strip())
+    return secrets.randbits(63)
+
+
+def keep_secret(dp: DPConfig, workdir: str, seed: int) -> None:
+    """Writes a random `secret_seed` to `workdir`/dp_secret (mode 0600), if it is not there yet."""
+    path = os.path.join(workdir, SECRET_FILE)
+    if not dp.on or dp.noise_seed >= 0 or os.path.exists(path):
+        return
+    os.makedirs(workdir, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+        f.write(f"{seed}\n")
+
+
+# ----------------------------------------------------------------------------- client level
+
+
+def clip(tree: dict, clip_norm: float) -> dict:
+    """The tree scaled to L2 norm (over every leaf) at most `clip_norm`."""
+    leaves = jax.tree.leaves(tree)
+    norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
+    scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
+    return jax.tree.map(lambda x: x.astype(jnp.float32) * scale, tree)
+
+
+def gaussian_like(tree: dict, key: jax.Array, std: float) -> dict:
+    """N(0, std^2) per coordinate, float32, in `tree`'s shapes; one subkey per leaf (in tree order)."""
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, max(len(leaves), 1))
+    noise = [std * jax.random.normal(k, jnp.shape(x), jnp.float32) for k, x in zip(keys, leaves, strict=False)]
+    return treedef.unflatten(noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientDP(Transform):
+    """Client-level DP as an update transform.
+
+    Client: clip the upload to C (`noise='distributed'`: and add N(0, z^2 C^2 / M), keyed by the
+    client's seed and its upload count, kept in state['extra']['dp']). Server (`aggregate`): the
+    accepted uploads summed with the fixed weights 1/M, M = the round's sampled clients (never the
+    number that arrived), plus N(0, (zC)^2) / M keyed by (seed, round) for central noise.
+    """
+
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.0
+    noise: str = "central"
+    clients_per_round: int = 1  # M
+    seed: int = 0  # the adding party's secret (the server's for central, each client's for distributed)
+
+    @property
+    def key(self) -> str:  # distributed noise counts each client's uploads (its draws); central keeps nothing
+        return "dp" if self.noise == "distributed" else ""
+
+    def settings(self) -> dict:
+        return {"dp.level": "client", "dp.noise": self.noise, "dp.clip_norm": self.clip_norm,
+                "dp.noise_multiplier": self.noise_multiplier}  # fmt: skip
+
+    def encode(self, state, client, block, tree):
+        tree = clip(tree, self.clip_norm)
+        if self.noise != "distributed":
+            return tree, state
+        count = int(state.get(f"c{client}", 0))
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), client), count)
+        std = self.noise_multiplier * self.clip_norm / math.sqrt(self.clients_per_round)
+        noisy = jax.tree.map(jnp.add, tree, gaussian_like(tree, key, std))
+        return noisy, {**state, f"c{client}": np.asarray(count + 1, np.int64)}  # an array: checkpointed
+
+    def aggregate(self, algorithm, uploads, weights, clients, round_):
+        fixed = np.full(len(uploads), 1.0 / self.clients_per_round, np.float32)
+        if self.noise == "distributed":  # the clients' noise sums to N(0, (zC)^2)
+            return algorithm.reduce(uploads, fixed, clients)
+        key = jax.random.fold_in(jax.random.key(self.seed), round_)
+        std = self.noise_multiplier * self.clip_norm
+        noise = lambda like, i=0: gaussian_like(like, jax.random.fold_in(key, i), std)  # noqa: E731
+        return algorithm.private_reduce(uploads, fixed, clients, noise)
+
+
+def policy(base, dp: DPConfig):
+    """The validation policy of a run: with central client-level DP, an upload's norm must be at most
+    C (1% over: the wire's bfloat16 rounding), so a client that did not clip is rejected."""
+    if dp.level != "client" or dp.noise != "central":
+        return base
+    bound = dp.clip_norm * 1.01
+    return dataclasses.replace(base, max_delta_norm=min(base.max_delta_norm or bound, bound))
+
+
+# ----------------------------------------------------------------------------- accounting
+
+
+def record_event(examples: int, batch_size: int, z: float, steps: int) -> dp_accounting.DpEvent:
+    """A client's record-level DP-SGD: `steps` steps, each a sample of batch_size of its examples."""
+    step = dp_accounting.SampledWithoutReplacementDpEvent(examples, batch_size, dp_accounting.GaussianDpEvent(z / 2))
+    return dp_accounting.SelfComposedDpEvent(step, steps)
+
+
+def client_event(num_clients: int, per_round: int, z: float, rounds: int) -> dp_accounting.DpEvent:
+    """Client-level DP: `rounds` merges, each of a sample of per_round of num_clients clients."""
+    merge = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, per_round, dp_accounting.GaussianDpEvent(z / 2))
+    return dp_accounting.SelfComposedDpEvent(merge, rounds)
+
+
+def turns_event(z: float, rounds: int) -> dp_accounting.DpEvent:
+    """Client-level DP when participation is a fixed rota (FedCyBGD): no amplification, only the
+    rounds a client takes part in count."""
+    return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z / 2), rounds)
+
+
+def _accountant(name: str):
+    """A fresh accountant; `check` refuses 'pld' before a run gets here (see there)."""
+    if name != "rdp":
+        raise ValueError(f"dp.accountant={name!r}: only 'rdp' is built")
+    return dp_accounting.rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+
+
+def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
+    """The event's epsilon at `delta`; 0 for an event of no steps."""
+    acct = _accountant(accountant)
+    acct.compose(event)
+    return float(acct.get_epsilon(delta))
+
+
+def calibrate(make_event, target_epsilon: float, delta: float, accountant: str = "rdp") -> float:
+    """The smallest noise multiplier z whose `make_event(z)` spends at most `target_epsilon`."""
+    z = dp_accounting.calibrate_dp_mechanism(
+        lambda: _accountant(accountant), make_event, target_epsilon, delta,
+        dp_accounting.LowerEndpointAndGuess(1e-3, 1.0), tol=1e-4,
+    )  # fmt: skip
+    z = float(z)
+    while epsilon(make_event(z), delta, accountant) > target_epsilon:  # Brent's tolerance may land a hair above
+        z *= 1 + 1e-4
+    return z
+
+
+def _rounds_taken(fed, participants, rounds: int) -> np.ndarray:
+    """How many of rounds [0, rounds) each client takes part in (the plans are a function of the settings)."""
+    counts = np.zeros(fed.num_clients, np.int64)
+    for t in range(rounds):
+        counts[participants(fed, t)] += 1
+    return counts
+
+
+def events(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, batch_size: int) -> list:
+    """The DP events of rounds [0, rounds): one per client (record level: its own steps; client
+    level with a rota: the rounds it takes part in), or one for the run (client level, sampled)."""
+    taken = _rounds_taken(fed, algorithm.participants, rounds)
+    if dp.level == "record":
+        steps = taken * fed.local_steps
+        return [record_event(int(n), batch_size, z, int(k)) for n, k in zip(client_sizes, steps, strict=True)]
+    if algorithm.turns:
+        return [turns_event(z, int(k)) for k in taken]
+    return [client_event(fed.num_clients, fed.clients_per_round, z, rounds)]
+
+
+def budget(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, batch_size: int) -> dict:
+    """summary.json's `dp`: the settings and what rounds [0, rounds) spent."""
+    taken = _rounds_taken(fed, algorithm.participants, rounds)
+    run = events(dp, fed, algorithm, z, rounds, client_sizes, batch_size)
+    eps = [_epsilon_cached(e, dp.delta, dp.accountant) for e in run]
+    out = {**dp.public(), "noise_multiplier": z, "epsilon": max(eps)}
+    if dp.level == "record":
+        steps = [int(k) * fed.local_steps for k in taken]
+        out.update(epsilon_per_client=eps, examples_per_client=[int(n) for n in client_sizes], steps_per_client=steps)
+    else:
+        out.update(rounds_per_client=[int(k) for k in taken])
+    return out
+
+
+def noise_multiplier(dp: DPConfig, fed, algorithm, client_sizes, batch_size: int) -> float:
+    """z: `dp.noise_multiplier`, or the smallest z with which the whole run spends at most
+    `dp.target_epsilon` (record level: every client)."""
+    if dp.noise_multiplier > 0:
+        return dp.noise_multiplier
+    distinct = {}
+    for i, event in enumerate(events(dp, fed, algorithm, 1.0, fed.rounds, client_sizes, batch_size)):
+        distinct.setdefault(repr(event), i)  # clients alike (same examples and steps) calibrate once
+    zs = []
+    for i in distinct.values():
+        make = lambda z, i=i: events(dp, fed, algorithm, z, fed.rounds, client_sizes, batch_size)[i]  # noqa: E731
+        zs.append(calibrate(make, dp.target_epsilon, dp.delta, dp.accountant))
+    return max(zs)
+
+
+_BASE_RDP: dict = {}
+
+
+def _epsilon_cached(event, delta: float, accountant: str) -> float:
+    """`epsilon(event, delta)`, for the RDP accountant from a cache of each base event's RDP curve:
+    a self-composed event's RDP is count x its base's (as `RdpAccountant.compose` computes it), and a
+    run asks for the same base every round with one more step."""
+    count, base = (event.count, event.event) if isinstance(event, dp_accounting.SelfComposedDpEvent) else (1, event)
+    if count == 0:
+        return 0.0
+    if accountant != "rdp":
+        return epsilon(event, delta, accountant)
+    key = repr(base)
+    if key not in _BASE_RDP:
+        acct = _accountant("rdp")
+        acct.compose(base)
+        _BASE_RDP[key] = np.asarray(acct._rdp)  # dp-accounting keeps the curve on the accountant
+    orders = dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
+    eps, _ = dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(orders, count * _BASE_RDP[key], delta)
+    return float(eps)
+
+
+def check(dp: DPConfig, fed, algorithm) -> None:
+    """ValueError, in one line saying why, for a combination whose guarantee would not hold as stated."""
+    if not dp.on:
+        return
+    if algorithm.asynchronous:
+        raise ValueError(f"dp.level={dp.level!r} with algorithm={fed.algorithm!r}: an asynchronous buffer merges "
+                         "unequal numbers of late updates and a client's steps depend on timing, so no fixed "
+                         "event describes a merge; use a synchronous method")  # fmt: skip
+    others = [t for t in fed.transforms if not isinstance(t, ClientDP)]
+    if others and dp.level == "client":
+        raise ValueError(f"dp.level='client' with compression={fed.flat().get('compression')!r}: top-k picks "
+                         "coordinates from un-noised deltas, which the selection itself would reveal")  # fmt: skip
+    if dp.level == "client" and len(set(fed.stalenesses)) > 1:
+        raise ValueError("dp.level='client' with per-client staleness: a round's deltas merge in groups at "
+                         "different rounds, each of which would need its own noise and M")  # fmt: skip
+    if dp.level == "client" and fed.aggregation != "uniform":
+        raise ValueError(f"dp.level='client' weights every client 1/M; aggregation={fed.aggregation!r} would make "
+                         "a client's weight depend on its data")  # fmt: skip
+    if dp.accountant == "pld":
+        raise ValueError("dp.accountant='pld': dp-accounting's PLD accountant has no event for sampling "
+                         "without replacement under replace-one adjacency, jaxblock's sampling; use 'rdp'")  # fmt: skip

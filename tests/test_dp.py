@@ -1,0 +1,214 @@
+"""Differential privacy (issue 28): client-level clipping and noise as an update transform, the
+accounting against dp-accounting itself, calibration, resume, and the combinations refused.
+(Record-level DP-SGD inside the block step: tests/test_dp_local.py.)"""
+
+import json
+import os
+import subprocess
+import sys
+
+import dp_accounting
+import jax
+import numpy as np
+import pytest
+from test_train import SMALL, final_params, read_jsonl, small_config
+
+from jaxblock.fed import algorithms, privacy, transforms, validate
+from jaxblock.run import experiment
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+
+
+def _direct(event, delta):
+    """dp-accounting's own answer, with nothing of jaxblock's in between."""
+    acct = dp_accounting.rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
+    acct.compose(event)
+    return acct.get_epsilon(delta)
+
+
+def test_record_level_epsilon_is_dp_accountings_for_each_clients_own_steps():
+    """Half the clients take part each round, so clients differ in steps and in examples."""
+    fed = algorithms.configure(algorithm="fedbcd", rounds=6, num_clients=4, local_steps=3, participation=0.5)
+    algo, sizes, z = algorithms.REGISTRY["fedbcd"], [40, 25, 60, 33], 1.3
+    dp = privacy.DPConfig(level="record", noise_multiplier=z, delta=1e-5)
+    spent = privacy.budget(dp, fed, algo, z, 5, sizes, batch_size=4)
+    taken = [sum(c in algo.participants(fed, t) for t in range(5)) for c in range(4)]
+    assert spent["steps_per_client"] == [3 * k for k in taken] and len(set(taken)) > 1
+    for c in range(4):  # z / 2: noise std zC against the replace-one sensitivity 2C of a clipped sum
+        step = dp_accounting.SampledWithoutReplacementDpEvent(sizes[c], 4, dp_accounting.GaussianDpEvent(z / 2))
+        direct = _direct(dp_accounting.SelfComposedDpEvent(step, 3 * taken[c]), 1e-5)
+        assert spent["epsilon_per_client"][c] == pytest.approx(direct, rel=1e-12)
+    assert spent["epsilon"] == max(spent["epsilon_per_client"]) and spent["examples_per_client"] == sizes
+
+
+def test_client_level_epsilon_is_dp_accountings_and_a_rota_gets_no_amplification():
+    fed = algorithms.configure(algorithm="fedbcd", rounds=8, num_clients=20, participation=0.25)
+    dp = privacy.DPConfig(level="client", noise_multiplier=0.9)
+    spent = privacy.budget(dp, fed, algorithms.REGISTRY["fedbcd"], 0.9, 7, [1] * 20, 1)
+    sample = dp_accounting.SampledWithoutReplacementDpEvent(20, 5, dp_accounting.GaussianDpEvent(0.45))
+    assert spent["epsilon"] == pytest.approx(_direct(dp_accounting.SelfComposedDpEvent(sample, 7), 1e-5), rel=1e-12)
+    # FedCyBGD: client t mod N trains in round t, a public rota: only its own rounds count, unsampled
+    fed = algorithms.configure(algorithm="fedcybgd", rounds=8, num_clients=3)
+    spent = privacy.budget(dp, fed, algorithms.REGISTRY["fedcybgd"], 0.9, 8, [1] * 3, 1)
+    assert spent["rounds_per_client"] == [3, 3, 2]
+    plain = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(0.45), 3)
+    assert spent["epsilon"] == pytest.approx(_direct(plain, 1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("level", ["record", "client"])
+def test_calibration_meets_the_target_within_1_percent_from_below(level):
+    # record level: every client alike (one calibration); client level: 3 of 10 sampled a round
+    participation = 1.0 if level == "record" else 0.3
+    fed = algorithms.configure(
+        algorithm="parablock", rounds=10, num_clients=10, local_steps=5, participation=participation
+    )
+    dp = privacy.DPConfig(level=level, target_epsilon=4.0, delta=1e-5)
+    algo, sizes = algorithms.REGISTRY["parablock"], [200] * 10
+    z = privacy.noise_multiplier(dp, fed, algo, sizes, 8)
+    spent = privacy.budget(dp, fed, algo, z, fed.rounds, sizes, 8)["epsilon"]
+    assert 0.99 * 4.0 <= spent <= 4.0, (z, spent)
+
+
+def _uploads(m, size, scale):
+    rng = np.random.default_rng(0)
+    return [{"w": (scale * rng.standard_normal(size)).astype(np.float32)} for _ in range(m)]
+
+
+def test_the_servers_noise_has_the_std_of_the_formula_z_c_over_m():
+    """C tiny: the clipped mean is negligible beside N(0, (zC)^2) / M; weights are 1/M of the sampled
+    clients even when fewer arrive."""
+    z, c, m = 2.0, 1e-3, 5
+    dp = privacy.ClientDP(clip_norm=c, noise_multiplier=z, clients_per_round=m, seed=3)
+    fed = algorithms.configure(algorithm="fedbcd", num_clients=m)
+    algo = algorithms.make(fed)
+    clipped = [dp.encode({}, i, 0, u)[0] for i, u in enumerate(_uploads(4, 40_000, 1.0))]  # 4 of 5 arrived
+    assert all(validate.norm(u) <= c * (1 + 1e-6) for u in clipped)
+    down = transforms.aggregate((dp,), algo, clipped, np.full(4, 0.25), [0, 1, 2, 3], round_=7)
+    signal = sum(np.asarray(u["w"]) for u in clipped) / m
+    assert np.std(np.asarray(down["w"]) - signal) == pytest.approx(z * c / m, rel=0.05)
+    again = transforms.aggregate((dp,), algo, clipped, np.full(4, 0.25), [0, 1, 2, 3], round_=7)
+    other = transforms.aggregate((dp,), algo, clipped, np.full(4, 0.25), [0, 1, 2, 3], round_=8)
+    np.testing.assert_array_equal(down["w"], again["w"])  # a function of (secret, round): a resume redraws it
+    assert not np.array_equal(down["w"], other["w"])
+
+
+def test_distributed_noise_adds_up_to_the_central_std_and_each_draw_is_new():
+    z, c, m = 1.5, 1e-3, 4
+    dp = privacy.ClientDP(clip_norm=c, noise_multiplier=z, noise="distributed", clients_per_round=m, seed=3)
+    (u,) = _uploads(1, 40_000, 1.0)
+    first, state = dp.encode({}, 2, 0, u)
+    second, state = dp.encode(state, 2, 0, u)
+    clipped = privacy.clip(u, c)
+    for sent in (first, second):
+        assert np.std(np.asarray(sent["w"]) - np.asarray(clipped["w"])) == pytest.approx(z * c / np.sqrt(m), rel=0.05)
+    assert list(state) == ["c2"] and int(state["c2"]) == 2 and not np.array_equal(first["w"], second["w"])
+
+
+def test_flora_noises_each_adapter_on_its_own():
+    calls = []
+
+    def noise(tree, i=0):
+        calls.append(i)
+        return jax.tree.map(lambda x: np.full(np.shape(x), float(i + 1), np.float32), tree)
+
+    class Stack(algorithms.REGISTRY["flora"]):
+        def __post_init__(self):
+            pass
+
+        def reduce(self, uploads, weights, clients):
+            return uploads
+
+    out = Stack(None).private_reduce([{"a": np.zeros(2)}, {"a": np.zeros(2)}], np.full(2, 0.5), [0, 1], noise)
+    assert calls == [0, 1] and [float(o["a"][0]) for o in out] == [1.0, 2.0]
+
+
+def test_with_central_dp_the_server_rejects_an_upload_that_was_not_clipped():
+    policy = privacy.policy(validate.Policy(), privacy.DPConfig(level="client", noise_multiplier=1.0, clip_norm=2.0))
+    ok, big = {"w": np.full(4, 0.999, np.float32)}, {"w": np.full(4, 1.5, np.float32)}  # norms 1.998 and 3
+    bad = validate.screen({0: ok, 1: big}, policy)
+    assert list(bad) == [1] and bad[1].startswith("norm: 3 > ")
+    distributed = privacy.DPConfig(level="client", noise="distributed", noise_multiplier=1.0)
+    assert privacy.policy(validate.Policy(), distributed) == validate.Policy()  # noise makes norms exceed C
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("level", ["record", "client", "distributed"])
+def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path, monkeypatch, level):
+    """The stopped run draws a random secret (dp_secret, mode 0600) and reads it back on resume: it
+    ends where an uninterrupted run with that seed ends, bit for bit, having spent the same epsilon."""
+    noise = ["dp.level=client", "dp.noise=distributed"] if level == "distributed" else [f"dp.level={level}"]
+    extra = [*noise, "dp.noise_multiplier=1.1", "dp.clip_norm=0.5", "rounds=4"]
+    stopped = str(tmp_path / "stopped")
+    real, saved = experiment.checkpoint.save, []
+
+    def save_then_stop(mgr, *args, **kw):
+        real(mgr, *args, **kw)
+        saved.append(args[0]["round"])
+        if len(saved) == 2:
+            mgr.wait_until_finished()
+            raise _Stop
+
+    monkeypatch.setattr(experiment.checkpoint, "save", save_then_stop)
+    with pytest.raises(_Stop):
+        experiment.train(small_config(*extra), stopped, progress=False)
+    monkeypatch.undo()
+    secret = os.path.join(stopped, "dp_secret")
+    assert oct(os.stat(secret).st_mode & 0o777) == "0o600"
+    resumed = experiment.train(small_config(*extra), stopped, progress=False)
+    with open(secret) as f:
+        seed = int(f.read())
+    straight = experiment.train(
+        small_config(*extra, f"dp.noise_seed={seed}"), str(tmp_path / "straight"), progress=False
+    )
+    jax.tree.map(np.testing.assert_array_equal, final_params(stopped)[1], final_params(str(tmp_path / "straight"))[1])
+    assert resumed["dp"]["epsilon"] == straight["dp"]["epsilon"] > 0
+    eps = [m["epsilon"] for m in read_jsonl(os.path.join(stopped, "metrics.jsonl"))]
+    assert eps == [m["epsilon"] for m in read_jsonl(str(tmp_path / "straight" / "metrics.jsonl"))]
+    assert eps == sorted(eps) and eps[-1] == resumed["dp"]["epsilon"]
+    assert "noise_seed" not in json.dumps(resumed) and str(seed) not in json.dumps(resumed)  # the secret stays put
+
+
+@pytest.mark.parametrize(
+    "extra, line",
+    [
+        (["algorithm=fedbuff", "dp.level=client", "dp.noise_multiplier=1"], "an asynchronous buffer merges"),
+        (["compression=topk", "dp.level=client", "dp.noise_multiplier=1"], "top-k picks coordinates from un-noised"),
+        (["staleness=[1,2,1]", "dp.level=client", "dp.noise_multiplier=1"], "with per-client staleness"),
+        (["dp.level=client", "dp.noise_multiplier=1", "dp.accountant=pld"], "PLD accountant has no event"),
+        (["dp.level=record", "dp.noise_multiplier=1", "dp.target_epsilon=2"], "not both"),
+    ],
+    ids=["fedbuff", "topk", "per_client_staleness", "pld", "z_and_target"],
+)
+def test_a_combination_whose_guarantee_would_not_hold_is_one_line_exit_2(tmp_path, extra, line):
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py")]
+    cmd += [f"--config.{o}" for o in [*SMALL, *extra]] + ["--workdir", str(tmp_path / "run")]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and line in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("level", ["record", "client"])
+def test_every_synchronous_method_trains_at_both_levels(tmp_path, level):
+    """One round each (FedCyBGD: two turns): the run spends a positive epsilon, and the noise moves the
+    model away from the same run without DP. Record level: the methods whose trained leaves differ
+    (a layer block, adapters on the model, FLoRA's fresh adapters, a rota's own block)."""
+    methods = ["parablock", "fedbcd", "fedavg_full", "fedit", "ffa_lora", "flora", "fedcybgd"]
+    if level == "record":  # per-example gradients compile per method: ~8 s a run here
+        methods = ["parablock", "fedit", "flora", "fedcybgd"]
+    for algorithm in methods:
+        common = [f"algorithm={algorithm}", "rounds=2" if algorithm == "fedcybgd" else "rounds=1", "lora.rank=2"]
+        dp = [f"dp.level={level}", "dp.noise_multiplier=1.0", "dp.clip_norm=0.1", "dp.noise_seed=1"]
+        private = experiment.train(small_config(*common, *dp), str(tmp_path / algorithm), progress=False)
+        assert private["dp"]["epsilon"] > 0 and np.isfinite(private["final_train_loss"]), algorithm
+        if level == "client" or algorithm == "parablock":
+            experiment.train(small_config(*common), str(tmp_path / f"{algorithm}_plain"), progress=False)
+            a, b = final_params(str(tmp_path / algorithm))[1], final_params(str(tmp_path / f"{algorithm}_plain"))[1]
+            same = [np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
+            assert not all(same), algorithm
