@@ -11,7 +11,7 @@ import dp_accounting
 import jax
 import numpy as np
 import pytest
-from test_train import SMALL, final_params, read_jsonl, small_config
+from test_train import SMALL, final_params, read_jsonl, small_config, stopped_after_two_checkpoints
 
 from jaxblock.fed import algorithms, privacy, transforms, validate
 from jaxblock.run import experiment
@@ -132,10 +132,6 @@ def test_with_central_dp_the_server_rejects_an_upload_that_was_not_clipped():
     assert privacy.policy(validate.Policy(), distributed) == validate.Policy()  # noise makes norms exceed C
 
 
-class _Stop(Exception):
-    pass
-
-
 @pytest.mark.parametrize("level", ["record", "client", "distributed"])
 def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path, monkeypatch, level):
     """The stopped run draws a random secret (dp_secret, mode 0600) and reads it back on resume: it
@@ -143,19 +139,7 @@ def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path
     noise = ["dp.level=client", "dp.noise=distributed"] if level == "distributed" else [f"dp.level={level}"]
     extra = [*noise, "dp.noise_multiplier=1.1", "dp.clip_norm=0.5", "rounds=4"]
     stopped = str(tmp_path / "stopped")
-    real, saved = experiment.checkpoint.save, []
-
-    def save_then_stop(mgr, *args, **kw):
-        real(mgr, *args, **kw)
-        saved.append(args[0]["round"])
-        if len(saved) == 2:
-            mgr.wait_until_finished()
-            raise _Stop
-
-    monkeypatch.setattr(experiment.checkpoint, "save", save_then_stop)
-    with pytest.raises(_Stop):
-        experiment.train(small_config(*extra), stopped, progress=False)
-    monkeypatch.undo()
+    stopped_after_two_checkpoints(monkeypatch, small_config(*extra), stopped)
     secret = os.path.join(stopped, "dp_secret")
     assert oct(os.stat(secret).st_mode & 0o777) == "0o600"
     resumed = experiment.train(small_config(*extra), stopped, progress=False)

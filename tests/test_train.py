@@ -145,8 +145,27 @@ def test_killed_run_resumes_to_a_bit_identical_model(tmp_path, report):
     assert [(m["round"], m["block"], m["loss"]) for m in a] == [(m["round"], m["block"], m["loss"]) for m in b]
 
 
-class _Stop(Exception):
+class Stop(Exception):
     pass
+
+
+def stopped_after_two_checkpoints(monkeypatch, config, workdir) -> list:
+    """Runs `config` in `workdir` and stops it right after its 2nd checkpoint is written (as a kill
+    then would); returns the rounds it saved."""
+    real, saved = experiment.checkpoint.save, []
+
+    def save_then_stop(mgr, *args, **kw):
+        real(mgr, *args, **kw)
+        saved.append(args[0]["round"])
+        if len(saved) == 2:
+            mgr.wait_until_finished()
+            raise Stop
+
+    monkeypatch.setattr(experiment.checkpoint, "save", save_then_stop)
+    with pytest.raises(Stop):
+        experiment.train(config, workdir, progress=False)
+    monkeypatch.undo()
+    return saved
 
 
 @pytest.mark.parametrize(
@@ -162,19 +181,7 @@ def test_a_stopped_run_of_each_new_algorithm_resumes_bit_identically(tmp_path, m
     config = small_config("rounds=5", *extra)
     summary = experiment.train(config, str(tmp_path / "straight"), progress=False)
     _check_modeled_wall(str(tmp_path / "straight"), summary)
-    real, saved = experiment.checkpoint.save, []
-
-    def save_then_stop(mgr, *args, **kw):
-        real(mgr, *args, **kw)
-        saved.append(args[0]["round"])
-        if len(saved) == 2:
-            mgr.wait_until_finished()
-            raise _Stop
-
-    monkeypatch.setattr(experiment.checkpoint, "save", save_then_stop)
-    with pytest.raises(_Stop):
-        experiment.train(config, str(tmp_path / "stopped"), progress=False)
-    monkeypatch.undo()
+    saved = stopped_after_two_checkpoints(monkeypatch, config, str(tmp_path / "stopped"))
     experiment.train(config, str(tmp_path / "stopped"), progress=False)
     (step_a, a), (step_b, b) = final_params(str(tmp_path / "straight")), final_params(str(tmp_path / "stopped"))
     assert step_a == step_b == 5 and saved == [1, 2]
