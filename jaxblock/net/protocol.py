@@ -92,14 +92,35 @@ def upload_shapes(algorithm, partition: Partition, params: dict, round_: int, bl
         trained = partition.block(algorithm.client_model(params, client, round_), block)
         return algorithm.upload(trained, trained)
 
-    return jax.eval_shape(upload)
+    return _cached(("up", block, client), algorithm, partition, lambda: jax.eval_shape(upload))
 
 
 def down_shapes(algorithm, partition: Partition, params: dict, round_: int, block: int, clients: list[int]) -> dict:
     """The shapes of what the server sends down for `clients`' uploads (FLoRA: their stacked adapters)."""
-    ups = [upload_shapes(algorithm, partition, params, round_, block, c) for c in clients]
-    weights = np.full(len(clients), 1.0 / len(clients))
-    return jax.eval_shape(lambda u: algorithm.reduce(u, weights, clients), ups)
+
+    def down():
+        ups = [upload_shapes(algorithm, partition, params, round_, block, c) for c in clients]
+        weights = np.full(len(clients), 1.0 / len(clients))
+        return jax.eval_shape(lambda u: algorithm.reduce(u, weights, clients), ups)
+
+    return _cached(("down", block, tuple(clients)), algorithm, partition, down)
+
+
+_SHAPES: dict = {}
+
+
+def _cached(key: tuple, algorithm, partition: Partition, make):
+    """`make()`, once per (algorithm, partition, key): a shape is a function of the block and the
+    clients, never of the round (FLoRA's rank is the client's), and tracing one (~8 ms) every round on
+    the communication thread took CPU from the compute it overlaps. Entries hold their algorithm and
+    partition, so an id is never mistaken for a later object's."""
+    full = (id(algorithm), id(partition), *key)
+    hit = _SHAPES.get(full)
+    if hit is None or hit[0] is not algorithm or hit[1] is not partition:
+        if len(_SHAPES) > 4096:  # many runs in one process (tests): start again
+            _SHAPES.clear()
+        hit = _SHAPES[full] = (algorithm, partition, make())
+    return hit[2]
 
 
 def merged_at(fed: FedConfig, t: int, plans: dict) -> list[tuple[int, list[int]]]:
