@@ -14,13 +14,16 @@ Two levels (`DPConfig.level`), both accounted with dp-accounting under replace-o
 Sensitivity: under replace-one adjacency a clipped sum moves by up to 2C (one term of norm <= C
 replaced by another), so noise of standard deviation zC is a Gaussian mechanism of noise multiplier
 z / 2 relative to that sensitivity; the events below carry z / 2 (`GaussianDpEvent(z)` would assume
-sensitivity C, true only for add/remove). The subsampling amplification assumes that the adversary
-does not know which records (record level: the client's secret sampling seed) or clients (client
-level: the round plans, which the server sees: central DP trusts the server) a step used.
+sensitivity C, true only for add/remove). Amplification by subsampling needs a sample the adversary
+does not know: at record level it is drawn from the client's secret seed, so each step is a
+`SampledWithoutReplacementDpEvent`; at client level the round plans (who takes part) are public (a
+function of the run's seed, published in the store), so a client's epsilon composes a plain
+Gaussian over the rounds it took part in, with no amplification.
 
 Noise is drawn from `noise_seed`, a secret of the party that adds it (the server for central noise,
-each client for its own): whoever knows it can subtract the noise. -1 (the default) makes a random
-one and keeps it in the party's workdir (`dp_secret`), so that a resumed run draws the same noise.
+each client for its own): whoever knows it can subtract the noise, and two runs with one seed draw
+the same noise (never reuse one). -1 (the default) makes a random one and keeps it in the party's
+workdir (`dp_secret`), so that a resumed run draws the same noise. Keys use all 63 bits of it.
 """
 
 from __future__ import annotations
@@ -116,8 +119,17 @@ def keep_secret(dp: DPConfig, workdir: str, seed: int) -> None:
 # ----------------------------------------------------------------------------- client level
 
 
+def key_of(*words: int) -> jax.Array:
+    """A threefry key from every bit of `words` (a 63-bit secret, a round, ...): `jax.random.key(seed)`
+    keeps only 32 bits of a seed without x64, few enough to search."""
+    data = np.random.default_rng([int(w) for w in words]).integers(0, 2**32, 2, dtype=np.uint32)
+    return jax.random.wrap_key_data(data)
+
+
 def clip(tree: dict, clip_norm: float) -> dict:
-    """The tree scaled to L2 norm (over every leaf) at most `clip_norm`."""
+    """The tree scaled to L2 norm (over every leaf) at most `clip_norm`; a non-finite value counts as
+    0 (a diverged client sends a bounded update, not a rejection that would itself tell something)."""
+    tree = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x.astype(jnp.float32), 0.0), tree)
     leaves = jax.tree.leaves(tree)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
@@ -161,7 +173,7 @@ class ClientDP(Transform):
         if self.noise != "distributed":
             return tree, state
         count = int(state.get(f"c{client}", 0))
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(self.seed), client), count)
+        key = key_of(self.seed, client, count)
         std = self.noise_multiplier * self.clip_norm / math.sqrt(self.clients_per_round)
         noisy = jax.tree.map(jnp.add, tree, gaussian_like(tree, key, std))
         return noisy, {**state, f"c{client}": np.asarray(count + 1, np.int64)}  # an array: checkpointed
@@ -170,10 +182,10 @@ class ClientDP(Transform):
         fixed = np.full(len(uploads), 1.0 / self.clients_per_round, np.float32)
         if self.noise == "distributed":  # the clients' noise sums to N(0, (zC)^2)
             return algorithm.reduce(uploads, fixed, clients)
-        key = jax.random.fold_in(jax.random.key(self.seed), round_)
+        uploads = [clip(u, self.clip_norm) for u in uploads]  # clipped again: the wire's rounding may add a hair
+        key = key_of(self.seed, round_)
         std = self.noise_multiplier * self.clip_norm
-        noise = lambda like, i=0: gaussian_like(like, jax.random.fold_in(key, i), std)  # noqa: E731
-        return algorithm.private_reduce(uploads, fixed, clients, noise)
+        return algorithm.private_reduce(uploads, fixed, clients, lambda like: gaussian_like(like, key, std))
 
 
 def policy(base, dp: DPConfig):
@@ -194,15 +206,9 @@ def record_event(examples: int, batch_size: int, z: float, steps: int) -> dp_acc
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-def client_event(num_clients: int, per_round: int, z: float, rounds: int) -> dp_accounting.DpEvent:
-    """Client-level DP: `rounds` merges, each of a sample of per_round of num_clients clients."""
-    merge = dp_accounting.SampledWithoutReplacementDpEvent(num_clients, per_round, dp_accounting.GaussianDpEvent(z / 2))
-    return dp_accounting.SelfComposedDpEvent(merge, rounds)
-
-
-def turns_event(z: float, rounds: int) -> dp_accounting.DpEvent:
-    """Client-level DP when participation is a fixed rota (FedCyBGD): no amplification, only the
-    rounds a client takes part in count."""
+def rounds_event(z: float, rounds: int) -> dp_accounting.DpEvent:
+    """Client-level DP for one client: the Gaussian merges of the `rounds` rounds it took part in.
+    Who takes part is public (the plans), so there is no amplification by sampling."""
     return dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z / 2), rounds)
 
 
@@ -214,7 +220,7 @@ def _accountant(name: str):
 
 
 def epsilon(event: dp_accounting.DpEvent, delta: float, accountant: str = "rdp") -> float:
-    """The event's epsilon at `delta`; 0 for an event of no steps."""
+    """The event's epsilon at `delta` (dp-accounting's RDP accountant, replace-one)."""
     acct = _accountant(accountant)
     acct.compose(event)
     return float(acct.get_epsilon(delta))
@@ -241,15 +247,15 @@ def _rounds_taken(fed, participants, rounds: int) -> np.ndarray:
 
 
 def events(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, batch_size: int) -> list:
-    """The DP events of rounds [0, rounds): one per client (record level: its own steps; client
-    level with a rota: the rounds it takes part in), or one for the run (client level, sampled)."""
+    """The DP events of rounds [0, rounds), one per client: record level, its own steps; client
+    level, the rounds it takes part in (distributed noise: one upload's share, z / sqrt(M), which
+    is what an upload read without secure aggregation holds)."""
     taken = _rounds_taken(fed, algorithm.participants, rounds)
     if dp.level == "record":
         steps = taken * fed.local_steps
         return [record_event(int(n), batch_size, z, int(k)) for n, k in zip(client_sizes, steps, strict=True)]
-    if algorithm.turns:
-        return [turns_event(z, int(k)) for k in taken]
-    return [client_event(fed.num_clients, fed.clients_per_round, z, rounds)]
+    share = z / math.sqrt(len(algorithm.participants(fed, 0))) if dp.noise == "distributed" else z
+    return [rounds_event(share, int(k)) for k in taken]
 
 
 def budget(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, batch_size: int) -> dict:
@@ -257,10 +263,13 @@ def budget(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, ba
     taken = _rounds_taken(fed, algorithm.participants, rounds)
     run = events(dp, fed, algorithm, z, rounds, client_sizes, batch_size)
     eps = [_epsilon_cached(e, dp.delta, dp.accountant) for e in run]
-    out = {**dp.public(), "noise_multiplier": z, "epsilon": max(eps)}
+    out = {**dp.public(), "noise_multiplier": z, "epsilon": max(eps), "epsilon_per_client": eps}
+    if dp.noise == "distributed" and dp.level == "client":  # what the sum alone would spend (secure aggregation)
+        summed = events(dataclasses.replace(dp, noise="central"), fed, algorithm, z, rounds, client_sizes, batch_size)
+        out["epsilon_if_only_the_sum_is_seen"] = max(_epsilon_cached(e, dp.delta, dp.accountant) for e in summed)
     if dp.level == "record":
         steps = [int(k) * fed.local_steps for k in taken]
-        out.update(epsilon_per_client=eps, examples_per_client=[int(n) for n in client_sizes], steps_per_client=steps)
+        out.update(examples_per_client=[int(n) for n in client_sizes], steps_per_client=steps)
     else:
         out.update(rounds_per_client=[int(k) for k in taken])
     return out
@@ -303,10 +312,13 @@ def _epsilon_cached(event, delta: float, accountant: str) -> float:
     return float(eps)
 
 
-def check(dp: DPConfig, fed, algorithm) -> None:
+def check(dp: DPConfig, fed, algorithm, policy=None) -> None:
     """ValueError, in one line saying why, for a combination whose guarantee would not hold as stated."""
     if not dp.on:
         return
+    if dp.level == "client" and policy is not None and policy.max_norm_ratio:
+        raise ValueError(f"dp.level='client' with comm.max_norm_ratio={policy.max_norm_ratio:g}: a rejection "
+                         "against the median of the other clients' norms depends on their data")  # fmt: skip
     if algorithm.asynchronous:
         raise ValueError(f"dp.level={dp.level!r} with algorithm={fed.algorithm!r}: an asynchronous buffer merges "
                          "unequal numbers of late updates and a client's steps depend on timing, so no fixed "
@@ -318,6 +330,12 @@ def check(dp: DPConfig, fed, algorithm) -> None:
     if dp.level == "client" and len(set(fed.stalenesses)) > 1:
         raise ValueError("dp.level='client' with per-client staleness: a round's deltas merge in groups at "
                          "different rounds, each of which would need its own noise and M")  # fmt: skip
+    if fed.schedule == "gradient":
+        raise ValueError("dp with schedule='gradient': the block is chosen from un-noised gradient norms of "
+                         "client data, and the choice is released")  # fmt: skip
+    if dp.level == "client" and not algorithm.uploads_deltas:
+        raise ValueError(f"dp.level='client' with algorithm={fed.algorithm!r}: its upload is a trained adapter, "
+                         "public initialisation included, and its server stacks them instead of summing")  # fmt: skip
     if dp.level == "client" and fed.aggregation != "uniform":
         raise ValueError(f"dp.level='client' weights every client 1/M; aggregation={fed.aggregation!r} would make "
                          "a client's weight depend on its data")  # fmt: skip

@@ -158,7 +158,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     cfg, params = runtime.load_model(config, layout)
     fed = runtime.fed_config(config)
     dp = privacy.from_config(config.get("dp"))
-    privacy.check(dp, fed, algorithms.REGISTRY[fed.algorithm])
+    privacy.check(dp, fed, algorithms.REGISTRY[fed.algorithm], runtime.policy(config))
     clients, table = client_data(config, cfg)
     sizes = np.array([len(c["tokens"]) for c in clients])
     fed, z, seed = _private(dp, fed, sizes, config.batch_size, workdir)
@@ -598,9 +598,9 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
 
 
 def _with_epsilon(run: Setup, log, row: dict) -> None:
-    """The server's row of the end of round t, with what the rounds merged by then have spent."""
-    done = min(max(row["round"] - run.fed.effective_staleness + 1, 0), run.fed.rounds)
-    log({**row, "epsilon": run.budget(done)["epsilon"]})
+    """The server's row of the end of round t, with what the rounds trained by then have spent (the
+    simulator's definition: a round's uploads count from the round they are made in)."""
+    log({**row, "epsilon": run.budget(min(row["round"] + 1, run.fed.rounds))["epsilon"]})
 
 
 def log_merge(path: str, row: dict, start: float | None = None) -> None:

@@ -11,7 +11,7 @@ it differs from FedBCD; `loop.run_round` is the one round loop that calls them:
     client_model    the model a client trains from (FLoRA: the server's plus a fresh adapter)
     upload          what a client sends up (FedBCD: its block delta)
     reduce          what the server sends down, from the uploads (FedBCD: their weighted mean)
-    private_reduce  reduce with client-level DP's noise (FedBCD: on the sum; FLoRA: on each adapter)
+    private_reduce  reduce with client-level DP's noise (on the weighted sum)
     apply           how the server and every client fold that into the model (FedBCD: block += eta * mean)
     wire_params     how many values cross the wire, up per client and down, for the link model
 
@@ -52,6 +52,7 @@ class Algorithm:
     turns = False  # clients take turns, one per round, each training a block of its own (FedCyBGD)
     transforms_ok = False  # update transforms (top-k) may wrap its uploads (the paper's Table 10: FedBCD, ParaBlock)
     asynchronous = False  # True: the algorithm runs its own rounds (init_state, run_round)
+    uploads_deltas = True  # its upload is a delta the server sums (client-level DP clips and noises it)
 
     def __post_init__(self):  # subclasses check what they need here (the dataclass __init__ calls it)
         pass
@@ -72,9 +73,8 @@ class Algorithm:
         return weighted_sum(uploads, jnp.asarray(weights, jnp.float32))
 
     def private_reduce(self, uploads: list[dict], weights: np.ndarray, clients: list[int], noise) -> dict:
-        """`reduce` with the Gaussian noise of client-level DP: `noise(tree, i=0)` draws N(0, (zC)^2)
-        per coordinate (draw i: independent of the others). A weighted sum gets it on the sum, so the
-        mean (weights 1/M) gets noise / M."""
+        """`reduce` with the Gaussian noise of client-level DP: `noise(tree)` draws N(0, (zC)^2) per
+        coordinate. A weighted sum gets it on the sum, so the mean (weights 1/M) gets noise / M."""
         down = self.reduce(uploads, weights, clients)
         scale = float(weights[0]) if len(weights) else 0.0  # DP weights are all 1/M
         return jax.tree.map(lambda d, n: d + scale * n, down, noise(down))

@@ -18,6 +18,7 @@ from jaxblock.model import lora as lora_lib
 class FLoRA(Algorithm):
     name = "flora"
     uses_lora = True
+    uploads_deltas = False  # the trained adapter itself, stacked (no client-level DP: privacy.check)
 
     def __post_init__(self):
         if self.cfg is None or self.lora is None:
@@ -47,12 +48,6 @@ class FLoRA(Algorithm):
     def reduce(self, uploads, weights, clients):
         scales = [self.cfg.lora_alpha / self.rank(c) for c in clients]
         return lora_lib.stack(uploads, weights, scales)
-
-    def private_reduce(self, uploads, weights, clients, noise):
-        # The stack holds each client's adapter, not a sum: each gets the noise (the same sensitivity,
-        # one client's slot, so the same guarantee), before its scale.
-        noisy = [jax.tree.map(lambda x, n: x.astype(n.dtype) + n, u, noise(u, i)) for i, u in enumerate(uploads)]
-        return self.reduce(noisy, weights, clients)
 
     def apply(self, params, partition, block_id, down, eta):
         return lora_lib.add_products(params, down, eta)
