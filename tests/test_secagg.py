@@ -8,6 +8,7 @@ import math
 import random
 import time
 
+import jax
 import numpy as np
 import pytest
 from scipy import stats
@@ -283,3 +284,72 @@ def test_client_state_is_plain_data_and_forgets_its_secrets_after_upload():
     assert sorted(state.held) == [0, 1, 2] and state.masked_with == (0, 2)
     with pytest.raises(ValueError, match="client 1: already uploaded this round"):
         sa.masked_input(state, q[1], {})
+
+
+# ----------------------------------------------------------------------------- the update transform
+
+
+def test_the_transform_gives_the_mean_within_the_quantization_bound_and_never_a_single_upload():
+    """Through the transforms' reduce, as every exchange calls it: the layers below see each survivor's
+    upload as the survivors' mean, within the stated bound of the float mean."""
+    from jaxblock.fed import transforms
+
+    rng = np.random.default_rng(1)
+    ups = {c: {"a": rng.standard_normal((30, 4)).astype(np.float32) * 0.01, "b": rng.standard_normal(7).astype(np.float32) * 0.01}
+           for c in range(5)}  # fmt: skip
+    tr = sa.SecureAggregation(clip_norm=1.0, clients_per_round=5, seed=9)
+    wire, state = {}, {}
+    for c, u in ups.items():
+        wire[c], state = tr.encode(state, c, 0, u)
+    assert wire[0]["q"].dtype == np.uint32 and wire[0]["q"].shape == (127,) and int(state["c4"]) == 1
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), ups[0])
+    seen = transforms.reduce((tr,), wire, like, lambda dense: dense, round_=3)
+    assert sorted(seen) == list(range(5)) and all(seen[c] is seen[0] for c in seen)
+    mean = jax.tree.map(lambda *xs: np.mean(xs, axis=0), *ups.values())
+    bound = sa.error_bound(1.0, 5, 32)
+    for got, want in zip(jax.tree.leaves(seen[0]), jax.tree.leaves(mean), strict=True):
+        assert np.max(np.abs(got - want)) <= bound + 1e-7 and not np.array_equal(got, want)
+    assert tr.wire_leaves(like, "float32") == {"q": ((127,), "uint32", None)}
+
+
+def test_a_secure_run_trains_as_the_plain_run_within_quantization(tmp_path):
+    from test_train import final_params, small_config
+
+    from jaxblock.run import experiment
+
+    common = ["algorithm=fedbcd", "rounds=2"]
+    experiment.train(small_config(*common), str(tmp_path / "plain"), progress=False)
+    secure = experiment.train(small_config(*common, "secagg.on=True", "secagg.clip_norm=100"), str(tmp_path / "sa"),
+                              progress=False)  # fmt: skip
+    assert secure["fed"]["secagg.on"] is True
+    a, b = final_params(str(tmp_path / "plain"))[1], final_params(str(tmp_path / "sa"))[1]
+    diffs = [
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    ]
+    assert 0 < max(diffs) < 1e-5  # quantized (not bitwise the plain run), and within the steps of 2 rounds
+
+
+@pytest.mark.parametrize(
+    "extra, line",
+    [
+        (["algorithm=flora"], "its server needs each client's adapter"),
+        (["algorithm=fedcybgd"], "a sum of one is its update"),
+        (["algorithm=fedbuff"], "an asynchronous buffer"),
+        (["compression=topk"], "each client's indices differ"),
+        (["comm.max_norm_ratio=3"], "cannot see an individual update's norm"),
+        (["secagg.clip_norm=0"], "needs a clip norm"),
+    ],
+    ids=["flora", "fedcybgd", "fedbuff", "topk", "norm_ratio", "no_clip"],
+)
+def test_what_secure_aggregation_cannot_run_with_is_refused_before_anything_is_written(tmp_path, extra, line):
+    from test_train import small_config
+
+    from jaxblock.run import experiment
+
+    config = small_config("secagg.on=True", "secagg.clip_norm=1", *extra)
+    with pytest.raises(ValueError, match=line):
+        experiment.train(config, str(tmp_path / "run"), progress=False)
+    with pytest.raises(ValueError, match="runs in the simulator"):
+        experiment.serve(small_config("secagg.on=True", "secagg.clip_norm=1"), str(tmp_path / "server"), "memory://")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "server").exists()

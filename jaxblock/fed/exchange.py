@@ -70,4 +70,4 @@ def server_side(
         down = transforms_lib.aggregate(fed.transforms, algorithm, uploads, weights, kept, round_)
         return Result(on_wire(down, fed.wire_dtype), kept, bad)
 
-    return lambda received: transforms_lib.reduce(fed.transforms, received, like, reduce)
+    return lambda received: transforms_lib.reduce(fed.transforms, received, like, reduce, round_)

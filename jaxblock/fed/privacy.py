@@ -109,7 +109,7 @@ def secret_seed(dp: DPConfig, workdir: str | None) -> int:
 def keep_secret(dp: DPConfig, workdir: str, seed: int) -> None:
     """Writes a random `secret_seed` to `workdir`/dp_secret (mode 0600), if it is not there yet."""
     path = os.path.join(workdir, SECRET_FILE)
-    if not dp.on or dp.noise_seed >= 0 or os.path.exists(path):
+    if dp.noise_seed >= 0 or os.path.exists(path):
         return
     os.makedirs(workdir, exist_ok=True)
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:

@@ -57,6 +57,7 @@ import os
 import secrets
 from collections.abc import Iterable
 
+import jax
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -65,6 +66,9 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+from jaxblock.fed import privacy
+from jaxblock.fed.transforms import Transform
 
 PRIME = 2**521 - 1  # Shamir's field: a Mersenne prime above any 64-byte secret
 SELF_MASK, MASK_KEY = "self_mask", "mask_key"  # the two kinds of share: of b_u, of u's mask private key
@@ -672,3 +676,102 @@ def simulate(
         if v not in set(drop_before_answer):
             clients[v], answers[v] = answer(clients[v], ask)
     return unmask_round(server, masked, answers), sorted(masked)
+
+
+# ----------------------------------------------------------------------------- the update transform
+
+
+@dataclasses.dataclass(frozen=True)
+class SecureAggregation(Transform):
+    """Secure aggregation as an update transform (`secagg.on`).
+
+    Client (`encode`): the upload clipped to C (already clipped, and noised, by client-level DP when
+    it runs with it), flattened and quantized with stochastic rounding (its rounding draws keyed by
+    the client's secret and its upload count, kept in state['extra']['secagg']). Server (`reduce`):
+    one protocol round over the uploads (`simulate`: keys, shares, masks, unmasking: the masked
+    sum unmasks to exactly the sum of the quantized uploads), dequantized. The server never holds an
+    individual update, so the layers below it get each survivor's upload as the survivors' mean:
+    for a method whose reduce is a uniformly weighted sum (`check` refuses the others)
+    that is exactly what the sum gives. The range covers C plus six standard deviations of any
+    distributed DP noise (a coordinate beyond it is clipped: probability ~2e-9).
+    """
+
+    clip_norm: float = 1.0  # C
+    clients_per_round: int = 2  # M: the sum of M quantized uploads never wraps
+    bits: int = 32
+    neighbors: int = 0  # SecAgg+'s k; 0: all pairs
+    threshold: int = 0  # t; 0: just above half of each client's share holders
+    noise_std: float = 0.0  # per-coordinate std of the distributed DP noise an upload carries
+    seed: int = 0  # this party's secret (the rounding draws)
+    key = "secagg"
+
+    @property
+    def bound(self) -> float:
+        return self.clip_norm + 6.0 * self.noise_std
+
+    def settings(self) -> dict:
+        return {"secagg.on": True, "secagg.bits": self.bits, "secagg.neighbors": self.neighbors,
+                "secagg.threshold": self.threshold}  # fmt: skip
+
+    def encode(self, state, client, block, tree):
+        if self.noise_std == 0.0:  # alone: its own clip (under client-level DP the upload arrives clipped)
+            tree = privacy.clip(tree, self.clip_norm)
+        flat = np.concatenate([np.asarray(x, np.float32).reshape(-1) for x in jax.tree.leaves(tree)])
+        count = int(state.get(f"c{client}", 0))
+        rng = np.random.default_rng([self.seed, 0x5EC, client, count])
+        q = quantize(flat, self.bound, self.clients_per_round, self.bits, rng)
+        return {"q": q}, {**state, f"c{client}": np.asarray(count + 1, np.int64)}
+
+    def wire_shapes(self, like):
+        n = sum(math.prod(x.shape) for x in jax.tree.leaves(like))
+        return {"q": jax.ShapeDtypeStruct((n,), word_dtype(self.bits))}
+
+    def wire_leaves(self, like, wire_dtype):
+        n = sum(math.prod(x.shape) for x in jax.tree.leaves(like))
+        return {"q": ((n,), word_dtype(self.bits).name, None)}
+
+    def setup(self, round_: int, parties: list[int]) -> Setup:
+        """The round's public parameters (its graph seed a hash of the round)."""
+        seed = hashlib.sha256(f"jaxblock secagg graph {round_}".encode()).digest()
+        graph = neighbors(list(parties), self.neighbors, seed)
+        smallest = min(len(v) + 1 for v in graph.values())
+        t = self.threshold or smallest // 2 + 1
+        return Setup(round_, tuple(parties), t, self.neighbors, seed, self.bits)
+
+    def reduce(self, uploads, like, inner, round_=0):
+        setup = self.setup(round_, sorted(uploads))
+        total, survivors = simulate(setup, {c: np.asarray(u["q"]) for c, u in uploads.items()})
+        flat = dequantize_sum(total, self.bound, self.clients_per_round, self.bits, len(survivors)) / len(survivors)
+        leaves, treedef = jax.tree.flatten(like)
+        sizes = np.cumsum([math.prod(x.shape) for x in leaves])[:-1]
+        parts = zip(np.split(flat, sizes), leaves, strict=True)
+        mean = [np.asarray(part, np.float32).reshape(x.shape) for part, x in parts]
+        return inner(dict.fromkeys(survivors, treedef.unflatten(mean)))
+
+
+def check(fed, algorithm, policy=None) -> None:
+    """ValueError, in one line saying why, for what secure aggregation cannot run with."""
+    if algorithm.asynchronous:
+        raise ValueError(f"secagg.on with algorithm={fed.algorithm!r}: an asynchronous buffer has no round "
+                         "whose participants agree keys together")  # fmt: skip
+    if algorithm.turns:
+        raise ValueError(f"secagg.on with algorithm={fed.algorithm!r}: one client per round, and a sum of one "
+                         "is its update")  # fmt: skip
+    if not algorithm.uploads_deltas:
+        raise ValueError(f"secagg.on with algorithm={fed.algorithm!r}: its server needs each client's adapter, "
+                         "not their sum")  # fmt: skip
+    if any(not isinstance(t, (privacy.ClientDP, SecureAggregation)) for t in fed.transforms):
+        raise ValueError("secagg.on with compression='topk': each client's indices differ, so masked values "
+                         "cannot be summed")  # fmt: skip
+    if len(set(fed.stalenesses)) > 1:
+        raise ValueError("secagg.on with per-client staleness: a round's uploads merge in groups, each of which "
+                         "would need its own protocol instance")  # fmt: skip
+    if fed.aggregation != "uniform":
+        raise ValueError(f"secagg.on with aggregation={fed.aggregation!r}: the server sees only the sum, so "
+                         "every client weighs the same")  # fmt: skip
+    if policy is not None and (policy.max_norm_ratio or policy.max_delta_norm):
+        raise ValueError("secagg.on with comm.max_delta_norm or comm.max_norm_ratio: the server cannot see an "
+                         "individual update's norm (each is clipped to C before it is masked)")  # fmt: skip
+    if len(algorithm.participants(fed, 0)) < 2:
+        raise ValueError(f"secagg.on with {len(algorithm.participants(fed, 0))} client(s) a round: a sum of one is "
+                         "its update")  # fmt: skip

@@ -54,7 +54,7 @@ class Transform:
         """One upload back as the dense tree `like` (shapes) describes."""
         return tree
 
-    def reduce(self, uploads: dict[int, dict], like: dict, inner: Callable[[dict[int, dict]], object]):
+    def reduce(self, uploads: dict[int, dict], like: dict, inner: Callable[[dict[int, dict]], object], round_: int = 0):
         return inner({c: self.decode(u, like) for c, u in uploads.items()})
 
     def aggregate(self, algorithm, uploads: list[dict], weights, clients: list[int], round_: int) -> dict | None:
@@ -83,14 +83,15 @@ def encode(transforms, state: dict, client: int, block: int, tree: dict) -> tupl
     return tree, extra
 
 
-def reduce(transforms, uploads: dict[int, dict], like: dict, inner: Callable[[dict[int, dict]], object]):
-    """The server's side: the last transform reads the wire first; `inner` sees the dense uploads."""
+def reduce(transforms, uploads: dict[int, dict], like: dict, inner: Callable[[dict[int, dict]], object], round_=0):
+    """The server's side of round `round_`: the last transform reads the wire first; `inner` sees
+    the dense uploads."""
     likes = []
     for t in transforms:  # each transform's input shapes: the dense upload's, then the one before's output
         likes.append(like)
         like = t.wire_shapes(like)
     for t, shapes in zip(transforms, likes, strict=True):  # inner-most first: t1 wraps the algorithm's reduce
-        inner = functools.partial(t.reduce, like=shapes, inner=inner)
+        inner = functools.partial(t.reduce, like=shapes, inner=inner, round_=round_)
     return inner(uploads)
 
 

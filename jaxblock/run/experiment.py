@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import operator
 import os
 import sys
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 import tqdm
 
-from jaxblock.fed import algorithms, data, local, loop, privacy, validate, wire
+from jaxblock.fed import algorithms, data, local, loop, privacy, secagg, validate, wire
 from jaxblock.fed.blocks import Partition, subtree_like
 from jaxblock.fed.config import FedConfig
 from jaxblock.model import hf_io, lora
@@ -161,7 +162,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     privacy.check(dp, fed, algorithms.REGISTRY[fed.algorithm], runtime.policy(config))
     clients, table = client_data(config, cfg)
     sizes = np.array([len(c["tokens"]) for c in clients])
-    fed, z, seed = _private(dp, fed, sizes, config.batch_size, workdir)
+    fed, z, seed = _private(dp, config.get("secagg"), fed, sizes, config.batch_size, workdir)
+    if fed.transforms and isinstance(fed.transforms[-1], secagg.SecureAggregation):
+        secagg.check(fed, algorithms.REGISTRY[fed.algorithm], runtime.policy(config))
     algorithm = algorithms.make(fed, cfg, runtime.lora_config(config))
     shardings = layout.tree_shardings(runtime.logical_axes(config, cfg))
     layers = runtime.layer_partition(config, cfg, params)
@@ -198,18 +201,39 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     )
 
 
-def _private(dp: privacy.DPConfig, fed: FedConfig, client_sizes, batch_size: int, workdir: str | None):
-    """(fed with client-level DP's transform, z, this party's noise seed) of a DP run; DP off: (fed, 0, 0)."""
-    if not dp.on:
+def _private(dp: privacy.DPConfig, sa, fed: FedConfig, client_sizes, batch_size: int, workdir: str | None):
+    """(fed with the privacy transforms: client-level DP's, then secure aggregation's; z; this party's
+    secret seed) of a run; neither: (fed, 0, 0)."""
+    secure = sa is not None and sa.on
+    if not dp.on and not secure:
         return fed, 0.0, 0
     cls = algorithms.REGISTRY[fed.algorithm]
-    z = privacy.noise_multiplier(dp, fed, cls, client_sizes, batch_size)
+    z = privacy.noise_multiplier(dp, fed, cls, client_sizes, batch_size) if dp.on else 0.0
     seed = privacy.secret_seed(dp, workdir)
+    per_round = len(cls.participants(fed, 0))  # M: the sampled clients (a rota's one)
+    chain = list(fed.transforms)
     if dp.level == "client":
-        per_round = len(cls.participants(fed, 0))  # M: the sampled clients (a rota's one)
-        clip = privacy.ClientDP(dp.clip_norm, z, dp.noise, per_round, seed)
-        fed = dataclasses.replace(fed, transforms=(*fed.transforms, clip))
-    return fed, z, seed
+        chain.append(privacy.ClientDP(dp.clip_norm, z, dp.noise, per_round, seed))
+    if secure:
+        clip = sa.clip_norm or (dp.clip_norm if dp.level == "client" else 0.0)
+        if not clip > 0:
+            raise ValueError("secagg.on needs a clip norm to quantize in a range: set secagg.clip_norm (or "
+                             "dp.clip_norm with dp.level='client')")  # fmt: skip
+        share = z * dp.clip_norm / math.sqrt(per_round) if dp.noise == "distributed" and dp.level == "client" else 0.0
+        chain.append(secagg.SecureAggregation(clip, per_round, sa.bits, sa.neighbors, sa.threshold, share, seed))
+    return dataclasses.replace(fed, transforms=tuple(chain)), z, seed
+
+
+def _keep_secret(run: Setup, directory: str) -> None:
+    """A random secret (DP noise, secure aggregation's rounding) is written once the run is checked."""
+    if run.dp.on or any(isinstance(t, secagg.SecureAggregation) for t in run.fed.transforms):
+        privacy.keep_secret(run.dp, directory, run.noise_seed)
+
+
+def _not_deployed(config: ml_collections.ConfigDict) -> None:
+    if config.get("secagg", {}).get("on", False):
+        raise ValueError("secagg.on runs in the simulator (scripts/train.py) for now: the deployment's key "
+                         "agreement and share relay through the store are not built yet")  # fmt: skip
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, step: int | None = None) -> dict:
@@ -222,7 +246,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} is a file, not a directory")
     run = setup(config, workdir)  # every user error is raised here, before anything is written
-    privacy.keep_secret(run.dp, workdir, run.noise_seed)
+    _keep_secret(run, workdir)
     fed = run.fed
     links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
@@ -518,6 +542,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     command after the server stopped (killed, crashed) resumes: from the workdir's newest checkpoint
     (none: from round 0), on the store that holds this run, while the clients wait for it.
     """
+    _not_deployed(config)
     run = setup(config, workdir)
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
@@ -548,7 +573,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     elif os.path.isdir(checkpoint.directory(workdir)):
         raise ValueError(f"--workdir {workdir} holds checkpoints but --store {cc.store} no run: use the run's store")
     write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
-    privacy.keep_secret(run.dp, workdir, run.noise_seed)
+    _keep_secret(run, workdir)
     store.put_json("server/config", keys.seal(published) if keys else published)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     start = time.perf_counter()
@@ -627,6 +652,7 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     cc = comm_config(config, store_url)
     cc.load_keys()  # a missing or wrong keys directory is said now, not once the server has started
     check_local_files(config)  # so are its data and base model
+    _not_deployed(config)
     store = transport.Store(cc.store)
     if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
         raise ValueError(f"--store {cc.store} holds a finished run (server/done): start a new run on an empty store")
@@ -669,7 +695,7 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
     os.makedirs(workdir, exist_ok=True)
-    privacy.keep_secret(run.dp, own, run.noise_seed)
+    _keep_secret(run, own)
     write_row = _with_a_line(client_id, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl")))
     if run.algorithm.asynchronous:  # its state is {n, data position}: a JSON file, not a model
         try:
