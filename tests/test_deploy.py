@@ -30,6 +30,16 @@ CASES = {
         "--config.dp.noise_seed=11",
         "--config.rounds=2",
     ],
+    # Record-level DP-SGD in each client process: its own sampling and noise from its seed (the
+    # simulator is given the same one), the server's merge as without DP
+    "fedbcd_record_dp": [
+        "--config.algorithm=fedbcd",
+        "--config.dp.level=record",
+        "--config.dp.noise_multiplier=0.8",
+        "--config.dp.clip_norm=0.5",
+        "--config.dp.noise_seed=5",
+        "--config.rounds=2",
+    ],  # fmt: skip
 }
 
 
