@@ -163,12 +163,25 @@ def per_example_gradients(loss_fn: LossFn, block: dict, frozen: dict, batch: dic
     return jax.vmap(jax.value_and_grad(example_loss), in_axes=(None, 0))(block, batch)
 
 
-def clip_per_example(grads: dict, clip_norm: float) -> dict:
-    """Each example's gradient (leaves [B, ...]) scaled to global L2 norm <= clip_norm over all
-    leaves: g * min(1, C / (||g|| + tiny)), so one under C passes unchanged."""
+def clip_scales(grads: dict, clip_norm: float) -> jax.Array:
+    """[B]: min(1, C / (||g_i|| + tiny)) of each example's gradient (leaves [B, ...]), the L2 norm
+    taken over all the block's leaves, so that one under C passes unchanged."""
     sq = sum(jnp.sum(jnp.square(g).reshape(g.shape[0], -1), axis=1) for g in jax.tree.leaves(grads))  # [B]
-    scale = jnp.minimum(1.0, clip_norm / (jnp.sqrt(sq) + jnp.finfo(jnp.float32).tiny))  # [B]
+    return jnp.minimum(1.0, clip_norm / (jnp.sqrt(sq) + jnp.finfo(jnp.float32).tiny))
+
+
+def clip_per_example(grads: dict, clip_norm: float) -> dict:
+    """Each example's gradient scaled to global L2 norm <= clip_norm."""
+    scale = clip_scales(grads, clip_norm)
     return jax.tree.map(lambda g: g * scale.reshape(-1, *([1] * (g.ndim - 1))), grads)
+
+
+def clipped_sum(grads: dict, clip_norm: float) -> dict:
+    """The sum of the clipped per-example gradients, as one contraction over the example axis:
+    scaling B copies then summing them measured 70-90 ms of a ~430 ms DP step (bench_dp's wide
+    shape, a loaded machine)."""
+    scale = clip_scales(grads, clip_norm)
+    return jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1), grads)
 
 
 def gaussian_noise(tree: dict, std: float, noise_key: jax.Array) -> dict:
@@ -192,7 +205,7 @@ def dp_gradient(loss_fn: LossFn, block: dict, frozen: dict, batch: dict, dp: DPS
     """
     inputs = {name: x for name, x in batch.items() if name != "noise_key"}
     losses, grads = per_example_gradients(loss_fn, block, frozen, inputs)
-    summed = jax.tree.map(lambda g: jnp.sum(g, axis=0), clip_per_example(grads, dp.clip_norm))
+    summed = clipped_sum(grads, dp.clip_norm)
     noise = gaussian_noise(summed, dp.noise_multiplier * dp.clip_norm, batch["noise_key"])
     b = losses.shape[0]
     return jnp.mean(losses), jax.tree.map(lambda g, n: (g + n) / b, summed, noise)
