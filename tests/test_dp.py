@@ -78,6 +78,16 @@ def test_calibration_meets_the_target_within_1_percent_from_below(level):
     assert 0.99 * 4.0 <= spent <= 4.0, (z, spent)
 
 
+def test_calibration_skips_a_client_that_never_takes_part():
+    """100 clients, 10 a round, 3 rounds: most never train, and spend nothing whatever z."""
+    fed = algorithms.configure(algorithm="fedbcd", rounds=3, num_clients=100, participation=0.1)
+    algo = algorithms.REGISTRY["fedbcd"]
+    dp = privacy.DPConfig(level="client", target_epsilon=8.0)
+    z = privacy.noise_multiplier(dp, fed, algo, [1] * 100, 1)
+    spent = privacy.budget(dp, fed, algo, z, fed.rounds, [1] * 100, 1)
+    assert 0 in spent["rounds_per_client"] and 0.99 * 8 <= spent["epsilon"] <= 8
+
+
 def _uploads(m, size, scale):
     rng = np.random.default_rng(0)
     return [{"w": (scale * rng.standard_normal(size)).astype(np.float32)} for _ in range(m)]

@@ -282,8 +282,9 @@ def noise_multiplier(dp: DPConfig, fed, algorithm, client_sizes, batch_size: int
         return dp.noise_multiplier
     distinct = {}
     for i, event in enumerate(events(dp, fed, algorithm, 1.0, fed.rounds, client_sizes, batch_size)):
-        distinct.setdefault(repr(event), i)  # clients alike (same examples and steps) calibrate once
-    zs = []
+        if event.count:  # a client that never takes part spends nothing, whatever z
+            distinct.setdefault(repr(event), i)  # clients alike (same examples and steps) calibrate once
+    zs = [0.0]
     for i in distinct.values():
         make = lambda z, i=i: events(dp, fed, algorithm, z, fed.rounds, client_sizes, batch_size)[i]  # noqa: E731
         zs.append(calibrate(make, dp.target_epsilon, dp.delta, dp.accountant))
