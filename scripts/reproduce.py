@@ -11,6 +11,8 @@ table: each row's mean and standard deviation over seeds of exact match, eval lo
 wall time (`jaxblock.compare`; every client's compute modelled as `--compute-s` per round), its
 rank, the paper's number and its rank, and each claim's verdict (`jaxblock.paper` says how noise is
 judged); and a runtime plot per table. `--config.KEY=VALUE` overrides apply to every cell.
+DP1 and DP2 are ours, not the paper's (differential privacy: each method at each epsilon); their
+report shows the calibrated z and the epsilon spent where the paper's numbers would be.
 
 A cell that fails does not stop the sweep: its one-line error goes to `cell_error.txt` in its
 workdir and to the report (on its row, if no seed of it finished), and the script exits 1 once the
@@ -152,10 +154,21 @@ def cells(table: paper.Table, config, config_path: str, user: list[str], seeds: 
         if row.missing:
             continue
         for seed in seeds:
-            overrides = [*user, *paper.resolve(row.overrides, config.rounds, config.num_clients), f"seed={seed}"]
+            resolved = paper.resolve(row.overrides, config.rounds, config.num_clients, seed)
+            overrides = [*user, *resolved, f"seed={seed}"]
             name = paper.cell_name(load_config(config_path, overrides).to_dict(), config.to_dict())
             out.setdefault(row.label, []).append((seed, overrides, os.path.join(root, "cells", name)))
     return out
+
+
+def dp_spent(workdir: str) -> dict:
+    """A DP cell's calibrated z and the epsilon its run spent (summary.json's `dp`); {} without DP."""
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        dp = json.load(f).get("dp")
+    return {"noise_multiplier": dp["noise_multiplier"], "epsilon": dp["epsilon"]} if dp else {}
 
 
 def run_table(table: paper.Table, runs: dict, config_path: str, args):
@@ -176,13 +189,16 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
             with open(os.path.join(workdir, "eval.json")) as f:
                 m["n_eval"] = json.load(f)["n"]
             m["cell_s"] = cell_seconds(workdir)
+            m.update(dp_spent(workdir))
             entry["seeds"].append({"seed": seed, "workdir": workdir, **m})
             entry["commands"].append(command(config_path, overrides, workdir))
         if not entry["seeds"]:
             entry["missing"] = f"failed: {entry['failed'][0]['error']}" if entry["failed"] else "not run yet"
             continue
-        for key in ("exact_match", "eval_loss", "modeled_wall_s", "wall_compute_s", "wall_exposed_s", "mb_up"):
-            entry[key] = summarize([s[key] for s in entry["seeds"]])
+        for key in ("exact_match", "eval_loss", "modeled_wall_s", "wall_compute_s", "wall_exposed_s", "mb_up",
+                    "cell_s", "noise_multiplier", "epsilon"):  # fmt: skip
+            if all(key in s for s in entry["seeds"]):
+                entry[key] = summarize([s[key] for s in entry["seeds"]])
     ran = {r["label"]: r for r in rows if r["seeds"]}
     for key, higher in (("exact_match", True), ("modeled_wall_s", False)):
         for label, rank in paper.ranks({k: r[key]["mean"] for k, r in ran.items()}, higher).items():
@@ -200,7 +216,8 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
         better, worse = ([s[key] for s in ran[label]["seeds"]] for label in (claim.better, claim.worse))
         n_eval = ran[claim.better]["seeds"][0]["n_eval"]
         claims.append({"text": claim.text, **paper.verdict(better, worse, claim.metric, n_eval)})
-    return {"table": table.name, "title": table.title, "link": table.bandwidth, "rows": rows, "claims": claims}
+    return {"table": table.name, "title": table.title, "link": table.bandwidth, "ours": table.ours, "rows": rows,
+            "claims": claims}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -223,6 +240,10 @@ def markdown(report: dict) -> str:
         f"Its cells took {sum(s['cell_s'] for r in report['rows'] for s in r['seeds']) / 60:.0f} min "
         "of this machine's time (train + eval).",
         "",
+    ]
+    if report.get("ours"):  # our own table (DP): z and epsilon where the paper's numbers go
+        return "\n".join(lines + dp_rows(report, cell, pct) + claims_and_commands(report, "claim (ours)"))
+    lines += [
         "| row | seeds | exact match | eval loss | modelled wall s | paper GSM8K | paper runtime (min) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -239,12 +260,36 @@ def markdown(report: dict) -> str:
             f"{cell(r, 'eval_loss', lambda x: f'{x:.3f}')} | {cell(r, 'modeled_wall_s', lambda x: f'{x:.1f}')} | "
             f"{paper_acc} | {paper_rt} |"
         )
+    return "\n".join(lines + claims_and_commands(report, "the paper's claim"))
+
+
+def dp_rows(report: dict, cell, pct) -> list[str]:
+    """A DP table's rows: z (calibrated per seed: record level depends on the partition's smallest
+    client) and the epsilon spent beside the scores, and the machine's seconds per cell."""
+    lines = ["| row | seeds | exact match | eval loss | modelled wall s | z | epsilon spent | machine s per cell |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["rows"]:
+        if r["missing"]:
+            why = r["missing"].replace("|", "\\|")  # an error's text must not split the row
+            lines.append(f"| {r['label']} | missing: {why} | | | | | | |")
+            continue
+        lines.append(
+            f"| {r['label']} | {len(r['seeds'])} | {cell(r, 'exact_match', pct)} | "
+            f"{cell(r, 'eval_loss', lambda x: f'{x:.3f}')} | {cell(r, 'modeled_wall_s', lambda x: f'{x:.1f}')} | "
+            f"{cell(r, 'noise_multiplier', lambda x: f'{x:.3f}')} | {cell(r, 'epsilon', lambda x: f'{x:.2f}')} | "
+            f"{cell(r, 'cell_s', lambda x: f'{x:.0f}')} |"
+        )
+    return lines
+
+
+def claims_and_commands(report: dict, heading: str) -> list[str]:
+    lines = []
     failed = [(r["label"], f) for r in report["rows"] if r["seeds"] for f in r.get("failed", [])]
     if failed:
         lines += [""] + [
             f"Failed, not in the row above: {label}, seed {f['seed']}: {f['error']}" for label, f in failed
         ]
-    lines += ["", "| the paper's claim | verdict | difference | 2 x standard error |", "|---|---|---|---|"]
+    lines += ["", f"| {heading} | verdict | difference | 2 x standard error |", "|---|---|---|---|"]
     for c in report["claims"]:
         if "diff" in c:
             lines.append(f"| {c['text']} | **{c['verdict']}** | {c['diff']:+.4g} | {2 * c['se']:.4g} |")
@@ -254,7 +299,7 @@ def markdown(report: dict) -> str:
               "```bash"]  # fmt: skip
     lines += [cmd for r in report["rows"] for cmd in r["commands"]]
     lines += ["```", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def plot(report: dict, path: str) -> None:

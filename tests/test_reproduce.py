@@ -10,7 +10,7 @@ import time
 import pytest
 from test_train import ROOT, small_config
 
-from jaxblock.fed import schedule
+from jaxblock.fed import algorithms, privacy, schedule
 from jaxblock.run import compare, paper, runtime
 from jaxblock.run.config import load_config
 
@@ -187,3 +187,35 @@ def test_a_resumed_cell_counts_the_time_its_killed_attempts_spent(tmp_path, repr
     os.utime(attempt, (now - 30, now - 30))
     os.utime(written, (now - 10, now - 10))
     assert reproduce.carried_seconds(str(tmp_path)) == pytest.approx({"train.py": 75.0, "eval.py": 20.0}, abs=1e-3)
+
+
+def test_dp_tables_cover_every_method_and_budget_with_each_seeds_own_noise(reproduce):
+    """DP1/DP2 (not in the paper): each method at each epsilon, one C per table, `dp.noise_seed` the
+    cell's seed; the no-DP row is the plain run (DP1's is T1's cell); every cell passes the DP checks."""
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    config = load_config(tiny)
+    for name, level, epsilons in (("DP1", "record", [0.0, 8.0, 2.0]), ("DP2", "client", [0.0, 8.0])):
+        runs = reproduce.cells(paper.TABLES[name], config, tiny, [], [0, 1, 2], "w")
+        assert len(runs) == 4 * len(epsilons) and all(len(seeds) == 3 for seeds in runs.values())
+        assert len({w for seeds in runs.values() for _, _, w in seeds}) == 12 * len(epsilons)  # distinct cells
+        seen = set()
+        for label, seeds in runs.items():
+            for seed, overrides, _ in seeds:
+                c = load_config(tiny, overrides)
+                dp = privacy.from_config(c.dp)
+                assert dp.level == (level if "inf" not in label else "none"), label
+                assert dp.target_epsilon == epsilons[0 if "inf" in label else 1 + ("eps=2" in label)]
+                if dp.on:
+                    assert dp.noise_seed == seed and dp.delta == 1e-5 and dp.clip_norm > 0
+                    privacy.check(dp, runtime.fed_config(c), algorithms.REGISTRY[c.algorithm])
+                assert (c.num_clients, c.participation) == ((10, 1.0) if name == "DP1" else (100, 0.1))
+                seen.add((c.algorithm, dp.target_epsilon, dp.clip_norm if dp.on else None))
+        clips = {clip for *_, clip in seen if clip is not None}
+        assert len(seen) == 4 * len(epsilons) and len(clips) == 1, seen  # four methods, one C
+    t1 = reproduce.cells(paper.TABLES["T1"], config, tiny, [], [1], "w")["ParaBlock"]
+    assert reproduce.cells(paper.TABLES["DP1"], config, tiny, [], [1], "w")["ParaBlock, eps=inf"] == t1
+    report = {"table": "DP9", "title": "made up", "link": "100", "ours": True, "claims": [], "rows": [
+        {"label": "A, eps=8", "paper": {}, "missing": "", "commands": [], "seeds": [{"cell_s": 60.0}],
+         "exact_match": {"mean": 0.5, "sd": 0.1}, "noise_multiplier": {"mean": 1.43, "sd": 0.0},
+         "epsilon": {"mean": 8.0, "sd": 0.0}, "cell_s": {"mean": 60.0, "sd": 0.0}}]}  # fmt: skip
+    assert "| A, eps=8 | 1 | 50.0% ± 10.0% | - | - | 1.430 | 8.00 | 60 |" in reproduce.markdown(report)

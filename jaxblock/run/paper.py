@@ -56,6 +56,7 @@ class Table:
     rows: tuple[Row, ...]
     claims: tuple[Claim, ...]
     bandwidth: str = "100"  # the link the modelled wall time uses (MB/s, or a per-client list)
+    ours: bool = False  # not in the paper (DP): no paper columns; the report shows z and epsilon instead
 
     @property
     def link(self):
@@ -248,12 +249,68 @@ TABLES: dict[str, Table] = {
         bandwidth="10",
     ),
 }
-ORDER = ("T1", "T2", "T3", "T4", "T5", "T7", "T8", "T10")
+
+# Differential privacy (issue 28). The paper has none: these tables measure what record-level
+# (DP-SGD in the block step) and client-level (clipped uploads, noised sum) DP cost each method, at
+# budgets calibrated for the whole run (`dp.target_epsilon`, z found before training). Each seed
+# draws its own noise (`dp.noise_seed={seed}`); epsilon None is the same run without DP.
+DP_METHODS = (("ParaBlock", "parablock"), ("FedBCD", "fedbcd"), ("FedIT", "fedit"), ("Fed full FT", "fedavg_full"))
+DP_DELTA = "1e-5"
+# C from a pilot without DP on configs/tiny.py (docs/privacy_small_scale.md): the median
+# per-example gradient norm of a ParaBlock block at the base model (record level) and the median
+# upload norm after one round's local training (client level).
+DP_RECORD_CLIP = "3.5"
+DP_CLIENT_CLIP = "9.0"
+CROSS_DEVICE = ("num_clients=100", "participation=0.1")
 
 
-def resolve(overrides: tuple[str, ...], rounds: int, num_clients: int) -> tuple[str, ...]:
-    """The overrides with `{rounds_x_clients}` / `{rounds_x_2}` filled in from the config."""
-    values = {"rounds_x_clients": rounds * num_clients, "rounds_x_2": rounds * 2}
+def dp_label(method: str, epsilon: str | None) -> str:
+    return f"{method}, eps={epsilon or 'inf'}"
+
+
+def _dp_rows(level: str, clip: str, epsilons: tuple[str | None, ...], *extra: str) -> tuple[Row, ...]:
+    """A row per epsilon (None: no DP) and method, every method at the same C."""
+    rows = []
+    for eps in epsilons:
+        dp = () if eps is None else (f"dp.level={level}", f"dp.target_epsilon={eps}", f"dp.delta={DP_DELTA}",
+                                     f"dp.clip_norm={clip}", "dp.noise_seed={seed}")  # fmt: skip
+        rows += [Row(dp_label(method, eps), _alg(name, *extra, *dp), {}) for method, name in DP_METHODS]
+    return tuple(rows)
+
+
+def _dp_claims(epsilons: tuple[str, ...]) -> tuple[Claim, ...]:
+    """Ours, not the paper's: what DP costs ParaBlock, and ParaBlock against each other method at each budget."""
+    claims = [Claim(f"eps={e} costs ParaBlock accuracy", dp_label("ParaBlock", None), dp_label("ParaBlock", e),
+                    "exact_match") for e in epsilons]  # fmt: skip
+    claims += [
+        Claim(f"ParaBlock is more accurate than {m} at eps={e or 'inf'}", dp_label("ParaBlock", e), dp_label(m, e),
+              "exact_match")
+        for e in (None, *epsilons) for m, _ in DP_METHODS[1:]
+    ]  # fmt: skip
+    return tuple(claims)
+
+
+TABLES["DP1"] = Table(
+    "DP1",
+    f"Record-level DP (DP-SGD in the block step, C={DP_RECORD_CLIP}, delta={DP_DELTA}); not in the paper",
+    _dp_rows("record", DP_RECORD_CLIP, (None, "8", "2")),
+    _dp_claims(("8", "2")),
+    ours=True,
+)
+TABLES["DP2"] = Table(
+    "DP2",
+    f"Client-level DP, 100 clients, 10% per round (C={DP_CLIENT_CLIP}, delta={DP_DELTA}); not in the paper",
+    _dp_rows("client", DP_CLIENT_CLIP, (None, "8"), *CROSS_DEVICE),
+    _dp_claims(("8",)),
+    ours=True,
+)
+ORDER = ("T1", "T2", "T3", "T4", "T5", "T7", "T8", "T10", "DP1", "DP2")
+
+
+def resolve(overrides: tuple[str, ...], rounds: int, num_clients: int, seed: int = 0) -> tuple[str, ...]:
+    """The overrides with `{rounds_x_clients}` / `{rounds_x_2}` filled in from the config and
+    `{seed}` from the cell's seed."""
+    values = {"rounds_x_clients": rounds * num_clients, "rounds_x_2": rounds * 2, "seed": seed}
     return tuple(re.sub(r"\{(\w+)\}", lambda m: str(values[m.group(1)]), o) for o in overrides)
 
 
