@@ -201,8 +201,8 @@ def test_below_threshold_the_round_cannot_be_unmasked():
         sa.Setup(7, tuple(range(5)), threshold=2)
 
 
-def _to_requests(setup, q, drop_before_upload=()):
-    """A round run to the server's requests: (server, clients, masked uploads, requests)."""
+def _shared(setup):
+    """A round run to the relayed shares: (server, clients, each client's inbox)."""
     clients, publics = {}, {}
     for u in setup.parties:
         clients[u], publics[u] = sa.client_keys(setup, u)
@@ -211,6 +211,12 @@ def _to_requests(setup, q, drop_before_upload=()):
     for u in setup.parties:
         clients[u], outboxes[u] = sa.share_keys(clients[u], sa.peer_keys(server, u))
     server, inboxes = sa.relay(server, outboxes)
+    return server, clients, inboxes
+
+
+def _to_requests(setup, q, drop_before_upload=()):
+    """A round run to the server's requests: (server, clients, masked uploads, requests)."""
+    server, clients, inboxes = _shared(setup)
     masked = {}
     for u in set(setup.parties) - set(drop_before_upload):
         clients[u], masked[u] = sa.masked_input(clients[u], q[u], inboxes[u])
@@ -240,14 +246,7 @@ def test_a_request_for_both_kinds_of_one_peers_shares_is_refused():
 
 def test_sealed_shares_cannot_be_redirected_and_altered_shares_are_caught():
     setup = sa.Setup(1, (0, 1, 2, 3), threshold=3)
-    clients, publics = {}, {}
-    for u in setup.parties:
-        clients[u], publics[u] = sa.client_keys(setup, u)
-    server = sa.collect_keys(setup, publics)
-    outboxes = {}
-    for u in setup.parties:
-        clients[u], outboxes[u] = sa.share_keys(clients[u], sa.peer_keys(server, u))
-    server, inboxes = sa.relay(server, outboxes)
+    server, clients, inboxes = _shared(setup)
     forged = {**inboxes[2], 1: inboxes[3][0]}  # 0's shares for 3, passed to 2 as if from 1
     with pytest.raises(sa.BadCiphertext):
         sa.masked_input(clients[2], np.zeros(10, np.uint32), forged)
