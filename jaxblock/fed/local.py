@@ -24,6 +24,7 @@ import numpy as np
 import optax
 
 from jaxblock import model
+from jaxblock.fed import privacy
 from jaxblock.fed.blocks import merge, subtree_like
 from jaxblock.model.config import ModelConfig
 from jaxblock.model.sharding import Layout
@@ -185,11 +186,9 @@ def clipped_sum(grads: dict, clip_norm: float) -> dict:
 
 
 def gaussian_noise(tree: dict, std: float, noise_key: jax.Array) -> dict:
-    """N(0, std^2) per coordinate, shaped as `tree`; noise_key: uint32 [2] threefry key data,
-    split into one key per leaf."""
-    leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.wrap_key_data(noise_key, impl="threefry2x32"), len(leaves))
-    return treedef.unflatten([std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)])
+    """N(0, std^2) per coordinate, shaped as `tree`; noise_key: uint32 [2] threefry key data
+    (`privacy.gaussian_like` draws it: one subkey per leaf)."""
+    return privacy.gaussian_like(tree, jax.random.wrap_key_data(noise_key, impl="threefry2x32"), std)
 
 
 def dp_gradient(loss_fn: LossFn, block: dict, frozen: dict, batch: dict, dp: DPSGD) -> tuple[jax.Array, dict]:
