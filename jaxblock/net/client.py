@@ -204,9 +204,9 @@ class _Client:
         self.plans: dict[int, dict] = {}
         self.sent: dict[int, dict] = {}  # round -> what it uploads for it (after the transforms)
         pool = concurrent.futures.ThreadPoolExecutor
-        self.uploader = pool(1, thread_name_prefix=f"upload-{client}")
-        self.downloader = pool(1, thread_name_prefix=f"download-{client}")
-        self.cleaner = pool(1, thread_name_prefix=f"cleanup-{client}")
+        self.uploader = pool(1, thread_name_prefix=f"upload-{client}", initializer=comm.yield_cpu)
+        self.downloader = pool(1, thread_name_prefix=f"download-{client}", initializer=comm.yield_cpu)
+        self.cleaner = pool(1, thread_name_prefix=f"cleanup-{client}", initializer=comm.yield_cpu)
         self.uploads: list[concurrent.futures.Future] = []
         self.releases: list[concurrent.futures.Future] = []
         self.reported = 0  # uploads whose seconds are already in a timeline row
@@ -283,7 +283,9 @@ class _Client:
             up, merges = self.submit_upload(t), self.download(t)
         pieces, down, down_s = merges.result()
         self.absorb(t, pieces)
-        comm_s, exposed = down_s + self.upload_seconds(), time.perf_counter() - compute_end
+        # The upload and the download start together and the download waits for the server's merge
+        # of the upload: the round's communication takes the longer of the two, not their sum.
+        comm_s, exposed = max(down_s, self.upload_seconds()), time.perf_counter() - compute_end
         self.row(t, b, compute_end - start, comm_s, exposed, up, down, losses)
 
     def flush(self) -> None:
@@ -294,7 +296,7 @@ class _Client:
             pieces, nbytes, seconds = self.download(t).result()
             self.absorb(t, pieces)
             down, down_s = down + nbytes, down_s + seconds
-        comm_s = down_s + self.upload_seconds(wait=True)
+        comm_s = max(down_s, self.upload_seconds(wait=True))  # concurrent, as in a round
         self.row("flush", self.plans[fed.rounds - 1]["block"], 0.0, comm_s, time.perf_counter() - start, up, down, None)
 
     def absorb(self, t: int, pieces: list[tuple[int, dict]]) -> None:

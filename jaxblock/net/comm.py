@@ -62,20 +62,28 @@ def run_in_threads(
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
+    def server_main() -> None:
+        comm.yield_cpu()  # it stands for another machine: its host work should not slow the clients' compute
+        try:
+            out["params"] = serve(
+                fed, params, partition, store, party(comm, "server"), client_sizes=client_sizes, policy=policy,
+                on_merge=on_merge, on_aggregate=on_aggregate, algorithm=algorithm,
+            )  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread, first
+            out["error"] = e
+
+    out: dict = {}
     threads = [threading.Thread(target=client_main, args=(i,), name=f"client-{i}") for i in clients]
+    threads.append(threading.Thread(target=server_main, name="server"))
     for th in threads:
         th.start()
-    try:
-        server_params = serve(
-            fed, params, partition, store, party(comm, "server"), client_sizes=client_sizes, policy=policy,
-            on_merge=on_merge, on_aggregate=on_aggregate, algorithm=algorithm,
-        )  # fmt: skip
-    finally:
-        for th in threads:
-            th.join()
+    for th in threads:
+        th.join()
+    if "error" in out:
+        raise out["error"]
     if errors:
         raise errors[0]
-    return server_params, replicas
+    return out["params"], replicas
 
 
 # ----------------------------------------------------------------------------- timelines
