@@ -19,6 +19,7 @@ from jaxblock.run import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
+ADD_OR_REMOVE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
 def _direct(event, delta):
@@ -64,14 +65,72 @@ def test_client_level_epsilon_composes_each_clients_own_rounds_without_amplifica
     assert shared["epsilon_if_only_the_sum_is_seen"] == spent["epsilon"] < shared["epsilon"]
 
 
-@pytest.mark.parametrize("level", ["record", "client"])
-def test_calibration_meets_the_target_within_1_percent_from_below(level):
+def test_record_level_poisson_epsilon_is_dp_accountings_under_add_remove():
+    """Poisson sampling: each step is PoissonSampledDpEvent(B / n_i, GaussianDpEvent(z)) under
+    add/remove (one record more or fewer moves the clipped sum by C: z, not z / 2), for both accountants."""
+    with pytest.raises(ValueError, match=r"^dp.sampling='bogus': choose one of without_replacement, poisson$"):
+        privacy.DPConfig(level="record", noise_multiplier=1.0, sampling="bogus")
+    fed = algorithms.configure(algorithm="fedbcd", rounds=6, num_clients=4, local_steps=3, participation=0.5)
+    algo, sizes, z = algorithms.REGISTRY["fedbcd"], [40, 25, 60, 33], 1.3
+    for name in ("rdp", "pld"):
+        dp = privacy.DPConfig(level="record", noise_multiplier=z, sampling="poisson", accountant=name)
+        spent = privacy.budget(dp, fed, algo, z, 5, sizes, batch_size=4)
+        assert spent["sampling"] == "poisson" and spent["accountant"] == name
+        for c in range(4):
+            step = dp_accounting.PoissonSampledDpEvent(4 / sizes[c], dp_accounting.GaussianDpEvent(z))
+            event = dp_accounting.SelfComposedDpEvent(step, spent["steps_per_client"][c])
+            acct = (dp_accounting.rdp.RdpAccountant(neighboring_relation=ADD_OR_REMOVE)
+                    if name == "rdp" else dp_accounting.pld.PLDAccountant(ADD_OR_REMOVE, privacy.PLD_DISCRETIZATION))  # fmt: skip
+            assert spent["epsilon_per_client"][c] == pytest.approx(acct.compose(event).get_epsilon(1e-5), rel=1e-12)
+
+
+@pytest.mark.parametrize("level", ["client", "record"])
+def test_pld_epsilon_is_dp_accountings_pld_of_the_same_events(level):
+    """PLD: client level composes GaussianDpEvent(z) under replace-one (dp-accounting's PLD moves a
+    replaced term from -C to +C itself, where its RDP takes z / 2 against the whole 2C); record level
+    Poisson steps under add/remove. The figures match a direct PLDAccountant, its default grid (1e-4)
+    to 1e-3, and stay below RDP's (the tighter accountant: a sensitivity read twice over would be ~3x)."""
+    fed = algorithms.configure(algorithm="fedbcd", rounds=8, num_clients=8, local_steps=3, participation=0.5)
+    algo, sizes, z = algorithms.REGISTRY["fedbcd"], list(range(30, 38)), 1.2
+    sampling = "poisson" if level == "record" else "without_replacement"
+    pld = privacy.DPConfig(level=level, noise_multiplier=z, accountant="pld", sampling=sampling)
+    spent = privacy.budget(pld, fed, algo, z, 7, sizes, 4)
+    rdp = privacy.budget(dataclasses.replace(pld, accountant="rdp"), fed, algo, z, 7, sizes, 4)
+    worst = int(np.argmax(spent["epsilon_per_client"]))
+    for c in range(8):
+        if level == "client":
+            k = spent["rounds_per_client"][c]
+            event, relation = dp_accounting.GaussianDpEvent(z), REPLACE_ONE
+            same_pair = dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z / 2), k)
+        else:
+            k = spent["steps_per_client"][c]
+            event = dp_accounting.PoissonSampledDpEvent(4 / sizes[c], dp_accounting.GaussianDpEvent(z))
+            relation, same_pair = ADD_OR_REMOVE, dp_accounting.SelfComposedDpEvent(event, k)
+        if not k:
+            assert spent["epsilon_per_client"][c] == 0.0
+            continue
+        direct = dp_accounting.pld.PLDAccountant(relation, privacy.PLD_DISCRETIZATION)
+        direct.compose(dp_accounting.SelfComposedDpEvent(event, k))
+        assert spent["epsilon_per_client"][c] == pytest.approx(direct.get_epsilon(1e-5), rel=1e-12)
+        if c == worst:  # the default grid, and the same pair of distributions stated as add/remove
+            fine = dp_accounting.pld.PLDAccountant(ADD_OR_REMOVE).compose(same_pair).get_epsilon(1e-5)
+            assert spent["epsilon_per_client"][c] == pytest.approx(fine, rel=1e-3)
+        assert spent["epsilon_per_client"][c] < rdp["epsilon_per_client"][c]
+    assert spent["epsilon"] == max(spent["epsilon_per_client"]) > 0.8 * rdp["epsilon"]
+
+
+@pytest.mark.parametrize(
+    "level, sampling, accountant",
+    [("record", "without_replacement", "rdp"), ("client", "without_replacement", "rdp"),
+     ("record", "poisson", "rdp"), ("record", "poisson", "pld"), ("client", "without_replacement", "pld")],
+)  # fmt: skip
+def test_calibration_meets_the_target_within_1_percent_from_below(level, sampling, accountant):
     # record level: every client alike (one calibration); client level: 3 of 10 sampled a round
     participation = 1.0 if level == "record" else 0.3
     fed = algorithms.configure(
         algorithm="parablock", rounds=10, num_clients=10, local_steps=5, participation=participation
     )
-    dp = privacy.DPConfig(level=level, target_epsilon=4.0, delta=1e-5)
+    dp = privacy.DPConfig(level=level, target_epsilon=4.0, delta=1e-5, sampling=sampling, accountant=accountant)
     algo, sizes = algorithms.REGISTRY["parablock"], [200] * 10
     z = privacy.noise_multiplier(dp, fed, algo, sizes, 8)
     spent = privacy.budget(dp, fed, algo, z, fed.rounds, sizes, 8)["epsilon"]
@@ -146,11 +205,15 @@ def test_with_central_dp_the_server_rejects_an_upload_that_was_not_clipped():
     assert privacy.policy(validate.Policy(), distributed) == validate.Policy()  # noise makes norms exceed C
 
 
-@pytest.mark.parametrize("level", ["record", "client", "distributed"])
+@pytest.mark.parametrize("level", ["record", "client", "distributed", "poisson_pld"])
 def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path, monkeypatch, level):
     """The stopped run draws a random secret (dp_secret, mode 0600) and reads it back on resume: it
-    ends where an uninterrupted run with that seed ends, bit for bit, having spent the same epsilon."""
-    noise = ["dp.level=client", "dp.noise=distributed"] if level == "distributed" else [f"dp.level={level}"]
+    ends where an uninterrupted run with that seed ends, bit for bit, having spent the same epsilon.
+    poisson_pld: record level with Poisson sampling (its draws keyed by the same secret), PLD accounting."""
+    noise = {
+        "distributed": ["dp.level=client", "dp.noise=distributed"],
+        "poisson_pld": ["dp.level=record", "dp.sampling=poisson", "dp.accountant=pld"],
+    }.get(level, [f"dp.level={level}"])
     extra = [*noise, "dp.noise_multiplier=1.1", "dp.clip_norm=0.5", "rounds=4"]
     stopped = str(tmp_path / "stopped")
     stopped_after_two_checkpoints(monkeypatch, small_config(*extra), stopped)
@@ -168,6 +231,9 @@ def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path
     assert eps == [m["epsilon"] for m in read_jsonl(str(tmp_path / "straight" / "metrics.jsonl"))]
     assert eps == sorted(eps) and eps[-1] == resumed["dp"]["epsilon"]
     assert "noise_seed" not in json.dumps(resumed) and str(seed) not in json.dumps(resumed)  # the secret stays put
+    poisson = level == "poisson_pld"
+    assert resumed["dp"]["sampling"] == ("poisson" if poisson else "without_replacement")
+    assert resumed["dp"]["accountant"] == ("pld" if poisson else "rdp")
 
 
 @pytest.mark.parametrize(
@@ -176,14 +242,16 @@ def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path
         (["algorithm=fedbuff", "dp.level=client", "dp.noise_multiplier=1"], "an asynchronous buffer merges"),
         (["compression=topk", "dp.level=client", "dp.noise_multiplier=1"], "top-k picks coordinates from un-noised"),
         (["staleness=[1,2,1]", "dp.level=client", "dp.noise_multiplier=1"], "with per-client staleness"),
-        (["dp.level=client", "dp.noise_multiplier=1", "dp.accountant=pld"], "PLD accountant has no event"),
+        (["dp.level=record", "dp.noise_multiplier=1", "dp.accountant=pld"], "PLD accountant has no event for sampling"),
+        (["dp.level=client", "dp.noise_multiplier=1", "dp.sampling=poisson"], "so sampling gives no amplification"),
         (["dp.level=record", "dp.noise_multiplier=1", "dp.target_epsilon=2"], "not both"),
         (["schedule=gradient", "dp.level=record", "dp.noise_multiplier=1"], "un-noised gradient norms"),
         (["algorithm=flora", "dp.level=client", "dp.noise_multiplier=1"], "its upload is a trained adapter"),
         (["comm.max_norm_ratio=3", "dp.level=client", "dp.noise_multiplier=1"], "the median of the other"),
     ],
-    ids=["fedbuff", "topk", "per_client_staleness", "pld", "z_and_target", "gradient", "flora", "norm_ratio"],
-)
+    ids=["fedbuff", "topk", "per_client_staleness", "pld_without_replacement", "client_poisson", "z_and_target",
+         "gradient", "flora", "norm_ratio"],
+)  # fmt: skip
 def test_a_combination_whose_guarantee_would_not_hold_is_one_line_exit_2(tmp_path, extra, line):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py")]
     cmd += [f"--config.{o}" for o in [*SMALL, *extra]] + ["--workdir", str(tmp_path / "run")]

@@ -260,3 +260,97 @@ def test_sampled_batches_train_with_dp():
     after = _linear_loss(blocks.merge(jax.tree.map(jnp.add, block, delta), frozen), clients[0])
     assert after < 0.2 * before, (before, after)
     assert losses.shape == (40,)
+
+
+# ----------------------------------------------------------------------------- Poisson sampling
+
+
+def test_poisson_draws_have_mean_batch_size_and_use_the_steps_secret_keys():
+    """Each of client 1's 50 examples is in a step with probability q = 5 / 50, drawn from the step's
+    key default_rng([seed, client, s]) (the one sampling without replacement uses); the drawn rows
+    fill a fixed buffer of poisson_cap(5) rows in index order, the rest zeros, with their 0/1 mask."""
+    fn = data.make_sampled_batches_fn(_clients((9, 50)), 5, seed=7, sampling="poisson")
+    long, end = fn(1, 0, 2000)
+    m = data.poisson_cap(5)
+    assert end == 2000 * 5 and long["tokens"].shape == (2000, m, 3) and long["sample_mask"].shape == (2000, m)
+    counts = long["sample_mask"].sum(axis=1)
+    assert abs(counts.mean() - 5) < 0.25 and abs(counts.var() / 4.5 - 1) < 0.15, (counts.mean(), counts.var())
+    for s in (0, 3, 1999):
+        drawn = np.flatnonzero(np.random.default_rng([7, 1, s]).random(50) < 0.1)
+        np.testing.assert_array_equal(long["sample_mask"][s], np.arange(m) < len(drawn))
+        np.testing.assert_array_equal(long["tokens"][s, : len(drawn), 0], 1000 + drawn)
+        assert not long["tokens"][s, len(drawn) :].any() and not long["loss_mask"][s, len(drawn) :].any()
+    rows = long["tokens"][:, :, 0][long["sample_mask"] > 0] - 1000
+    per_row = np.bincount(rows, minlength=50)  # 200 expected each
+    assert per_row.min() > 140 and per_row.max() < 260, per_row
+    fixed, _ = data.make_sampled_batches_fn(_clients((9, 50)), 5, seed=7)(1, 0, 2000)
+    np.testing.assert_array_equal(long["noise_key"], fixed["noise_key"])  # the same noise keys
+    head, pos = fn(1, 0, 3)
+    tail, _ = fn(1, pos, 2)  # a resumed run draws what the long run drew
+    jax.tree.map(lambda h, t, x: np.testing.assert_array_equal(np.concatenate([h, t]), x[:5]), head, tail, long)
+
+
+def test_a_poisson_draw_over_the_buffer_widens_it_instead_of_truncating():
+    """cap=2 (the real one overflows with probability 1e-12 a step): a call whose step draws more gets
+    a buffer that holds every drawn row, rounded to `multiple`; train.batched pads the narrower
+    clients' buffers with masked rows and equals one-by-one training."""
+    fn = data.make_sampled_batches_fn(_clients((9, 20)), 4, seed=0, sampling="poisson", multiple=3, cap=2)
+    batches = [fn(c, 0, 3)[0] for c in (0, 1)]
+    for c, batch in enumerate(batches):
+        n = (9, 20)[c]
+        drawn = [np.flatnonzero(np.random.default_rng([0, c, s]).random(n) < 4 / n) for s in range(3)]
+        width = batch["sample_mask"].shape[1]
+        assert width == max(2, -(-max(map(len, drawn)) // 3) * 3) and width % 3 == 0 and width >= 6
+        np.testing.assert_array_equal(batch["sample_mask"].sum(axis=1), [len(d) for d in drawn])
+    assert data.poisson_cap(4) == 25 and data.poisson_cap(4, multiple=8) == 32
+    rng = np.random.default_rng(1)
+    xy = [{"x": rng.normal(size=(n, 6)).astype(np.float32), "y": rng.normal(size=(n, 3)).astype(np.float32)}
+          for n in (9, 40)]  # fmt: skip
+    toy = data.make_sampled_batches_fn(xy, 4, seed=4, sampling="poisson", cap=5)  # client 0 draws 7
+    toy_batches = [toy(0, 0, 2)[0], toy(1, 0, 2)[0]]
+    assert toy_batches[0]["sample_mask"].shape != toy_batches[1]["sample_mask"].shape
+    params = {"w1": rng.normal(size=(6, 3)).astype(np.float32), "w2": np.zeros((6, 3), np.float32)}
+    train = local.make_local_train(_linear_loss, _sgd(0.1, 2), dp=local.DPSGD(1.0, 0.5, expected_batch=4))
+    got = train.batched([params, params], [{}, {}], toy_batches)
+    for (delta, losses), batch in zip(got, toy_batches, strict=True):
+        ref_delta, ref_losses = train(params, {}, batch)
+        np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+        assert _max_diff(delta, ref_delta) <= 1e-6
+
+
+def _poisson_buffer(batches, drawn: int):
+    """The toy batches as a Poisson buffer whose first `drawn` rows were drawn."""
+    mask = (np.arange(batches["x"].shape[1]) < drawn).astype(np.float32)
+    return dict(batches, sample_mask=np.broadcast_to(mask, batches["x"].shape[:2]).copy())
+
+
+def test_poisson_noise_std_is_lr_times_z_times_c_over_the_expected_batch():
+    """The issue's noise test with Poisson sampling: 2 of a 12-row buffer drawn, expected batch 4;
+    one SGD step's noise has std eta z C / 4 (the expected batch, not the 2 drawn)."""
+    params, batches = _toy_problem(b=12)
+    lr, z, c = 20.0, 2.0, 1e-4
+    train = local.make_local_train(_linear_loss, _sgd(lr, 1), dp=local.DPSGD(c, z, expected_batch=4))
+    delta, _ = train(params, {}, _poisson_buffer(batches, 2))
+    d = np.concatenate([np.asarray(x).ravel() for x in jax.tree.leaves(delta)])
+    expected = lr * z * c / 4
+    assert abs(d.std() / expected - 1) < 0.05, (d.std(), expected)
+
+
+def test_a_poisson_step_sums_the_drawn_examples_only_over_the_expected_batch():
+    """z = 0, C huge: the step is eta * (sum of the drawn rows' gradients) / B; the buffer's other
+    rows (here real data, not zeros) add nothing. Equal to plain SGD on the drawn rows' mean loss
+    scaled by drawn / B."""
+    params, batches = _toy_problem(width=8, out=3, b=10)
+    lr, drawn, b = 0.05, 3, 4
+    train = local.make_local_train(_linear_loss, _sgd(lr, 1), dp=local.DPSGD(1e6, 0.0, expected_batch=b))
+    delta, losses = train(params, {}, _poisson_buffer(batches, drawn))
+    only = {k: v[:, :drawn] for k, v in batches.items() if k != "noise_key"}
+    plain, plain_losses = local.make_local_train(_linear_loss, _sgd(lr * drawn / b, 1))(params, {}, only)
+    np.testing.assert_allclose(losses, plain_losses, rtol=1e-5)  # the loss: the drawn rows' mean
+    assert _max_diff(delta, plain) <= 1e-5 * _max_diff(plain, jax.tree.map(np.zeros_like, plain))
+    with pytest.raises(ValueError, match="Poisson batches"):
+        train(params, {}, batches)  # expected_batch without a mask
+    with pytest.raises(ValueError, match="Poisson batches"):
+        local.make_local_train(_linear_loss, _sgd(lr, 1), dp=local.DPSGD(1.0, 0.0))(
+            params, {}, _poisson_buffer(batches, drawn)
+        )

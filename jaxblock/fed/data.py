@@ -9,6 +9,8 @@ position and a resumed run reads exactly the data an uninterrupted one would.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
@@ -31,27 +33,78 @@ def make_batches_fn(clients: list[dict[str, np.ndarray]], batch_size: int, seed:
     return batches_fn
 
 
-def make_sampled_batches_fn(clients: list[dict[str, np.ndarray]], batch_size: int, seed: int):
+OVERFLOW = 1e-12  # a Poisson step's chance of drawing more examples than its buffer holds (see poisson_cap)
+
+
+def poisson_cap(batch_size: int, multiple: int = 1, tail: float = OVERFLOW) -> int:
+    """The rows of a Poisson step's buffer: the smallest m with P(Poisson(batch_size) > m) <= tail,
+    rounded up to a multiple of `multiple` (the data-parallel devices). A client's draw is
+    Binomial(n_i, batch_size / n_i), whose tail above its mean + 1 is at most the Poisson one
+    (Anderson and Samuels 1967), so one m serves every client. 1e-12: m = 25 rows for B = 4, 35 for 8,
+    128 for 64, 376 for 256 (the per-example gradients cost m / B of a fixed batch's)."""
+    log_pmf = lambda k: k * math.log(batch_size) - batch_size - math.lgamma(k + 1)  # noqa: E731
+    m = batch_size
+    while sum(math.exp(log_pmf(k)) for k in range(m + 1, m + 10 * batch_size + 50)) > tail:
+        m += 1
+    return -(-m // multiple) * multiple
+
+
+def make_sampled_batches_fn(
+    clients: list[dict[str, np.ndarray]],
+    batch_size: int,
+    seed: int,
+    sampling: str = "without_replacement",
+    multiple: int = 1,
+    cap: int = 0,
+):
     """`batches_fn(client, position, k)` as `make_batches_fn`'s, for DP-SGD (`local.DPSGD`): each
-    step's batch is a fresh uniform sample without replacement of batch_size of the client's n
-    examples, plus `noise_key` uint32 [k, 2], the step's Gaussian-noise key.
+    step's batch is a fresh sample of the client's n examples, plus `noise_key` uint32 [k, 2], the
+    step's Gaussian-noise key.
+
+    `sampling='without_replacement'`: batch_size of the n, uniformly ([k, batch_size, ...]);
+    the accounting's SampledWithoutReplacementDpEvent(n, batch_size, ...) per step.
+    `sampling='poisson'`: each of the n independently with probability q = batch_size / n, so a
+    step's count is random; it fills the first rows of a fixed buffer of m = `cap` rows (0:
+    `poisson_cap`, overflow probability <= 1e-12 a step), in index order, the rest zeros, and
+    `sample_mask` [k, m] float32 is 1 on the drawn rows. A step that draws more than m is not
+    truncated: that call's buffer grows to hold it (a new shape, so one more compilation: the
+    sample is exactly Poisson); the accounting's PoissonSampledDpEvent(q, ...) per step.
 
     Step s = position // batch_size + j draws its rows from default_rng([seed, client, s]) and its
     key from default_rng([seed, client, s, 1]): a pure function of the position, so a resumed run
-    reads the same data and noise. This sampling is what the privacy accounting assumes,
-    SampledWithoutReplacementDpEvent(n, batch_size, GaussianDpEvent(z)) per step. `seed` must be
-    a secret of the client: whoever knows it knows which records each step used, and its noise.
+    reads the same data and noise. `seed` must be a secret of the client: whoever knows it knows
+    which records each step used, and its noise.
     """
     sizes = [len(next(iter(c.values()))) for c in clients]
     for i, n in enumerate(sizes):
         if n < batch_size:
             raise ValueError(f"client {i} has {n} examples: fewer than batch_size={batch_size}")
+    if sampling not in ("without_replacement", "poisson"):
+        raise ValueError(f"sampling={sampling!r}: choose without_replacement or poisson")
+    cap = cap or poisson_cap(batch_size, multiple)
+
+    def poisson_rows(client: int, n: int, steps: range) -> tuple[np.ndarray, np.ndarray]:
+        """([k, width] row indices, [k, width] 0/1 mask): each step's draw, then padding."""
+        drawn = [np.flatnonzero(np.random.default_rng([seed, client, s]).random(n) < batch_size / n) for s in steps]
+        width = max(cap, -(-max(len(d) for d in drawn) // multiple) * multiple)  # an overflow: a wider buffer
+        rows, mask = np.zeros((len(steps), width), np.int64), np.zeros((len(steps), width), np.float32)
+        for j, d in enumerate(drawn):
+            rows[j, : len(d)], mask[j, : len(d)] = d, 1.0
+        return rows, mask
 
     def batches_fn(client: int, position: int, k: int):
         data, n = clients[client], sizes[client]
         steps = range(position // batch_size, position // batch_size + k)
-        rows = np.stack([np.random.default_rng([seed, client, s]).choice(n, batch_size, replace=False) for s in steps])
-        batch = {name: a[rows] for name, a in data.items()}  # [k, batch_size, ...]
+        if sampling == "poisson":
+            rows, mask = poisson_rows(client, n, steps)
+            keep = lambda a: mask.reshape(*mask.shape, *[1] * (a.ndim - 1)) > 0  # noqa: E731
+            batch = {name: np.where(keep(a), a[rows], 0).astype(a.dtype) for name, a in data.items()}  # padding: 0
+            batch["sample_mask"] = mask
+        else:
+            rows = np.stack(
+                [np.random.default_rng([seed, client, s]).choice(n, batch_size, replace=False) for s in steps]
+            )
+            batch = {name: a[rows] for name, a in data.items()}  # [k, batch_size, ...]
         batch["noise_key"] = np.stack(
             [np.random.default_rng([seed, client, s, 1]).integers(0, 2**32, 2, dtype=np.uint32) for s in steps]
         )

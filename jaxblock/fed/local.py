@@ -9,6 +9,8 @@ frozen leaf and no backward pass runs through the layers below the block.
 
 With `dp=DPSGD(clip_norm, noise_multiplier)` every step is a DP-SGD step (Abadi et al. 2016) on the
 block: per-example gradients, each clipped to norm C, summed, Gaussian noise of std z*C added.
+With Poisson sampling (`DPSGD.expected_batch`) a step's batch is a fixed buffer whose `sample_mask`
+marks the examples drawn: the masked ones add nothing, and the sum is divided by the expected size.
 """
 
 from __future__ import annotations
@@ -142,16 +144,22 @@ def lm_loss(cfg: ModelConfig, layout: Layout | None = None, loss_chunk: int = 0)
 @dataclasses.dataclass(frozen=True)
 class DPSGD:
     """Record-level DP-SGD of the local steps: clip each example's gradient to `clip_norm` (C),
-    add N(0, (noise_multiplier * C)^2) per coordinate to their sum."""
+    add N(0, (noise_multiplier * C)^2) per coordinate to their sum. `expected_batch` > 0: Poisson
+    sampling, batches carry `sample_mask` and the sum is divided by this fixed q n_i (= batch_size),
+    not by the number drawn (which would make the divisor depend on the sample); 0: fixed-size
+    batches, divided by their size."""
 
     clip_norm: float
     noise_multiplier: float
+    expected_batch: int = 0
 
     def __post_init__(self):
         if not self.clip_norm > 0:
             raise ValueError(f"dp.clip_norm={self.clip_norm}: must be > 0")
         if not self.noise_multiplier >= 0:
             raise ValueError(f"dp.noise_multiplier={self.noise_multiplier}: must be >= 0")
+        if self.expected_batch < 0:
+            raise ValueError(f"expected_batch={self.expected_batch}: must be >= 0")
 
 
 def per_example_gradients(loss_fn: LossFn, block: dict, frozen: dict, batch: dict) -> tuple[jax.Array, dict]:
@@ -177,11 +185,13 @@ def clip_per_example(grads: dict, clip_norm: float) -> dict:
     return jax.tree.map(lambda g: g * scale.reshape(-1, *([1] * (g.ndim - 1))), grads)
 
 
-def clipped_sum(grads: dict, clip_norm: float) -> dict:
+def clipped_sum(grads: dict, clip_norm: float, mask: jax.Array | None = None) -> dict:
     """The sum of the clipped per-example gradients, as one contraction over the example axis:
     scaling B copies then summing them measured 70-90 ms of a ~430 ms DP step (bench_dp's wide
-    shape, a loaded machine)."""
+    shape, a loaded machine). `mask` [B] 0/1: only the examples it marks (a Poisson step's draw)."""
     scale = clip_scales(grads, clip_norm)
+    if mask is not None:
+        scale = scale * mask.astype(scale.dtype)
     return jax.tree.map(lambda g: jnp.tensordot(scale, g, axes=1), grads)
 
 
@@ -201,13 +211,21 @@ def dp_gradient(loss_fn: LossFn, block: dict, frozen: dict, batch: dict, dp: DPS
     above every gradient's norm this is the mean of per-example gradients; for `lm_loss` that is the
     batch gradient when every example has as many target tokens (the batch loss weights examples
     by their target counts).
+
+    With Poisson sampling (`dp.expected_batch`, `batch['sample_mask']` [B]) the B rows are a buffer:
+    the unmarked ones are computed and multiplied by 0, the sum is divided by dp.expected_batch and
+    the loss is the mean over the marked ones.
     """
-    inputs = {name: x for name, x in batch.items() if name != "noise_key"}
+    inputs = {name: x for name, x in batch.items() if name not in ("noise_key", "sample_mask")}
     losses, grads = per_example_gradients(loss_fn, block, frozen, inputs)
-    summed = clipped_sum(grads, dp.clip_norm)
+    mask = batch.get("sample_mask") if dp.expected_batch else None
+    summed = clipped_sum(grads, dp.clip_norm, mask)
     noise = gaussian_noise(summed, dp.noise_multiplier * dp.clip_norm, batch["noise_key"])
-    b = losses.shape[0]
-    return jnp.mean(losses), jax.tree.map(lambda g, n: (g + n) / b, summed, noise)
+    if mask is None:
+        b = losses.shape[0]
+        return jnp.mean(losses), jax.tree.map(lambda g, n: (g + n) / b, summed, noise)
+    loss = jnp.sum(losses * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    return loss, jax.tree.map(lambda g, n: (g + n) / dp.expected_batch, summed, noise)
 
 
 # ----------------------------------------------------------------------------- local training
@@ -311,7 +329,7 @@ def make_local_train(
         shared = jax.tree.map(lambda _: True, frozens[0]) if shared is None else shared
         block_axes, block = _shared_or_stacked(blocks, jax.tree.map(lambda _: False, blocks[0]))
         frozen_axes, frozen = _shared_or_stacked(frozens, shared)
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batches)
+        stacked = _stack_batches(batches)
         key = ("batched", len(blocks), jax.tree.structure(block), jax.tree.structure(frozen),
                jax.tree.structure(stacked), tuple(jax.tree.leaves(block_axes, is_leaf=_is_none)),
                tuple(jax.tree.leaves(frozen_axes, is_leaf=_is_none)))  # fmt: skip
@@ -328,6 +346,19 @@ def make_local_train(
 def _check_noise_key(batches: dict, dp: DPSGD | None) -> None:
     if dp is not None and "noise_key" not in batches:
         raise ValueError("make_local_train(dp=...): batches need 'noise_key' uint32 [K, 2] (make_sampled_batches_fn)")
+    if dp is not None and bool(dp.expected_batch) != ("sample_mask" in batches):
+        raise ValueError("make_local_train(dp=...): Poisson batches (with 'sample_mask') go with "
+                         "DPSGD(expected_batch > 0), and only they")  # fmt: skip
+
+
+def _stack_batches(batches: list[dict]) -> dict:
+    """The clients' batches stacked on a new leading axis. Poisson batches whose buffers differ (a
+    client whose draw overflowed the usual buffer) are padded with zero rows, masked out, to the widest."""
+    if "sample_mask" in batches[0]:
+        width = max(b["sample_mask"].shape[1] for b in batches)
+        pad = lambda x: np.pad(x, [(0, 0), (0, width - x.shape[1])] + [(0, 0)] * (x.ndim - 2))  # noqa: E731
+        batches = [{k: v if k == "noise_key" else pad(np.asarray(v)) for k, v in b.items()} for b in batches]
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
 def _unstack(deltas: dict, losses: jax.Array, m: int) -> list[tuple[dict, jax.Array]]:

@@ -372,10 +372,14 @@ def base_config() -> ml_collections.ConfigDict:
     # per-example clipping to clip_norm, Gaussian noise) or 'client' (each upload clipped, the server
     # adds noise to the sum: noise 'central', or each client its share: 'distributed'). Give z
     # (noise_multiplier) or target_epsilon at delta (z calibrated for the whole run); accounted with
-    # dp-accounting's RDP accountant. noise_seed: the noise's secret (-1: random, kept in workdir/dp_secret).
+    # dp-accounting's accountant 'rdp' or 'pld' (PLD: client level, or record level with Poisson
+    # sampling). sampling (record level): each step draws batch_size of a client's examples
+    # 'without_replacement', or each example independently with probability batch_size / n_i
+    # ('poisson': a fixed buffer with a 0/1 mask, divided by the expected batch_size; add/remove
+    # adjacency). noise_seed: the noise's secret (-1: random, kept in workdir/dp_secret).
     config.dp = ml_collections.ConfigDict(
         {"level": "none", "noise": "central", "noise_multiplier": 0.0, "target_epsilon": 0.0, "delta": 1e-5,
-         "clip_norm": 1.0, "accountant": "rdp", "noise_seed": -1}
+         "clip_norm": 1.0, "accountant": "rdp", "sampling": "without_replacement", "noise_seed": -1}
     )  # fmt: skip
     # Secure aggregation (jaxblock/fed/secagg.py; the simulator for now): the server learns only the
     # sum of a round's uploads, each clipped to clip_norm (0: dp.clip_norm) and quantized to `bits`

@@ -111,7 +111,8 @@ class Setup:
     batch_size: int = 1
 
     def local_train(self):
-        dp = local.DPSGD(self.dp.clip_norm, self.noise_multiplier) if self.dp.level == "record" else None
+        poisson = self.batch_size if self.dp.sampling == "poisson" else 0  # the divisor: the expected batch
+        dp = local.DPSGD(self.dp.clip_norm, self.noise_multiplier, poisson) if self.dp.level == "record" else None
         return local.make_local_train(
             self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings, dp=dp
         )
@@ -172,6 +173,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     params = jax.device_put(params, subtree_like(shardings, params))
     partition = algorithm.partition(params, layers)
     in_order = data.make_batches_fn(clients, config.batch_size, seed=config.seed)
+    sampled = data.make_sampled_batches_fn(
+        clients, config.batch_size, seed, dp.sampling, multiple=layout.ways("activation_batch")
+    ) if dp.level == "record" else in_order  # fmt: skip
     return Setup(
         policy=privacy.policy(runtime.policy(config), dp),
         fed=fed,
@@ -180,7 +184,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
         layout=layout,
         params=params,
         partition=partition,
-        batches_fn=data.make_sampled_batches_fn(clients, config.batch_size, seed) if dp.level == "record" else in_order,
+        batches_fn=sampled,
         fixed_batches_fn=in_order,
         batch_size=config.batch_size,
         client_sizes=sizes,
