@@ -40,6 +40,18 @@ CASES = {
         "--config.dp.noise_seed=5",
         "--config.rounds=2",
     ],  # fmt: skip
+    # Secure aggregation (issue 29) with distributed client-level DP: each client clips, adds its share
+    # of the noise, quantizes and masks; keys, shares and answers go through the store; the server
+    # unmasks only the sum (the rounding and noise secrets as the simulator's)
+    "parablock_secagg_dp": [
+        "--config.secagg.on=True",
+        "--config.dp.level=client",
+        "--config.dp.noise=distributed",
+        "--config.dp.noise_multiplier=0.8",
+        "--config.dp.clip_norm=0.05",
+        "--config.dp.noise_seed=11",
+        "--config.rounds=2",
+    ],
 }
 
 

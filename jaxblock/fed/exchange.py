@@ -53,12 +53,15 @@ def server_side(
     like: dict,
     weights_of: Callable[[list[int], list[int]], np.ndarray],
     policy: validate.Policy,
+    transforms: tuple | None = None,
 ) -> Server:
     """The server's side of round `round_`'s merge, for every exchange: the transforms read the
     uploads back (`like`: a dense upload's shapes), validation screens them (`on_bad_update='stop'`
     raises before anything is merged), and the algorithm reduces the accepted ones with
-    `weights_of(accepted, rejected)`. The result is rounded to the wire dtype."""
+    `weights_of(accepted, rejected)`. The result is rounded to the wire dtype. `transforms`: the
+    run's (`fed.transforms`) as this exchange runs them (the deployment's secure aggregation)."""
     fed = algorithm.fed
+    chain = fed.transforms if transforms is None else transforms
 
     def reduce(dense: dict[int, dict]) -> Result:
         bad = validate.screen(dense, policy)
@@ -70,4 +73,4 @@ def server_side(
         down = transforms_lib.aggregate(fed.transforms, algorithm, uploads, weights, kept, round_)
         return Result(on_wire(down, fed.wire_dtype), kept, bad)
 
-    return lambda received: transforms_lib.reduce(fed.transforms, received, like, reduce, round_)
+    return lambda received: transforms_lib.reduce(chain, received, like, reduce, round_)

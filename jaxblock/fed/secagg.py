@@ -703,6 +703,9 @@ class SecureAggregation(Transform):
     threshold: int = 0  # t; 0: just above half of each client's share holders
     noise_std: float = 0.0  # per-coordinate std of the distributed DP noise an upload carries
     seed: int = 0  # this party's secret (the rounding draws)
+    # (round, {client: its masked input}) -> (the survivors' sum mod 2^bits, the survivors): the
+    # deployment's protocol through the store (net/secure.py); None: one round in memory (`simulate`)
+    unmasker: object = dataclasses.field(default=None, compare=False, repr=False)
     key = "secagg"
 
     @property
@@ -739,8 +742,11 @@ class SecureAggregation(Transform):
         return Setup(round_, tuple(parties), t, self.neighbors, seed, self.bits)
 
     def reduce(self, uploads, like, inner, round_=0):
-        setup = self.setup(round_, sorted(uploads))
-        total, survivors = simulate(setup, {c: np.asarray(u["q"]) for c, u in uploads.items()})
+        inputs = {c: np.asarray(u["q"]) for c, u in uploads.items()}
+        if self.unmasker is None:  # the simulator: quantized inputs, masked and unmasked in memory
+            total, survivors = simulate(self.setup(round_, sorted(uploads)), inputs)
+        else:  # the deployment: masked inputs, unmasked with the survivors' shares
+            total, survivors = self.unmasker(round_, inputs)
         flat = dequantize_sum(total, self.bound, self.clients_per_round, self.bits, len(survivors)) / len(survivors)
         leaves, treedef = jax.tree.flatten(like)
         sizes = np.cumsum([math.prod(x.shape) for x in leaves])[:-1]

@@ -57,7 +57,8 @@ class BadUpdate(ValueError):
 
 def upload_bytes(expected: dict) -> int:
     """The payload of an upload with these leaves."""
-    itemsize = {d.name: d.itemsize for d in (*WIRE_DTYPES.values(), np.dtype(np.int32))}
+    words = (np.int32, np.uint16, np.uint32, np.uint64)  # top-k's indices, secure aggregation's masked words
+    itemsize = {d.name: d.itemsize for d in (*WIRE_DTYPES.values(), *map(np.dtype, words))}
     return sum(math.prod(shape) * itemsize[dtype] for shape, dtype, _ in expected.values())
 
 

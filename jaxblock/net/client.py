@@ -11,11 +11,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from jaxblock.fed import algorithms, lean, loop, schedule, transforms, validate, wire
+from jaxblock.fed import algorithms, lean, loop, schedule, secagg, transforms, validate, wire
 from jaxblock.fed.blocks import Partition
 from jaxblock.fed.config import FedConfig
 from jaxblock.fed.wire import Link
-from jaxblock.net import signing, transport
+from jaxblock.net import secure, signing, transport
 from jaxblock.net.protocol import (
     CommConfig,
     check_supported,
@@ -28,18 +28,24 @@ from jaxblock.net.transport import Store
 
 
 def _upload(
-    store: Store, link: Link, client: int, r: int, block: int, tree: dict, wire: str, keys
+    store: Store, link: Link, client: int, r: int, block: int, tree: dict, wire: str, keys, masker=None
 ) -> tuple[int, float]:
     """Publishes this client's delta of round r (device -> host here, in the upload thread) over its
-    link, committed (signed, with keys) when the link would have delivered it; returns (bytes, seconds)."""
+    link, committed (signed, with keys) when the link would have delivered it; returns (bytes, seconds).
+    With secure aggregation it masks the upload first (or sends nothing if it sits the round out)
+    and answers the server's request for shares once it is sent."""
     start = time.perf_counter()
     host = jax.device_get(tree)
+    if masker is not None and (host := masker.masked(r, host)) is None:
+        return 0, time.perf_counter() - start
     t0 = time.perf_counter()  # the server sees it once the link would have delivered it
     signed = {"kind": "delta", "round": r, "block": block, "client": client}
     nbytes = store.publish(
         transport.delta_prefix(r, client), host, wire, before_commit=lambda n: link.hold(n, t0),
         seal=keys and (lambda m: keys.seal({**m, **signed})),
     )  # fmt: skip
+    if masker is not None:
+        masker.answer_later(r)
     return nbytes, time.perf_counter() - start
 
 
@@ -178,6 +184,8 @@ def run_client(
             me.flush()
         for future in [*me.uploads, *me.releases]:  # raises a failed upload, ack or delete
             future.result()
+        if me.secure is not None:  # the last rounds' answers: the server unmasks with them
+            me.secure.close()
         store.delete(transport.ready_key(client))  # a finished run leaves no trace of it
     finally:
         for executor in (me.uploader, me.downloader, me.cleaner):
@@ -210,6 +218,8 @@ class _Client:
         self.uploads: list[concurrent.futures.Future] = []
         self.releases: list[concurrent.futures.Future] = []
         self.reported = 0  # uploads whose seconds are already in a timeline row
+        sa = next((t for t in self.fed.transforms if isinstance(t, secagg.SecureAggregation)), None)
+        self.secure = None if sa is None else secure.ClientSide(store, keys, sa, comm, client)
 
     def resume(self, state: dict) -> int:
         """Rejoins from a saved state: its replica, data position, transform state, the plans of the
@@ -222,6 +232,8 @@ class _Client:
             plan = self.store.get_json(transport.plan_key(r))
             self.plans[r] = _checked_plan(plan, r, fed, self.partition, self.keys)
         for r, entry in self.replica["pending"].items():
+            if self.secure is not None:  # its round secrets died with it: those rounds go on without it
+                break
             if self.store.get_json(f"{transport.delta_prefix(r, self.client)}/COMMIT") is None:
                 self.sent[r] = entry.get("uploads", entry["deltas"])[self.client]
         return first
@@ -230,7 +242,7 @@ class _Client:
         if r not in self.sent:
             return 0
         tree, block = self.sent.pop(r), self.plans[r]["block"]
-        args = (self.store, self.link, self.client, r, block, tree, self.fed.wire_dtype, self.keys)
+        args = (self.store, self.link, self.client, r, block, tree, self.fed.wire_dtype, self.keys, self.secure)
         self.uploads.append(self.uploader.submit(_upload, *args))
         return wire.payload_bytes(tree, self.fed.wire_dtype)
 
@@ -267,6 +279,8 @@ class _Client:
             transport.plan_key(t), self.comm.server_wait_s, f"round {t}: no plan from the server"
         )
         self.plans[t] = _checked_plan(plan, t, self.fed, self.partition, self.keys)
+        if self.secure is not None:  # the round's key agreement, beside its compute
+            self.secure.start(t, secure.parties_of(plan))
         b, start = plan["block"], time.perf_counter()
         up, merges = (self.submit_upload(t - 1), self.download(t)) if self.overlap else (0, None)
         block, delta, losses = self.train(t, b)

@@ -10,11 +10,11 @@ from collections.abc import Callable
 
 import jax
 
-from jaxblock.fed import algorithms, lean, schedule, transforms, validate
+from jaxblock.fed import algorithms, lean, schedule, secagg, transforms, validate
 from jaxblock.fed import exchange as exchange_lib
 from jaxblock.fed.blocks import Partition
 from jaxblock.fed.config import FedConfig
-from jaxblock.net import receive, signing, transport
+from jaxblock.net import receive, secure, signing, transport
 from jaxblock.net.protocol import (
     CommConfig,
     check_supported,
@@ -73,10 +73,15 @@ def serve(
         # A client that never joined is not waited for, and the plans say who joined: clients count
         # acks against that list (a run whose client never came still leaves a clean store).
         run.joined = run.joined or transport.ready_clients(store, keys)
+        if run.protocol is not None:  # rounds in flight at a restart: their key agreements, read back
+            for r in range(max(0, first - fed.effective_staleness), min(first, fed.rounds)):
+                run.protocol.agree(r, secure.parties_of({**plans[r], "joined": sorted(run.joined)}))
         for t in range(first, final_merge(fed) + 1):  # the rounds, then the final flush
             if t < fed.rounds:
                 plan = {**plans[t], "joined": sorted(run.joined), "kind": "plan", "round": t}
                 store.put_json(transport.plan_key(t), seal(plan))
+                if run.protocol is not None:  # its key agreement, before the merges the clients overlap it with
+                    run.protocol.agree(t, secure.parties_of(plan))
             row = {"round": t, "merged": [], "left_out": []}
             for r, due in merged_at(fed, t, plans):
                 merged, left_out = _merge(run, r, t, due)
@@ -116,8 +121,16 @@ class _Run:
     joined: set | None = None  # the clients ready when round 0 started (a resumed server: all of them)
     # round -> its clients left out so far (weights renormalise without them); kept in checkpoints
     lost: dict = dataclasses.field(default_factory=dict)
+    protocol: secure.ServerSide | None = None  # secure aggregation's protocol through the store
+    transforms: tuple = ()  # the run's transforms as the server runs them (secure aggregation's unmasker)
 
     def __post_init__(self):
+        self.transforms = self.algo.fed.transforms
+        sa = next((t for t in self.transforms if isinstance(t, secagg.SecureAggregation)), None)
+        if sa is not None:
+            self.protocol = secure.ServerSide(self.store, self.keys, sa, self.comm)
+            unmasker = dataclasses.replace(sa, unmasker=self.protocol.unmask)
+            self.transforms = tuple(unmasker if t is sa else t for t in self.transforms)
         meta = self.state.get("extra_meta", {})
         self.lost = {int(r): v for r, v in meta.get("lost", {}).items()}
         self.joined = set(meta["joined"]) if "joined" in meta else None  # a resumed server: as it was
@@ -157,7 +170,7 @@ def _reduce_uploads(run: _Run, r: int, t: int, due: list[int], signed: dict):
         return schedule.merge_weights(fed, plan["clients"], kept, run.client_sizes, [*before, *bad])
 
     like = upload_shapes(run.algo, run.partition, params, r, plan["block"], due[0])
-    server = exchange_lib.server_side(run.algo, r, like, weights_of, run.policy)
+    server = exchange_lib.server_side(run.algo, r, like, weights_of, run.policy, run.transforms)
     result = server({c: accepted[c] for c in due if c in accepted})  # in plan order: the sum's order
     left_out = dict(sorted({**left_out, **result.rejected}.items()))
     down = None if result.down is None else jax.device_get(result.down)

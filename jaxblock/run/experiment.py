@@ -234,12 +234,6 @@ def _keep_secret(run: Setup, directory: str) -> None:
         privacy.keep_secret(run.dp, directory, run.noise_seed)
 
 
-def _not_deployed(config: ml_collections.ConfigDict) -> None:
-    if config.get("secagg", {}).get("on", False):
-        raise ValueError("secagg.on runs in the simulator (scripts/train.py) for now: the deployment's key "
-                         "agreement and share relay through the store are not built yet")  # fmt: skip
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True, step: int | None = None) -> dict:
     """Runs (or resumes) the federated run of `config` in `workdir`; returns the summary.
 
@@ -546,7 +540,6 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     command after the server stopped (killed, crashed) resumes: from the workdir's newest checkpoint
     (none: from round 0), on the store that holds this run, while the clients wait for it.
     """
-    _not_deployed(config)
     run = setup(config, workdir)
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
@@ -656,7 +649,6 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     cc = comm_config(config, store_url)
     cc.load_keys()  # a missing or wrong keys directory is said now, not once the server has started
     check_local_files(config)  # so are its data and base model
-    _not_deployed(config)
     store = transport.Store(cc.store)
     if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
         raise ValueError(f"--store {cc.store} holds a finished run (server/done): start a new run on an empty store")
