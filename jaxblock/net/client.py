@@ -212,9 +212,9 @@ class _Client:
         self.plans: dict[int, dict] = {}
         self.sent: dict[int, dict] = {}  # round -> what it uploads for it (after the transforms)
         pool = concurrent.futures.ThreadPoolExecutor
-        self.uploader = pool(1, thread_name_prefix=f"upload-{client}", initializer=comm.yield_cpu)
-        self.downloader = pool(1, thread_name_prefix=f"download-{client}", initializer=comm.yield_cpu)
-        self.cleaner = pool(1, thread_name_prefix=f"cleanup-{client}", initializer=comm.yield_cpu)
+        self.uploader = pool(1, thread_name_prefix=f"upload-{client}")
+        self.downloader = pool(1, thread_name_prefix=f"download-{client}")
+        self.cleaner = pool(1, thread_name_prefix=f"cleanup-{client}")
         self.uploads: list[concurrent.futures.Future] = []
         self.releases: list[concurrent.futures.Future] = []
         self.reported = 0  # uploads whose seconds are already in a timeline row

@@ -62,28 +62,20 @@ def run_in_threads(
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)
 
-    def server_main() -> None:
-        comm.yield_cpu()  # it stands for another machine: its host work should not slow the clients' compute
-        try:
-            out["params"] = serve(
-                fed, params, partition, store, party(comm, "server"), client_sizes=client_sizes, policy=policy,
-                on_merge=on_merge, on_aggregate=on_aggregate, algorithm=algorithm,
-            )  # fmt: skip
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread, first
-            out["error"] = e
-
-    out: dict = {}
     threads = [threading.Thread(target=client_main, args=(i,), name=f"client-{i}") for i in clients]
-    threads.append(threading.Thread(target=server_main, name="server"))
     for th in threads:
         th.start()
-    for th in threads:
-        th.join()
-    if "error" in out:
-        raise out["error"]
+    try:
+        server_params = serve(
+            fed, params, partition, store, party(comm, "server"), client_sizes=client_sizes, policy=policy,
+            on_merge=on_merge, on_aggregate=on_aggregate, algorithm=algorithm,
+        )  # fmt: skip
+    finally:
+        for th in threads:
+            th.join()
     if errors:
         raise errors[0]
-    return out["params"], replicas
+    return server_params, replicas
 
 
 # ----------------------------------------------------------------------------- timelines

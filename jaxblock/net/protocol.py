@@ -40,8 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
-import threading
 
 import jax
 import numpy as np
@@ -60,16 +58,6 @@ class CommConfig:
     keep_rounds: bool = False  # keep every round's keys (default: clients delete round t once all hold its aggregate)
     keys: str = ""  # this party's key directory (scripts/keys.py); "" = nothing is signed or checked
     server_timeout_s: float = 1800.0  # how long a client waits for a silent server (a restart included)
-    thread_nice: int = 10  # the communication threads' niceness (Linux): they yield the cores to the compute
-
-    def yield_cpu(self) -> None:
-        """Lowers the calling thread's priority by `thread_nice` (Linux: niceness is per thread). A
-        client's upload, download and cleanup threads call it: their host work (copies, digests,
-        checks) then runs when the compute's threads leave a core free, instead of stretching the
-        compute, which on a busy host is what the overlap would otherwise lose (BENCHMARKS.md)."""
-        if self.thread_nice and sys.platform.startswith("linux"):
-            tid = threading.get_native_id()
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + self.thread_nice))
 
     def load_keys(self) -> signing.Keys | None:
         return signing.Keys(self.keys) if self.keys else None

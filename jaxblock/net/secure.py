@@ -170,8 +170,8 @@ class ClientSide(_Party):
         super().__init__(store, keys, transform, comm)
         self.me = client
         pool = concurrent.futures.ThreadPoolExecutor  # key agreement and answers never wait on each other
-        self.agreer = pool(1, thread_name_prefix=f"secagg-keys-{client}", initializer=comm.yield_cpu)
-        self.answerer = pool(1, thread_name_prefix=f"secagg-answers-{client}", initializer=comm.yield_cpu)
+        self.agreer = pool(1, thread_name_prefix=f"secagg-keys-{client}")
+        self.answerer = pool(1, thread_name_prefix=f"secagg-answers-{client}")
         self.agreed: dict[int, concurrent.futures.Future] = {}  # round -> (state, inbox) or None
         self.states: dict[int, secagg.ClientRound] = {}  # round -> its state after masking
         self.tasks: list[concurrent.futures.Future] = []
