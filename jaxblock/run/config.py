@@ -381,7 +381,7 @@ def base_config() -> ml_collections.ConfigDict:
         {"level": "none", "noise": "central", "noise_multiplier": 0.0, "target_epsilon": 0.0, "delta": 1e-5,
          "clip_norm": 1.0, "accountant": "rdp", "sampling": "without_replacement", "noise_seed": -1}
     )  # fmt: skip
-    # Secure aggregation (jaxblock/fed/secagg.py; the simulator for now): the server learns only the
+    # Secure aggregation (jaxblock/fed/secagg.py, in the deployment net/secure.py): the server learns only the
     # sum of a round's uploads, each clipped to clip_norm (0: dp.clip_norm) and quantized to `bits`
     # fixed point, masked pairwise (SecAgg+ graph of `neighbors`, 0: all pairs; `threshold` t of
     # each client's share holders recover dropouts, 0: just above half).
