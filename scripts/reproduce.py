@@ -11,8 +11,9 @@ table: each row's mean and standard deviation over seeds of exact match, eval lo
 wall time (`jaxblock.compare`; every client's compute modelled as `--compute-s` per round), its
 rank, the paper's number and its rank, and each claim's verdict (`jaxblock.paper` says how noise is
 judged); and a runtime plot per table. `--config.KEY=VALUE` overrides apply to every cell.
-DP1 and DP2 are ours, not the paper's (differential privacy: each method at each epsilon); their
-report shows the calibrated z and the epsilon spent where the paper's numbers would be.
+DP1 and DP2 are ours, not the paper's (differential privacy: each method at each epsilon), and SA1
+(secure aggregation, alone and with distributed DP); their report shows the calibrated z and the
+epsilon spent where the paper's numbers would be.
 
 A cell that fails does not stop the sweep: its one-line error goes to `cell_error.txt` in its
 workdir and to the report (on its row, if no seed of it finished), and the script exits 1 once the
@@ -381,7 +382,7 @@ def say(line: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--table", required=True, help=f"{', '.join(paper.ORDER)}, fig2 or all (the paper's: DP1 and DP2 are ours)"
+        "--table", required=True, help=f"{', '.join(paper.ORDER)}, fig2 or all (the paper's: DP1, DP2 and SA1 are ours)"
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: the config's seed, +1, ...")
     parser.add_argument("--workdir", default="runs/paper", help="one subdirectory per cell")

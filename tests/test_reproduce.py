@@ -219,3 +219,27 @@ def test_dp_tables_cover_every_method_and_budget_with_each_seeds_own_noise(repro
          "exact_match": {"mean": 0.5, "sd": 0.1}, "noise_multiplier": {"mean": 1.43, "sd": 0.0},
          "epsilon": {"mean": 8.0, "sd": 0.0}, "cell_s": {"mean": 60.0, "sd": 0.0}}]}  # fmt: skip
     assert "| A, eps=8 | 1 | 50.0% ± 10.0% | - | - | 1.430 | 8.00 | 60 |" in reproduce.markdown(report)
+
+
+def test_the_secure_aggregation_table_runs_each_method_plain_secure_and_with_distributed_dp(reproduce):
+    """SA1 (not in the paper): ParaBlock and FedIT plain (T1's cells), with secure aggregation alone
+    and with distributed client-level DP at epsilon 8; every cell passes the startup checks."""
+    from jaxblock.fed import secagg
+
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    config = load_config(tiny)
+    runs = reproduce.cells(paper.TABLES["SA1"], config, tiny, [], [0, 1, 2], "w")
+    assert len(runs) == 6 and len({w for seeds in runs.values() for _, _, w in seeds}) == 18
+    for label, seeds in runs.items():
+        for seed, overrides, _ in seeds:
+            c = load_config(tiny, overrides)
+            dp, fed = privacy.from_config(c.dp), runtime.fed_config(c)
+            assert c.secagg.on == ("secagg" in label) and dp.on == ("DP" in label), label
+            if c.secagg.on:
+                secagg.check(fed, algorithms.REGISTRY[c.algorithm])
+                assert dp.noise_seed == seed
+            if dp.on:
+                assert (dp.level, dp.noise, dp.target_epsilon) == ("client", "distributed", 8.0)
+                privacy.check(dp, fed, algorithms.REGISTRY[c.algorithm])
+    t1 = reproduce.cells(paper.TABLES["T1"], config, tiny, [], [1], "w")["ParaBlock"]
+    assert reproduce.cells(paper.TABLES["SA1"], config, tiny, [], [1], "w")["ParaBlock, plain"] == t1

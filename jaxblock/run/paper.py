@@ -304,7 +304,26 @@ TABLES["DP2"] = Table(
     _dp_claims(("8",)),
     ours=True,
 )
-ORDER = ("T1", "T2", "T3", "T4", "T5", "T7", "T8", "T10", "DP1", "DP2")
+# Secure aggregation's utility (issue 29): quantization only (a clip norm far above any upload's, so
+# nothing is clipped), and with distributed client-level DP at epsilon 8 (each client's share of the
+# noise added before it quantizes and masks; C as DP2's).
+SA_CLIP = "100"
+SA_METHODS = (("ParaBlock", "parablock"), ("FedIT", "fedit"))
+_SA_VARIANTS = (
+    ("plain", ()),
+    ("secagg", ("secagg.on=True", f"secagg.clip_norm={SA_CLIP}", "dp.noise_seed={seed}")),
+    ("secagg + DP eps=8", ("secagg.on=True", "dp.level=client", "dp.noise=distributed", "dp.target_epsilon=8",
+                           f"dp.delta={DP_DELTA}", f"dp.clip_norm={DP_CLIENT_CLIP}", "dp.noise_seed={seed}")),
+)  # fmt: skip
+TABLES["SA1"] = Table(
+    "SA1",
+    "Secure aggregation (32-bit words), alone and with distributed client-level DP; not in the paper",
+    tuple(Row(f"{method}, {v}", _alg(name, *extra), {}) for v, extra in _SA_VARIANTS for method, name in SA_METHODS),
+    tuple(Claim(f"secure aggregation keeps {m}'s accuracy", f"{m}, plain", f"{m}, secagg", "exact_match")
+          for m, _ in SA_METHODS),
+    ours=True,
+)  # fmt: skip
+ORDER = ("T1", "T2", "T3", "T4", "T5", "T7", "T8", "T10", "DP1", "DP2", "SA1")
 
 
 def resolve(overrides: tuple[str, ...], rounds: int, num_clients: int, seed: int = 0) -> tuple[str, ...]:
