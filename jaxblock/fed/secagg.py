@@ -122,10 +122,14 @@ def _wrap(x: np.ndarray, bits: int) -> np.ndarray:
     return x
 
 
+_QUANTIZE_CHUNK = 1 << 20
+
+
 def quantize(flat: np.ndarray, bound: float, num_clients: int, bits: int, rng: np.random.Generator) -> np.ndarray:
     """Fixed-point integers in [0, L] of values clipped to [-bound, bound], stochastically rounded.
 
-    Unbiased: E[dequantized] = clipped value. Memory: three float64 copies of `flat`.
+    Unbiased: E[dequantized] = clipped value. Works through `flat` in chunks of 2^20 values (the
+    rounding draws are the same as in one pass), so its scratch memory is a few MB at any size.
 
     Args:
       flat: float[n], e.g. a client's flattened, L2-clipped update.
@@ -139,14 +143,25 @@ def quantize(flat: np.ndarray, bound: float, num_clients: int, bits: int, rng: n
     if not bound > 0:
         raise ValueError(f"secagg bound={bound}: must be > 0 (the clip norm)")
     top, dtype = levels(num_clients, bits), word_dtype(bits)
-    x = np.asarray(flat, np.float64).reshape(-1)
-    if np.isnan(x).any():
-        raise ValueError("quantize: the update holds NaN")
+    flat = np.asarray(flat).reshape(-1)
     ceiling = float(top) if float(top) <= top else float(np.nextafter(float(top), 0))  # float(L) may round up
-    y = np.clip((np.clip(x, -bound, bound) + bound) * (top / (2 * bound)), 0.0, ceiling)
-    low = np.floor(y)
-    up = rng.random(y.shape) < (y - low)  # round up with probability frac(y): unbiased
-    return low.astype(dtype) + up.astype(dtype)
+    scale = top / (2 * bound)
+    out = np.empty(flat.shape, dtype)
+    for start in range(0, flat.size, _QUANTIZE_CHUNK):
+        y = np.array(flat[start : start + _QUANTIZE_CHUNK], np.float64)  # a copy: worked on in place
+        if np.isnan(y).any():
+            raise ValueError("quantize: the update holds NaN")
+        np.clip(y, -bound, bound, out=y)
+        y += bound
+        y *= scale
+        np.clip(y, 0.0, ceiling, out=y)
+        low = np.floor(y)
+        y -= low  # frac(y)
+        up = rng.random(y.shape) < y  # round up with probability frac(y): unbiased
+        chunk = out[start : start + y.size]
+        chunk[...] = low
+        chunk += up
+    return out
 
 
 def dequantize_sum(total: np.ndarray, bound: float, num_clients: int, bits: int, count: int) -> np.ndarray:
