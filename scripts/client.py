@@ -15,7 +15,12 @@ from jaxblock.run import experiment, runtime
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store", default=None, help="kvstore URL shared with the server (default: config.comm.store)")
+    parser.add_argument(
+        "--store",
+        default=None,
+        help="kvstore URL or TensorStore kvstore spec (JSON, or @file) shared with the server "
+        "(default: config.comm.store)",
+    )
     parser.add_argument("--client-id", type=int, required=True, help="this client's id, 0 .. num_clients-1")
     parser.add_argument("--workdir", default="runs/clients", help="timeline.jsonl is appended here")
     config, args = runtime.parse_args(parser)

@@ -20,7 +20,10 @@ from jaxblock.run import experiment, runtime
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--store", default=None, help="kvstore URL shared with the clients (default: config.comm.store)"
+        "--store",
+        default=None,
+        help="kvstore URL or TensorStore kvstore spec (JSON, or @file) shared with the clients "
+        "(default: config.comm.store)",
     )
     parser.add_argument("--workdir", default="runs/server", help="checkpoints, metrics.jsonl, summary.json")
     config, args = runtime.parse_args(parser)

@@ -56,7 +56,7 @@ def run_in_threads(
             absorbed = None if on_absorb is None else functools.partial(on_absorb, i)
             mine = party(comm, signing.client_name(i))
             replicas[i] = run_client(
-                i, fed, params, partition, local_train, batches_fn, transport.Store(store.url, store.context), mine,
+                i, fed, params, partition, local_train, batches_fn, transport.Store(store.source, store.context), mine,
                 links[i], on_round=on_round, on_absorb=absorbed, algorithm=algorithm,
             )  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread

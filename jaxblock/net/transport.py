@@ -1,7 +1,13 @@
 """Delta exchange through a TensorStore key-value store, with a modelled network link.
 
-Layout under the store URL (`memory://`, `file:///path/`, and `gs://` / `s3://` passed to
-TensorStore untouched):
+A store is a kvstore URL (`memory://`, `file:///path/`, `gs://` / `s3://` passed to TensorStore
+untouched) or a TensorStore kvstore spec, as JSON text or `@file` holding it: the only way to give
+an S3-compatible server's `endpoint`, `aws_region`, `aws_credentials`, `host_header` or
+`use_conditional_write`. What a spec says about credentials (any member named like a credential,
+secret, token or password) stays in this process: `public_store` is the store as files, logs and
+messages may show it.
+
+Layout under the store:
 
     round/<t>/plan                    JSON {block, clients}: what round t trains (server)
     round/<t>/client/<i>/<leaf>/      zarr3 array per leaf of client i's Delta_t^i
@@ -26,6 +32,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import time
 from collections.abc import Iterator
 
@@ -78,20 +86,126 @@ def _array_metadata(array: np.ndarray) -> dict:
     }
 
 
-class Store:
-    """A kvstore URL holding zarr3 arrays and JSON markers; TensorStore makes it safe to share across threads."""
+_SECRET = re.compile("credential|secret|token|password", re.IGNORECASE)  # spec members never shown
+_USERINFO = re.compile(r"://[^/@\s\"]*@")  # a URL's user:password@
 
-    def __init__(self, url: str, context: ts.Context | None = None):
-        if "://" not in url:
-            raise ValueError(f"--store {url!r}: give a URL such as file:///tmp/run or memory://")
-        self.url = url if url.endswith("/") else url + "/"
+
+def parse_store(store: str | dict) -> str | dict:
+    """`comm.store` / `--store` as TensorStore takes it: a URL (str) or a kvstore spec (dict), from a
+    URL, a spec as JSON text (starts with '{') or '@path' to a file holding one. A message about a
+    spec names no value of it (its text may hold a credential)."""
+    if isinstance(store, dict):
+        spec, origin = store, "--store"
+    else:
+        text, origin = store.strip(), "--store"
+        if text.startswith("@"):
+            path = os.path.expanduser(text[1:])
+            try:
+                with open(path) as f:
+                    text = f.read().strip()
+            except OSError as e:
+                raise ValueError(f"--store @{path}: {e.strerror}") from None
+            origin = f"--store @{path}"
+            if not text.startswith("{"):
+                raise ValueError(f"{origin}: the file must hold a TensorStore kvstore spec (a JSON object)")
+        if not text.startswith("{"):
+            if "://" not in text:
+                raise ValueError(
+                    f"--store {text!r}: give a URL such as file:///tmp/run or memory://, or a TensorStore "
+                    "kvstore spec (JSON, or @file holding it)"
+                )
+            return text if text.endswith("/") else text + "/"
+        try:
+            spec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{origin}: not JSON ({e.msg}, line {e.lineno} column {e.colno})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("driver"), str):
+        raise ValueError(f'{origin}: a TensorStore kvstore spec is a JSON object with a "driver" (s3, gcs, file, ...)')
+    path = spec.get("path", "")
+    if not isinstance(path, str):
+        raise ValueError(f'{origin}: "path" must be a string')
+    return {**spec, "path": path if not path or path.endswith("/") else path + "/"}
+
+
+def _public(value):
+    """A spec with every credential-like member (at any depth) left out."""
+    if isinstance(value, dict):
+        return {k: _public(v) for k, v in value.items() if not _SECRET.search(k)}
+    if isinstance(value, list):
+        return [_public(v) for v in value]
+    return value
+
+
+def _secrets(value, inside: bool = False) -> list[str]:
+    """Every string under a credential-like member of a spec (to scrub from TensorStore's messages)."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() if not (inside and k == "type")  # a tag: default, profile, ...
+                for s in _secrets(v, inside or bool(_SECRET.search(k)))]  # fmt: skip
+    if isinstance(value, list):
+        return [s for v in value for s in _secrets(v, inside)]
+    return [str(value)] if inside and len(str(value)) >= 3 else []
+
+
+def public_store(store: str | dict) -> str:
+    """The store as config.json, checkpoints, summaries and messages show it: a URL (without any
+    user:password@), or the spec as canonical JSON (sorted keys) without its credentials."""
+    source = parse_store(store)
+    shown = source if isinstance(source, str) else json.dumps(_public(source), sort_keys=True, separators=(",", ":"))
+    return _USERINFO.sub("://", shown)
+
+
+def store_name(source: str | dict) -> str:
+    """A short name for messages: the URL, `s3://bucket/path/ at <endpoint>` for a spec of a bucket,
+    else the public spec."""
+    if isinstance(source, dict) and source["driver"] in ("s3", "gcs") and isinstance(source.get("bucket"), str):
+        endpoint = source.get("endpoint")
+        name = f"{source['driver']}://{source['bucket']}/{source['path']}"
+        return _USERINFO.sub("://", name + (f" at {endpoint}" if isinstance(endpoint, str) else ""))
+    return public_store(source)
+
+
+class Store:
+    """A kvstore holding zarr3 arrays and JSON markers; TensorStore makes it safe to share across threads.
+
+    `store`: a URL, a kvstore spec (dict), or either as `comm.store` gives it (see parse_store).
+    `source` reopens it (credentials included: never write it anywhere); `name` is for messages."""
+
+    def __init__(self, store: str | dict, context: ts.Context | None = None):
+        self.source = parse_store(store)
+        self.name = store_name(self.source)
+        # With a URL, arrays and markers are keys under it; with a spec, under its path.
+        self.url = self.source if isinstance(self.source, str) else None
+        self.spec = self.source if isinstance(self.source, dict) else None
+        self.memory = self.url.startswith("memory://") if self.url else self.spec["driver"] == "memory"
         # memory:// stores are shared through one context. file:// reads map the file rather than
         # copy it into a buffer first: 3x less CPU. No TensorStore writer shrinks a file in place (it
         # writes a new one and renames it over); a hand that truncated one while it was read would
         # crash the reader (SIGBUS), but whoever can write the store can stop a run anyway.
         self.context = context or ts.Context({"file_io_mode": {"mode": "memmap"}})
-        self.kv = ts.KvStore.open(self.url, context=self.context).result()
+        try:
+            self.kv = ts.KvStore.open(self.source, context=self.context).result()
+        except ValueError as e:  # a bad bucket name, a spec member TensorStore does not know, ...
+            raise ValueError(f"--store {self.name}: {self.said(e)}") from None
         self.party_keys: signing.Keys | None = None  # set by a signing party: server/error must be the server's
+
+    def scrub(self, message: str) -> str:
+        """`message` without any value of the spec's credentials (TensorStore quotes what it refuses)."""
+        for secret in _secrets(self.spec or {}):
+            message = message.replace(secret, "***")
+        return _USERINFO.sub("://", message)
+
+    def said(self, error: Exception) -> str:
+        """TensorStore's message on one line, without its annotations (the HTTP response body, ...)
+        and without credentials."""
+        return self.scrub(str(error).split(" [", 1)[0].replace("\n", " "))
+
+    def check(self) -> None:
+        """Reads the store once: one that cannot be reached (a wrong credential, no such bucket, no
+        server) is a ValueError naming it, before anything else is done."""
+        try:
+            self.kv.read("server/done").result()
+        except ValueError as e:
+            raise ValueError(f"--store {self.name} cannot be read: {self.said(e)}") from None
 
     def _servers(self, error) -> bool:
         """Whether `server/error` is the server's (always, in a run without keys)."""
@@ -136,7 +250,9 @@ class Store:
 
     # -- arrays
     def _array_spec(self, prefix: str, path: str) -> dict:
-        return {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
+        if self.spec is None:
+            return {"driver": "zarr3", "kvstore": f"{self.url}{prefix}/{path}/"}
+        return {"driver": "zarr3", "kvstore": {**self.spec, "path": f"{self.spec['path']}{prefix}/{path}/"}}
 
     def publish(
         self, prefix: str, tree: dict, wire_dtype: str = "float32", before_commit=None, extra=None, seal=None
@@ -186,7 +302,7 @@ class Store:
         references for good, so it gets a copy of its own, on huge pages (0.2 s), that nobody can
         change; every other driver reads the caller's arrays only until the write is done (a
         Store's context has no cache pool that could hold on to them)."""
-        if not self.url.startswith("memory://"):
+        if not self.memory:
             return arrays
         kept = _aligned_arrays([(a.shape, a.dtype) for a in arrays])
         for k, a in zip(kept, arrays, strict=True):
