@@ -2,7 +2,7 @@
 
     python scripts/keys.py --clients 10 --out keys
     # keys/server/    server.key + client_<i>.pub      -> the server: --config.comm.keys=keys/server
-    # keys/client_3/  client_3.key + server.pub        -> client 3:   --config.comm.keys=keys/client_3
+    # keys/client_3/  client_3.key + server.pub + client_<j>.pub -> client 3: --config.comm.keys=keys/client_3
 
 Hand each directory to its party only; a private key (*.key, mode 600) never leaves its owner.
 Existing directories are never overwritten.

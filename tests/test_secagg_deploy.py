@@ -12,9 +12,9 @@ from scipy import stats
 from test_comm import run_threads
 from test_federated import BS, RULES, toy_clients, toy_loss, toy_params
 
-from jaxblock.fed import algorithms, blocks, data, loop
+from jaxblock.fed import algorithms, blocks, data, local, loop
 from jaxblock.fed import secagg as sa
-from jaxblock.net import secure, signing, transport
+from jaxblock.net import comm, secure, signing, transport
 from jaxblock.net.protocol import CommConfig
 
 
@@ -24,15 +24,23 @@ def _fed(algorithm: str, **extra):
     return dataclasses.replace(fed, transforms=(transform,))
 
 
-@pytest.mark.parametrize("algorithm, neighbors", [("parablock", 0), ("fedbcd", 2)])
-def test_the_deployment_with_secure_aggregation_equals_the_simulator_bitwise(algorithm, neighbors, tmp_path):
-    """Server + 4 client threads through a file:// store; with keep_rounds, every upload the store
-    ever held is checked: uniform bytes (a quantized update is not: it sits near the middle of the range)."""
+@pytest.mark.parametrize("algorithm, neighbors, signed", [("parablock", 0, True), ("fedbcd", 2, False)])
+def test_the_deployment_with_secure_aggregation_equals_the_simulator_bitwise(algorithm, neighbors, signed, tmp_path):
+    """Server + 4 client threads through a file:// store (signed: every message, the protocol's too,
+    signed and checked by its readers, clients checking each other's); with keep_rounds, every upload
+    the store ever held is checked: uniform bytes (a quantized update is not: it sits mid-range)."""
     fed = _fed(algorithm, neighbors=neighbors)
     params, clients = toy_params(), toy_clients(4)
     part, optimizer = blocks.partition(params, RULES), optax.adamw(0.05, eps=1e-6)
     store = transport.Store(f"file://{tmp_path}/store")
-    server, replicas, _ = run_threads(fed, params, clients, part, optimizer, store=store, keep_rounds=True)
+    if signed:
+        signing.make_keys(str(tmp_path / "keys"), 4)
+        cc = CommConfig(timeout_s=120.0, keep_rounds=True, keys=str(tmp_path / "keys"))  # nobody is left out
+        train = local.make_local_train(toy_loss, optimizer)
+        server, replicas = comm.run_in_threads(fed, params, part, train, data.make_batches_fn(clients, BS), store, cc)
+        assert store.get_json(secure.key(0, "keys/1"))["signer"] == "client_1"
+    else:
+        server, replicas, _ = run_threads(fed, params, clients, part, optimizer, 120.0, store=store, keep_rounds=True)
     simulated, _ = loop.run(fed, params, toy_loss, data.make_batches_fn(clients, BS), part, optimizer)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(server), jax.device_get(simulated["params"]))
     for replica in replicas.values():
@@ -130,3 +138,60 @@ def test_with_keys_a_forged_key_advert_is_ignored_and_its_client_left_out(tmp_pa
     assert store.get_json(secure.key(0, "u1"))["clients"] == [0, 1, 2]
     for side in sides.values():
         side.close()
+
+
+def test_replay_unmask_rebuilds_a_round_from_the_store_and_catches_what_differs(monkeypatch):
+    """chaos.py's end check: the server's unmasking redone from U1's keys, U2, the ask and the answers
+    the store keeps equals the server's; an altered upload, a lost answer or a lost ask do not pass."""
+    seen, unmask = {}, secure.ServerSide.unmask
+    monkeypatch.setattr(
+        secure.ServerSide, "unmask", lambda self, r, masked: unmask(self, r, seen.update(masked) or masked)
+    )
+    transform = sa.SecureAggregation(clip_norm=2.0, clients_per_round=5)  # t = 3 of 5
+    comm = CommConfig(timeout_s=1.0, server_timeout_s=30.0)
+    store, parties = transport.Store("memory://"), list(range(5))
+    (total, survivors), inputs = _round(store, transform, comm, drop_before_upload=[3], drop_before_answer=[2])
+    assert survivors == [0, 1, 2, 4] and sorted(seen) == survivors
+    for c, q in seen.items():  # where a client's upload sits
+        store.publish(transport.delta_prefix(0, c), {"q": q})
+    replayed, who = secure.replay_unmask(store, transform, 0, parties)  # the uploads read from the store
+    assert who == survivors
+    np.testing.assert_array_equal(replayed, total)
+    np.testing.assert_array_equal(replayed, sa.add([inputs[c] for c in survivors], 32))
+    given, _ = secure.replay_unmask(store, transform, 0, parties, masked=seen)
+    np.testing.assert_array_equal(given, total)
+    altered = {**seen, 4: seen[4] + np.uint32(1)}  # one client's words moved by one
+    moved, _ = secure.replay_unmask(store, transform, 0, parties, masked=altered)
+    assert np.all(moved - total == 1)
+    store.delete(secure.key(0, "answers/0"))  # 1 and 4 answer: 2 shares of each secret, t = 3
+    with pytest.raises(sa.CannotUnmask, match="of the t=3 needed"):
+        secure.replay_unmask(store, transform, 0, parties)
+    store.delete(secure.key(0, "ask"))
+    with pytest.raises(ValueError, match="no secure-aggregation ask"):
+        secure.replay_unmask(store, transform, 0, parties)
+
+
+def test_an_unusable_key_advert_is_left_out_instead_of_crashing_its_neighbours():
+    """An all-zero X25519 key (a low-order point: every agreement with it is zeros) or a short one,
+    written as client 3's advert, is garbage: the server leaves client 3 out of U1, and the others'
+    round goes on."""
+    transform = sa.SecureAggregation(clip_norm=2.0, clients_per_round=4)  # t = 3 of 4
+    comm_ = CommConfig(timeout_s=0.5, server_timeout_s=30.0)
+    for bad in ("00" * 32, "ab" * 31):
+        store = transport.Store("memory://")
+        advert = {"kind": "secagg_keys", "round": 0, "client": 3, "c_pk": bad, "s_pk": bad}
+        store.put_json(secure.key(0, "keys/3"), advert)
+        server = secure.ServerSide(store, None, transform, comm_)
+        sides = {c: secure.ClientSide(store, None, transform, comm_, c) for c in range(3)}
+        for c in range(3):
+            sides[c].start(0, [0, 1, 2, 3])
+        server.agree(0, [0, 1, 2, 3])
+        assert store.get_json(secure.key(0, "u1"))["clients"] == [0, 1, 2]
+        q = {c: np.full(8, c, np.uint32) for c in range(3)}
+        masked = {c: sides[c].masked(0, {"q": q[c]})["q"] for c in range(3)}
+        for c in range(3):
+            sides[c].answer_later(0)
+        total, survivors = server.unmask(0, masked)
+        assert survivors == [0, 1, 2] and total.tolist() == [3] * 8
+        for side in sides.values():
+            side.close()

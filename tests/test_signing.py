@@ -27,7 +27,7 @@ def keys(tmp_path_factory):
 
 def test_keys_layout_and_private_files(keys):
     assert sorted(os.listdir(keys / "server")) == ["client_0.pub", "client_1.pub", "client_2.pub", "server.key"]
-    assert sorted(os.listdir(keys / "client_1")) == ["client_1.key", "server.pub"]
+    assert sorted(os.listdir(keys / "client_1")) == ["client_0.pub", "client_1.key", "client_2.pub", "server.pub"]
     assert stat.S_IMODE(os.stat(keys / "client_1" / "client_1.key").st_mode) == 0o600
     with pytest.raises(ValueError, match="exists: keys are never overwritten"):
         signing.make_keys(str(keys), 3)

@@ -636,7 +636,10 @@ def unmask_round(
     for v, items in answers.items():
         wanted = set(asked.get(v, ()))
         for peer, kind, data in items:
-            x, y = share_from_bytes(data)
+            try:
+                x, y = share_from_bytes(data)
+            except ValueError:  # a malformed share counts as none (the others may still reach t)
+                continue
             if (peer, kind) in wanted and x == v + 1:
                 shares.setdefault((peer, kind), []).append((x, y))
 

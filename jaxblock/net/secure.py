@@ -101,7 +101,20 @@ class _Party:
 
 
 def _keys_of(doc) -> tuple[bytes, bytes]:
-    return bytes.fromhex(doc["c_pk"]), bytes.fromhex(doc["s_pk"])
+    """An advert's two X25519 public keys; ValueError unless each is a usable key (32 bytes, and
+    not a low-order point, whose agreement would be all zeros: an advert that would crash or
+    weaken every neighbour's key agreement is left out like silence)."""
+    pair = bytes.fromhex(doc["c_pk"]), bytes.fromhex(doc["s_pk"])
+    probe = secagg.generate_keypair()[0]
+    for pk in pair:
+        if len(pk) != 32:
+            raise ValueError("a public key is not 32 bytes")
+        secagg.agree(probe, pk, b"probe")  # ValueError for a low-order point
+    return pair
+
+
+def _boxes_of(doc) -> dict[int, bytes]:
+    return {int(v): bytes.fromhex(sealed) for v, sealed in doc["boxes"].items()}
 
 
 class ServerSide(_Party):
@@ -113,29 +126,25 @@ class ServerSide(_Party):
 
     def agree(self, r: int, parties: list[int]) -> None:
         """(a)-(b): collects the keys and the shares of round r's parties and publishes U1 and U2
-        (a restarted server reads back the ones it had published). A round that cannot gather t
-        parties is left to its merge, which then finds too few uploads."""
+        (a restarted server reads back the ones it had published). Fewer than t parties: CannotUnmask,
+        which stops the run as a missed quorum does (every client waiting on U1 or U2 learns it at
+        once from `server/error`)."""
         setup = self.transform.setup(r, parties)
-        try:
-            u1 = self.read("u1", r, "server", "secagg_u1")
-            if u1 is None:
-                advertised = self.gather(r, parties, "keys", "secagg_keys", _keys_of)
-                server = secagg.collect_keys(setup, advertised)
-                self.put("u1", r, {"kind": "secagg_u1", "clients": sorted(server.keys)})
-            else:
-                advertised = self.gather(r, u1["clients"], "keys", "secagg_keys", _keys_of)
-                server = secagg.collect_keys(setup, advertised)
-            u2 = self.read("u2", r, "server", "secagg_u2")
-            if u2 is None:
-                boxes = self.gather(r, sorted(server.keys), "shares", "secagg_shares", lambda d: d["boxes"])
-                outboxes = {u: {int(v): bytes.fromhex(s) for v, s in box.items()} for u, box in boxes.items()}
-                server, _ = secagg.relay(server, outboxes)
-                self.put("u2", r, {"kind": "secagg_u2", "clients": list(server.shared)})
-            else:
-                server = dataclasses.replace(server, shared=tuple(u2["clients"]))
-        except secagg.CannotUnmask as e:
-            log.warning("%s", e)
-            return
+        u1 = self.read("u1", r, "server", "secagg_u1")
+        if u1 is None:
+            advertised = self.gather(r, parties, "keys", "secagg_keys", _keys_of)
+            server = secagg.collect_keys(setup, advertised)  # CannotUnmask below t: the run stops, one line
+            self.put("u1", r, {"kind": "secagg_u1", "clients": sorted(server.keys)})
+        else:
+            advertised = self.gather(r, u1["clients"], "keys", "secagg_keys", _keys_of)
+            server = secagg.collect_keys(setup, advertised)
+        u2 = self.read("u2", r, "server", "secagg_u2")
+        if u2 is None:
+            outboxes = self.gather(r, sorted(server.keys), "shares", "secagg_shares", _boxes_of)
+            server, _ = secagg.relay(server, outboxes)
+            self.put("u2", r, {"kind": "secagg_u2", "clients": list(server.shared)})
+        else:
+            server = dataclasses.replace(server, shared=tuple(u2["clients"]))
         self.rounds[r] = server
 
     def unmask(self, r: int, masked: dict[int, np.ndarray]) -> tuple[np.ndarray, list[int]]:
@@ -177,17 +186,27 @@ class ClientSide(_Party):
         self.tasks: list[concurrent.futures.Future] = []
 
     def wait_server(self, r: int, what: str, kind: str) -> dict:
-        doc = self.store.wait_json(key(r, what), self.comm.server_wait_s, f"round {r}: no secure-aggregation {what}")
-        doc = self.checked(doc, r, "server", kind)
-        if doc is None:
-            raise RuntimeError(f"round {r}: the secure-aggregation {what} in the store is not the server's")
-        return doc
+        """The server's message `what` of round r; one written by anyone else is passed over (it may
+        be replaced by the server's), until `server_wait_s`."""
+        deadline = time.perf_counter() + self.comm.server_wait_s
+        while True:
+            left = max(0.0, deadline - time.perf_counter())
+            doc = self.store.wait_json(key(r, what), left, f"round {r}: no secure-aggregation {what} from the server")
+            doc = self.checked(doc, r, "server", kind)
+            if doc is not None:
+                return doc
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"round {r}: the secure-aggregation {what} in the store is not the server's")
+            time.sleep(0.02)
 
     def start(self, r: int, parties: list[int]) -> None:
         """(a)-(b) of round r beside the compute. A client that had advertised keys for round r
         before a restart lost their secrets: it sits the round out (`masked` then says so)."""
         if self.me not in parties:
             return
+        for old in [q for q in self.agreed if q < r - 1]:  # rounds it never uploaded: their secrets go
+            self.agreed.pop(old).cancel()
+        self.tasks = [task for task in self.tasks if not task.done()]
         self.agreed[r] = self.agreer.submit(self._agree, r, parties)
 
     def _agree(self, r: int, parties: list[int]):
@@ -222,13 +241,21 @@ class ClientSide(_Party):
     def masked(self, r: int, upload: dict) -> dict | None:
         """(c) In the upload thread: round r's quantized upload plus its masks, or None if this
         client sits the round out (it then sends nothing: an unmasked upload never leaves it)."""
-        agreed = self.agreed.pop(r).result() if r in self.agreed else None
+        try:
+            agreed = self.agreed.pop(r).result() if r in self.agreed else None
+        except (RuntimeError, ValueError, concurrent.futures.CancelledError) as e:  # CannotUnmask too
+            log.warning("client %d: round %d's key agreement failed (%s)", self.me, r, e)
+            agreed = None
         if agreed is None:
             log.warning("client %d sits out round %d's secure aggregation (its keys were lost in a restart, or "
                         "the server left it out of the key agreement)", self.me, r)  # fmt: skip
             return None
         state, inbox = agreed
-        self.states[r], masked = secagg.masked_input(state, np.asarray(upload["q"]), inbox)
+        try:
+            self.states[r], masked = secagg.masked_input(state, np.asarray(upload["q"]), inbox)
+        except ValueError as e:  # CannotUnmask (too few shares came), a share that does not open
+            log.warning("client %d sits out round %d's secure aggregation: %s", self.me, r, e)
+            return None
         return {"q": masked}
 
     def answer_later(self, r: int) -> None:
@@ -257,3 +284,57 @@ class ClientSide(_Party):
                 log.warning("%s", e)
         for pool in (self.agreer, self.answerer):
             pool.shutdown(wait=False, cancel_futures=True)
+
+
+def replay_unmask(
+    store: Store,
+    transform: secagg.SecureAggregation,
+    r: int,
+    parties: list[int],
+    masked: dict[int, np.ndarray] | None = None,
+    keys: signing.Keys | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """Round r's unmasking redone from what the store keeps (an auditor's, or chaos.py's, replay):
+    (the survivors' sum of quantized inputs mod 2^bits, the survivors), as `ServerSide.unmask` got it.
+
+    The round's state is rebuilt from the server's published steps, never decided anew: U1's keys
+    (each U1 client's `keys/<u>`), U2, the ask's survivors, and every survivor's `answers/<v>`.
+    `masked`: {client: masked upload} as the server accepted them (e.g. read back with its checks);
+    None: the ask's survivors' uploads read from the store unchecked. With `keys` (e.g. the server's)
+    every message must be signed by its party. Needs the round kept (`comm.keep_rounds`); a missing
+    step: ValueError; too few shares: secagg.CannotUnmask, as the server would have raised.
+    """
+    from jaxblock.net import transport  # the store's upload layout
+
+    party = _Party(store, keys, transform, CommConfig())
+    steps = {what: party.read(what, r, "server", f"secagg_{what}") for what in ("u1", "u2", "ask")}
+    missing = [what for what, doc in steps.items() if doc is None]
+    if missing:
+        raise ValueError(f"round {r}: the store holds no secure-aggregation {', '.join(missing)} of the server's")
+    advertised = {}
+    for u in steps["u1"]["clients"]:
+        doc = party.read(f"keys/{u}", r, signing.client_name(u), "secagg_keys")
+        if doc is None:
+            raise ValueError(f"round {r}: client {u} is in U1 but its keys are not in the store")
+        advertised[u] = _keys_of(doc)
+    server = secagg.collect_keys(transform.setup(r, parties), advertised)
+    server = dataclasses.replace(server, shared=tuple(steps["u2"]["clients"]))
+    survivors = [int(c) for c in steps["ask"]["survivors"]]
+    if masked is None:
+        masked = {}
+        for c in survivors:
+            prefix = transport.delta_prefix(r, c)
+            manifest = store.get_json(f"{prefix}/COMMIT")
+            if manifest is None:
+                raise ValueError(f"round {r}: survivor {c}'s masked upload is not in the store")
+            masked[c] = np.asarray(store.fetch(prefix, manifest)[0]["q"])
+    masked = {c: masked[c] for c in survivors if c in masked}  # as the server: those it asked about
+    answers = {}
+    for v in survivors:
+        doc = party.read(f"answers/{v}", r, signing.client_name(v), "secagg_answers")
+        try:
+            answers[v] = _answers_of(doc) if doc is not None else None
+        except (KeyError, TypeError, ValueError):
+            answers[v] = None  # garbage counts as silence, as in `gather`
+    answers = {v: a for v, a in answers.items() if a is not None}
+    return secagg.unmask_round(server, masked, answers), sorted(masked)

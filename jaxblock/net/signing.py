@@ -3,7 +3,11 @@
 Each party has its own key pair (`scripts/keys.py` makes them, one directory per party):
 
     keys/server/    server.key (private), client_<i>.pub for every client
-    keys/client_<i>/ client_<i>.key (private), server.pub
+    keys/client_<i>/ client_<i>.key (private), server.pub, client_<j>.pub for every other client
+
+(A client checks its peers' signatures on secure aggregation's key adverts and shares: with only
+the server's key it would have to take the server's word for them, and a server that swapped a
+key could open that client's shares and unmask its update.)
 
 A client signs each delta's COMMIT manifest: its round, block, client id, leaf names, shapes and the
 SHA-256 of every array's bytes as sent. The server signs each plan, aggregate (with its record of
@@ -122,7 +126,7 @@ def make_keys(out: str, num_clients: int) -> list[str]:
         d = os.path.join(out, party)
         os.makedirs(d)
         write(os.path.join(d, f"{party}.key"), keys[party][0], private=True)
-        readers = parties[1:] if party == "server" else ["server"]
+        readers = [p for p in parties if p != party]
         for other in readers:
             write(os.path.join(d, f"{other}.pub"), keys[other][1])
     return [os.path.join(out, p) for p in parties]

@@ -388,6 +388,15 @@ def base_config() -> ml_collections.ConfigDict:
     config.secagg = ml_collections.ConfigDict(
         {"on": False, "bits": 32, "neighbors": 0, "threshold": 0, "clip_norm": 0.0}
     )
+    # Experiment trackers (jaxblock/run/tracking.py): each round's metrics row and timeline rows as
+    # scalars, the config as hyperparameters (never a key naming a secret), runtime.png at the end.
+    # backends: 'jsonl' (metrics.jsonl, timeline.jsonl: always written), 'tensorboard' (workdir/tensorboard),
+    # 'wandb' (pip install 'jaxblock[wandb]'; wandb_mode 'offline' writes workdir/wandb, `wandb sync` uploads),
+    # 'mlflow' (pip install 'jaxblock[mlflow]'; mlflow_uri '' = sqlite in workdir/mlflow.db). project: the
+    # W&B project / MLflow experiment; run_name '' = the workdir's name. A run may change them on resume.
+    config.tracking = ml_collections.ConfigDict(
+        {"backends": ["jsonl"], "project": "jaxblock", "run_name": "", "wandb_mode": "offline", "mlflow_uri": ""}
+    )
     config.wire_dtype = "float32"  # deltas and aggregates on the wire: 'float32' or 'bfloat16'
     # The communication runtime (scripts/server.py, scripts/client.py, bench_overlap.py).
     config.comm = ml_collections.ConfigDict(

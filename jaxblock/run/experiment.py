@@ -36,7 +36,7 @@ from jaxblock.model.hf_io import save_hf
 from jaxblock.model.sharding import Layout
 from jaxblock.net import asynchronous, comm, lease, signing, transport
 from jaxblock.net import exchange as net_exchange
-from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime, timeline
+from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runtime, timeline, tracking
 from jaxblock.run import config as config_lib
 from jaxblock.run.config import dump_json
 
@@ -144,6 +144,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     a workdir is touched. `workdir`: where a DP run keeps this party's noise secret (read, if there).
     """
     config_lib.validate(config)
+    tracking.check(config)  # an unknown tracker, or one whose package is missing
     runtime.setup_jax(config)
     layout = runtime.make_layout(config)
     client_batch = config.get("sim", {}).get("client_batch", 0)  # sim.client_batch (0 = auto)
@@ -266,16 +267,25 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
         checkpoint.save(mgr, state, fed, wall_s=wall_s, final=final, config=config.to_dict())
 
     bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
-    state = loop.run_rounds(trainer, state, _round_hooks(run, config, workdir, links, history, bar, save))
+    tracker = tracking.make(tracking.backends(config), workdir, config)
+    try:
+        state = loop.run_rounds(trainer, state, _round_hooks(run, config, workdir, links, history, bar, save, tracker))
+    except BaseException:
+        tracker.close()
+        raise
     bar.close()
     if not final:
         state = loop.flush(trainer, state)
         save(state, final=True)
     write_row = timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
-    for row in timeline.flush_timeline(fed, run.partition, links, history):  # rewritten on a resume: modelled
+    flush_rows = timeline.flush_timeline(fed, run.partition, links, history)  # rewritten on a resume: modelled
+    for row in flush_rows:
         write_row(row)
+    tracker.log(fed.rounds, tracking.timeline_scalars(flush_rows))  # the step after the last round
     mgr.wait_until_finished()
     summary = _summary(run, config, workdir, state, history, wall_before + time.perf_counter() - start)
+    tracker.image("runtime", os.path.join(workdir, "runtime.png"), fed.rounds)
+    tracker.close()
     summary["checkpoint_step"] = int(mgr.latest_step())
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -319,9 +329,10 @@ def _start_or_resume(run: Setup, trainer, config, workdir: str, step: int | None
     return state, meta["wall_s"], meta["final"]
 
 
-def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, save) -> list:
-    """What the simulator does after each round: metrics.jsonl, the modelled timeline, the progress
-    bar, and a checkpoint every `checkpoint.interval` rounds (the last one is the final flush's)."""
+def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, save, tracker) -> list:
+    """What the simulator does after each round: metrics.jsonl, the modelled timeline, the trackers (the
+    round's row and timeline rows), the progress bar, and a checkpoint every `checkpoint.interval` rounds
+    (the last one is the final flush's)."""
     fed, write_row = run.fed, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
 
     def log(state, metrics):
@@ -333,6 +344,10 @@ def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, sa
         for row in timeline.modeled_timeline(fed, run.partition, links, history):
             write_row(row)
 
+    def track(state, metrics):  # after log: history holds this round
+        rows = timeline.modeled_timeline(fed, run.partition, links, history)
+        tracker.log(metrics["round"], {**tracking.round_scalars(metrics), **tracking.timeline_scalars(rows)})
+
     def progress(state, metrics):
         loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # FedBuff: a round may train nobody
         bar.set_postfix(block=metrics["block"], loss=loss, s=f"{metrics['seconds']:.1f}")
@@ -342,7 +357,7 @@ def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, sa
         if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
             save(state)
 
-    return [log, progress, checkpoint_every]
+    return [log, track, progress, checkpoint_every]
 
 
 def _summary(run: Setup, config, workdir: str, state: dict, history: list, wall_s: float) -> dict:
@@ -386,7 +401,7 @@ def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches:
 # Settings that may differ when a run resumes: they change neither the model nor the logs.
 RESUMABLE_KEYS = (
     "checkpoint.", "comm.timeout_s", "comm.store", "comm.keep_rounds", "compilation_cache_dir", "eval.", "memory.",
-    "sim.",
+    "sim.", "tracking.",
 )  # fmt: skip
 
 
@@ -574,6 +589,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     store.put_json("server/config", keys.seal(published) if keys else published)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
     start = time.perf_counter()
+    tracker = tracking.make(tracking.backends(config), workdir, config)
 
     def save(state):
         final = state["round"] == run.fed.rounds
@@ -583,6 +599,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     def log_and_save(state, row):  # FedBuff's apply: durable on return, as the driver deletes what it consumed
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
             f.write(json.dumps(row) + "\n")
+        tracker.log(row["round"], tracking.round_scalars(row))
         save(state)
         mgr.wait_until_finished()
 
@@ -593,7 +610,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
                 on_arrival=functools.partial(asynchronous.log_arrival, os.path.join(workdir, "arrivals.jsonl")),
             )  # fmt: skip
         else:
-            log = functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl"), start=start)
+            log = functools.partial(log_merge, os.path.join(workdir, "metrics.jsonl"), start=start, tracker=tracker)
             if run.dp.on:
                 log = functools.partial(_with_epsilon, run, log)
             params = comm.serve(
@@ -603,6 +620,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
         raise RunFailed(f"the server failed: {e}") from e
     finally:
+        tracker.close()
         mgr.wait_until_finished()
         mgr.close()
     summary = {
@@ -625,14 +643,16 @@ def _with_epsilon(run: Setup, log, row: dict) -> None:
     log({**row, "epsilon": run.budget(min(row["round"] + 1, run.fed.rounds))["epsilon"]})
 
 
-def log_merge(path: str, row: dict, start: float | None = None) -> None:
+def log_merge(path: str, row: dict, start: float | None = None, tracker: tracking.Tracker | None = None) -> None:
     """The server's record of round t's merges: a line in metrics.jsonl (with the left-out updates
-    counted by reason), a progress line on stderr (round, merged, left out, seconds since `start`)
-    and a line per update left out."""
+    counted by reason) and its scalars in `tracker`, a progress line on stderr (round, merged, left out,
+    seconds since `start`) and a line per update left out."""
     reasons = [why.split(":")[0] for _, _, why in row["left_out"]]
     row = {**row, "left_out_by_reason": {k: reasons.count(k) for k in sorted(set(reasons))}}
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+    if tracker is not None:
+        tracker.log(row["round"], tracking.round_scalars(row))
     merged = sum(len(clients) for _, clients in row["merged"])
     elapsed = "" if start is None else f", {time.perf_counter() - start:.1f}s"
     print(f"server: end of round {row['round']}: merged {merged} update(s), left out {len(row['left_out'])}{elapsed}",
