@@ -154,10 +154,13 @@ def public_store(store: str | dict) -> str:
     return _USERINFO.sub("://", shown)
 
 
-def store_name(source: str | dict) -> str:
-    """A short name for messages: the URL, `s3://bucket/path/ at <endpoint>` for a spec of a bucket,
-    else the public spec."""
-    if isinstance(source, dict) and source["driver"] in ("s3", "gcs") and isinstance(source.get("bucket"), str):
+def store_name(store: str | dict) -> str:
+    """A short name for messages: the URL as given, `s3://bucket/path/ at <endpoint>` for a spec of a
+    bucket, else the public spec."""
+    source = parse_store(store)
+    if isinstance(source, str):
+        return _USERINFO.sub("://", store.strip())
+    if source["driver"] in ("s3", "gcs") and isinstance(source.get("bucket"), str):
         endpoint = source.get("endpoint")
         name = f"{source['driver']}://{source['bucket']}/{source['path']}"
         return _USERINFO.sub("://", name + (f" at {endpoint}" if isinstance(endpoint, str) else ""))
@@ -172,7 +175,7 @@ class Store:
 
     def __init__(self, store: str | dict, context: ts.Context | None = None):
         self.source = parse_store(store)
-        self.name = store_name(self.source)
+        self.name = store_name(store)
         # With a URL, arrays and markers are keys under it; with a spec, under its path.
         self.url = self.source if isinstance(self.source, str) else None
         self.spec = self.source if isinstance(self.source, dict) else None
