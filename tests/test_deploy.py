@@ -30,6 +30,18 @@ CASES = {
         "--config.dp.noise_seed=11",
         "--config.rounds=2",
     ],
+    # The same with adaptive clipping: the server announces each round's clip norm C_t in its signed
+    # plan, each client clips to it and uploads its bit (norm <= C_t) beside the update, the server
+    # moves C by the noised count (round 0's count moves round 2's C: ParaBlock's one-round lag)
+    "parablock_adaptive_dp": [
+        "--config.dp.level=client",
+        "--config.dp.noise_multiplier=0.8",
+        "--config.dp.clip_norm=0.05",
+        "--config.dp.noise_seed=11",
+        "--config.dp.adaptive_quantile=0.5",
+        "--config.dp.count_noise=1.0",
+        "--config.rounds=3",
+    ],
     # Record-level DP-SGD in each client process: its own sampling and noise from its seed (the
     # simulator is given the same one), the server's merge as without DP
     "fedbcd_record_dp": [
@@ -89,12 +101,17 @@ def test_server_and_client_processes_equal_the_simulator_bitwise(algorithm, tmp_
     with open(tmp_path / "server" / "metrics.jsonl") as f:
         merges = [json.loads(line) for line in f]
     merged = {r: clients for row in merges for r, clients in row["merged"]}
-    sim_rounds = {}
+    sim_rounds, sim_clips = {}, {}
     with open(tmp_path / "sim" / "metrics.jsonl") as f:
         for line in f:
             row = json.loads(line)
             sim_rounds[row["round"]] = row["clients"]
+            sim_clips[row["round"]] = row.get("clip_norm")
     assert merged == sim_rounds  # the same clients merged in every round (FedCyBGD: one, in turn)
+    # the clip norm each round's plan announced (adaptive clipping; None without it), as the simulator's
+    assert {row["round"]: row.get("clip_norm") for row in merges if row["round"] in sim_rounds} == sim_clips
+    if "adaptive" in algorithm:
+        assert sim_clips[0] == sim_clips[1] == 0.05 != sim_clips[2], sim_clips
     summaries = [json.load(open(tmp_path / d / "summary.json")) for d in ("server", "sim")]  # noqa: SIM115
     assert summaries[0].get("dp") == summaries[1].get("dp")  # the same budget spent (DP runs)
     if algorithm.endswith("_dp"):  # the server's rows say what the merged rounds have spent

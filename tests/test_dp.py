@@ -10,11 +10,13 @@ import sys
 
 import dp_accounting
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from test_train import SMALL, final_params, read_jsonl, small_config, stopped_after_two_checkpoints
 
-from jaxblock.fed import algorithms, privacy, transforms, validate
+from jaxblock.fed import algorithms, blocks, data, exchange, loop, privacy, transforms, validate
 from jaxblock.run import experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,14 +207,17 @@ def test_with_central_dp_the_server_rejects_an_upload_that_was_not_clipped():
     assert privacy.policy(validate.Policy(), distributed) == validate.Policy()  # noise makes norms exceed C
 
 
-@pytest.mark.parametrize("level", ["record", "client", "distributed", "poisson_pld"])
+@pytest.mark.parametrize("level", ["record", "client", "distributed", "poisson_pld", "adaptive"])
 def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path, monkeypatch, level):
     """The stopped run draws a random secret (dp_secret, mode 0600) and reads it back on resume: it
     ends where an uninterrupted run with that seed ends, bit for bit, having spent the same epsilon.
-    poisson_pld: record level with Poisson sampling (its draws keyed by the same secret), PLD accounting."""
+    poisson_pld: record level with Poisson sampling (its draws keyed by the same secret), PLD accounting.
+    adaptive: client level with adaptive clipping (the server's C_t checkpointed, the count's noise keyed
+    by the secret): the same clip norms round by round."""
     noise = {
         "distributed": ["dp.level=client", "dp.noise=distributed"],
         "poisson_pld": ["dp.level=record", "dp.sampling=poisson", "dp.accountant=pld"],
+        "adaptive": ["dp.level=client", "dp.adaptive_quantile=0.5", "dp.count_noise=1.0"],
     }.get(level, [f"dp.level={level}"])
     extra = [*noise, "dp.noise_multiplier=1.1", "dp.clip_norm=0.5", "rounds=4"]
     stopped = str(tmp_path / "stopped")
@@ -230,6 +235,11 @@ def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path
     eps = [m["epsilon"] for m in read_jsonl(os.path.join(stopped, "metrics.jsonl"))]
     assert eps == [m["epsilon"] for m in read_jsonl(str(tmp_path / "straight" / "metrics.jsonl"))]
     assert eps == sorted(eps) and eps[-1] == resumed["dp"]["epsilon"]
+    clips = [m.get("clip_norm") for m in read_jsonl(os.path.join(stopped, "metrics.jsonl"))]
+    assert clips == [m.get("clip_norm") for m in read_jsonl(str(tmp_path / "straight" / "metrics.jsonl"))]
+    if level == "adaptive":  # ParaBlock: round 0's count moves the C of round 2 (and after the resume, 3)
+        assert clips[:2] == [0.5, 0.5] and len(set(clips)) == 3, clips
+        assert resumed["dp"]["noise_multiplier_update"] == privacy.update_multiplier(1.1, 1.0)
     assert "noise_seed" not in json.dumps(resumed) and str(seed) not in json.dumps(resumed)  # the secret stays put
     poisson = level == "poisson_pld"
     assert resumed["dp"]["sampling"] == ("poisson" if poisson else "without_replacement")
@@ -248,9 +258,16 @@ def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path
         (["schedule=gradient", "dp.level=record", "dp.noise_multiplier=1"], "un-noised gradient norms"),
         (["algorithm=flora", "dp.level=client", "dp.noise_multiplier=1"], "its upload is a trained adapter"),
         (["comm.max_norm_ratio=3", "dp.level=client", "dp.noise_multiplier=1"], "the median of the other"),
+        (["dp.level=record", "dp.noise_multiplier=1", "dp.adaptive_quantile=0.5"], "no per-client clip norm to adapt"),
+        (["dp.level=client", "dp.noise=distributed", "dp.noise_multiplier=1", "dp.adaptive_quantile=0.5"],
+         "bits would need their own noise shares"),
+        (["secagg.on=True", "dp.level=client", "dp.noise_multiplier=1", "dp.adaptive_quantile=0.5"],
+         "would need a secure sum of their own"),
+        (["dp.level=client", "dp.noise_multiplier=1", "dp.adaptive_quantile=0.5"], "must exceed z / 2 = 0.5"),
     ],
     ids=["fedbuff", "topk", "per_client_staleness", "pld_without_replacement", "client_poisson", "z_and_target",
-         "gradient", "flora", "norm_ratio"],
+         "gradient", "flora", "norm_ratio", "adaptive_record", "adaptive_distributed", "adaptive_secagg",
+         "adaptive_count_noise"],
 )  # fmt: skip
 def test_a_combination_whose_guarantee_would_not_hold_is_one_line_exit_2(tmp_path, extra, line):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py")]
@@ -285,3 +302,96 @@ def test_every_synchronous_method_trains_at_both_levels(tmp_path, level):
             a, b = final_params(str(tmp_path / algorithm))[1], final_params(quiet)[1]
             same = [np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)]
             assert not all(same), algorithm
+
+
+# ----------------------------------------------------------------------------- adaptive clipping
+
+
+def test_adaptive_clip_norm_falls_geometrically_to_the_median_of_the_update_norms():
+    """A toy run (FedBCD: Algorithm 1 with no lag) whose five clients' updates have norms 0.5, 0.8, 1,
+    1.25 and 2 every round (a linear loss, one SGD step of rate 1: the update is the client's vector).
+    From C_0 = 10, gamma = 0.5, eta = 0.2: while every update is unclipped, b_bar ~ 1 and C shrinks by
+    exp(-0.1) a round (b_bar clamped at 1; its noise, std sigma_b / M = 0.05, can slow it a little);
+    then it stays at the median, 1."""
+    norms = [0.5, 0.8, 1.0, 1.25, 2.0]
+    m = len(norms)
+    u = np.random.default_rng(0).standard_normal(64).astype(np.float32)
+    u /= np.linalg.norm(u)
+    params = {"w": np.zeros(64, np.float32)}
+    clients = [{"v": np.tile(n * u, (4, 1)).astype(np.float32)} for n in norms]
+    part = blocks.partition(params, [("w", "weights")])
+    dp = privacy.ClientDP(clip_norm=10.0, noise_multiplier=0.1, clients_per_round=m, seed=1, adaptive_quantile=0.5,
+                          adaptive_lr=0.2, count_noise=m / 20)  # fmt: skip
+    fed = algorithms.configure(algorithm="fedbcd", rounds=60, num_clients=m, local_steps=1)
+    fed = dataclasses.replace(fed, transforms=(dp,))
+    _, history = loop.run(fed, params, lambda p, b: -jnp.sum(p["w"] * b["v"]), data.make_batches_fn(clients, 1),
+                          part, optax.sgd(1.0))  # fmt: skip
+    c = np.array([h["clip_norm"] for h in history])
+    assert c[0] == 10.0
+    above = np.flatnonzero(c[:-1] > 2.0)  # every update unclipped
+    assert len(above) >= 15
+    ratios = c[above + 1] / c[above]
+    assert np.all(ratios >= np.exp(-0.1) - 1e-12) and np.all(ratios <= np.exp(-0.2 * 0.35)), ratios
+    assert np.all(np.abs(c[-20:] - 1.0) < 0.1), c[-20:]  # at the median
+
+
+def test_adaptive_clipping_noise_is_z_delta_times_the_rounds_clip_norm_and_the_count_is_reported():
+    """The round's C_t comes from the announcement (not dp.clip_norm): uploads are clipped to it, one
+    clipped to C_0 is rejected by the round's norm bound, the bits are stripped before validation and
+    the sum, the update's noise is z_delta C_t / M (z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) = 1.81 z
+    here, told apart from z C_t / M), and b_bar is (count of merged bits + sigma_b N) / M, N from the
+    server's secret and the round."""
+    z, sigma_b, m, c_t, n = 1.0, 0.6, 5, 2e-3, 40_000
+    dp = privacy.ClientDP(clip_norm=1.0, noise_multiplier=z, clients_per_round=m, seed=3, adaptive_quantile=0.5,
+                          count_noise=sigma_b)  # fmt: skip
+    fed = dataclasses.replace(algorithms.configure(algorithm="fedbcd", num_clients=m), transforms=(dp,))
+    algo = algorithms.make(fed)
+    announced, server = transforms.announce(fed.transforms, {"clip_norm": c_t}, 7)
+    assert announced == {"clip_norm": c_t} and transforms.announced(server, 7) == announced
+    chain = transforms.for_round(fed.transforms, announced)
+    ups = [*_uploads(3, n, 1.0), {"w": np.full(n, 1e-3 / np.sqrt(n), np.float32)}]  # the last: norm 1e-3 < C_t
+    sent = {i: transforms.encode(chain, {}, i, 0, u)[0] for i, u in enumerate(ups)}
+    assert [float(sent[i][privacy.UNCLIPPED]) for i in range(4)] == [0.0, 0.0, 0.0, 1.0]
+    assert all(validate.norm({"w": sent[i]["w"]}) <= c_t * (1 + 1e-6) for i in range(4))
+    cheat = transforms.encode(fed.transforms, {}, 4, 0, {"w": np.full(n, 0.5 / np.sqrt(n), np.float32)})[0]  # C_0
+    assert float(cheat[privacy.UNCLIPPED]) == 1.0
+    like = {"w": jax.ShapeDtypeStruct((n,), jnp.float32)}
+    side = exchange.server_side(algo, 7, like, lambda kept, bad: np.full(len(kept), 0.25), validate.Policy(),
+                                announced=announced)  # fmt: skip
+    result = side({**sent, 4: cheat})
+    assert result.merged == [0, 1, 2, 3] and result.rejected[4].startswith("norm: ")
+    signal = sum(np.asarray(sent[i]["w"]) for i in range(4)) / m
+    z_delta = privacy.update_multiplier(z, sigma_b)
+    assert z_delta == pytest.approx((1 - 1 / 1.44) ** -0.5) and z_delta > 1.8 * z
+    assert np.std(np.asarray(result.down["w"]) - signal) == pytest.approx(z_delta * c_t / m, rel=0.05)
+    noise = np.random.default_rng([3, 7, privacy.COUNT_STREAM]).standard_normal()
+    assert result.report == {"unclipped": min(1.0, max(0.0, (1 + sigma_b * noise) / m))}
+    after = transforms.observe(fed.transforms, server, 7, result.report)
+    assert after["clip_norm"] == c_t * np.exp(-0.2 * (result.report["unclipped"] - 0.5))
+    with pytest.raises(ValueError, match="is not a positive number"):
+        transforms.for_round(fed.transforms, {"clip_norm": -1.0})
+
+
+def test_adaptive_clipping_spends_exactly_the_epsilon_of_z():
+    """The budget is the non-adaptive one for the same z (given or calibrated), and dp-accounting agrees
+    that the round's pair, the sum with z_delta / 2 (replace-one: sensitivity 2C) composed with the
+    count with sigma_b (sensitivity 1), is one Gaussian of z / 2 (Theorem 1 of Andrew et al.)."""
+    fed = algorithms.configure(algorithm="parablock", rounds=10, num_clients=20, participation=0.5)
+    algo = algorithms.REGISTRY["parablock"]
+    for given in ({"noise_multiplier": 0.9}, {"target_epsilon": 4.0}):
+        fixed = privacy.DPConfig(level="client", **given)
+        adaptive = dataclasses.replace(fixed, adaptive_quantile=0.5, count_noise=5.0)
+        z = privacy.noise_multiplier(adaptive, fed, algo, [1] * 20, 1)
+        assert z == privacy.noise_multiplier(fixed, fed, algo, [1] * 20, 1)
+        a, b = (privacy.budget(d, fed, algo, z, fed.rounds, [1] * 20, 1) for d in (adaptive, fixed))
+        assert a["epsilon_per_client"] == b["epsilon_per_client"] and a["epsilon"] == b["epsilon"] > 0
+        assert a["noise_multiplier"] == z and a["count_noise"] == 5.0 and a["adaptive_quantile"] == 0.5
+        assert a["noise_multiplier_update"] == privacy.update_multiplier(z, 5.0) > z
+    z_delta, rounds = privacy.update_multiplier(0.9, 2.0), 10
+    pair = dp_accounting.ComposedDpEvent(
+        [dp_accounting.GaussianDpEvent(z_delta / 2), dp_accounting.GaussianDpEvent(2.0)]
+    )
+    together = _direct(dp_accounting.SelfComposedDpEvent(pair, rounds), 1e-5)
+    alone = _direct(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(0.45), rounds), 1e-5)
+    assert together == pytest.approx(alone, rel=1e-9)
+    assert privacy.count_noise(privacy.DPConfig(level="client", noise_multiplier=1.0), 100) == 5.0  # M / 20

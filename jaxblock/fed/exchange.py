@@ -28,6 +28,9 @@ class Result:
     down: dict | None  # what the server sends down (rounded to the wire), None if nothing was merged
     merged: list[int]  # the clients whose uploads it holds
     rejected: dict[int, str]  # {client: reason} of the uploads validation left out
+    # public figures of the merge a transform reports (client-level DP's noisy fraction of unclipped
+    # uploads), for `transforms.observe`; the deployment publishes them with the aggregate
+    report: dict = dataclasses.field(default_factory=dict)
 
 
 Server = Callable[[dict[int, dict]], Result]
@@ -54,14 +57,21 @@ def server_side(
     weights_of: Callable[[list[int], list[int]], np.ndarray],
     policy: validate.Policy,
     transforms: tuple | None = None,
+    announced: dict | None = None,
 ) -> Server:
     """The server's side of round `round_`'s merge, for every exchange: the transforms read the
     uploads back (`like`: a dense upload's shapes), validation screens them (`on_bad_update='stop'`
     raises before anything is merged), and the algorithm reduces the accepted ones with
     `weights_of(accepted, rejected)`. The result is rounded to the wire dtype. `transforms`: the
-    run's (`fed.transforms`) as this exchange runs them (the deployment's secure aggregation)."""
+    run's (`fed.transforms`) as this exchange runs them (the deployment's secure aggregation);
+    `announced`: what the server published with round `round_`'s plan (`transforms.announce`), which
+    sets them for the round (client-level DP's adaptive clip norm, its noise and its norm bound)."""
     fed = algorithm.fed
     chain = fed.transforms if transforms is None else transforms
+    if announced:  # the round's transforms (their reduce, validation and aggregate)
+        chain = transforms_lib.for_round(chain, announced)
+        policy = transforms_lib.policy(chain, policy)
+    merging = transforms_lib.for_round(fed.transforms, announced) if announced else fed.transforms
 
     def reduce(dense: dict[int, dict]) -> Result:
         bad = validate.screen(dense, policy)
@@ -70,7 +80,7 @@ def server_side(
         if not kept:
             return Result(None, [], bad)
         uploads, weights = [dense[c] for c in kept], weights_of(kept, list(bad))
-        down = transforms_lib.aggregate(fed.transforms, algorithm, uploads, weights, kept, round_)
+        down = transforms_lib.aggregate(merging, algorithm, uploads, weights, kept, round_)
         return Result(on_wire(down, fed.wire_dtype), kept, bad)
 
     return lambda received: transforms_lib.reduce(chain, received, like, reduce, round_)

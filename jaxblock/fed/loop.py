@@ -130,15 +130,19 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
     t, start = state["round"], time.perf_counter()
     clients = algo.participants(fed, t)
     b, schedule_s = _choose_block(trainer, state, t, clients)
+    # what the server announces with round t's plan (adaptive clipping's C_t), and the round's transforms
+    announced, server = transforms_lib.announce(fed.transforms, transforms_lib.server_state(state), t)
+    chain = transforms_lib.for_round(fed.transforms, announced)
     trained = train_clients(trainer, state, t, b, clients)
     deltas, uploads, extra = {}, {}, state.get("extra", {})
     for c, (block, delta, _) in trained["results"].items():
         deltas[c] = algo.upload(block, delta)  # the client's model keeps this; the wire gets the transforms'
-        uploads[c], extra = transforms_lib.encode(fed.transforms, extra, c, b, deltas[c])
+        uploads[c], extra = transforms_lib.encode(chain, extra, c, b, deltas[c])
     entry = {"block": b, "clients": clients, "deltas": deltas}
     if fed.transforms:  # what crossed the wire, kept until merged (a restarted client resends it)
         entry["uploads"] = uploads
     state = {**state, "round": t + 1, "positions": trained["positions"], "pending": {**state["pending"], t: entry}}
+    state = transforms_lib.with_server_state(state, server)
     if extra:
         state["extra"] = extra
     state, merged, dropped, rejected = merge_arrivals(trainer, state, t)
@@ -159,6 +163,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "lr_factor": trained["lr_factor"],
         "seconds": time.perf_counter() - start,
         "client_compute_s": trained["compute_s"],
+        **announced,  # e.g. clip_norm: the C_t its clients clipped to
     }
     if fed.schedule == "gradient":
         metrics["schedule_seconds"] = schedule_s
@@ -310,12 +315,18 @@ def aggregate(
         return merge_weights(fed, entry["clients"], kept, trainer.client_sizes, [*lost, *bad])
 
     like = jax.eval_shape(lambda: entry["deltas"][clients[0]])  # a dense upload's shapes
-    server = exchange_lib.server_side(algo, round_, like, weights_of, trainer.policy)
+    transforms_state = transforms_lib.server_state(state)
+    announced = transforms_lib.announced(transforms_state, round_)
+    server = exchange_lib.server_side(algo, round_, like, weights_of, trainer.policy, announced=announced)
     result = trainer.exchange(round_, at, {c: sent[c] for c in clients}, server)
     params = state["params"]
     if result.down is not None:
         params = algo.apply(params, trainer.partition, entry["block"], result.down, fed.eta)
     state = forget(state, round_, clients)
+    if result.report:  # e.g. adaptive clipping's noised fraction of unclipped uploads: the next C
+        state = transforms_lib.with_server_state(
+            state, transforms_lib.observe(fed.transforms, transforms_state, round_, result.report)
+        )
     if result.rejected and round_ in state["pending"]:  # a later merge of this round renormalises without them
         state["pending"][round_] = {**state["pending"][round_], "lost": [*lost, *result.rejected]}
     return {**state, "params": params}, result.rejected

@@ -27,6 +27,15 @@ client level the round plans (who takes part) are public (a function of the run'
 the store), so a client's epsilon composes a plain Gaussian over the rounds it took part in, with no
 amplification.
 
+Adaptive clipping (client level, central noise; Andrew, Thakkar, McMahan, Ramaswamy, "Differentially
+Private Learning with Adaptive Clipping", NeurIPS 2021, Algorithm 1, geometric update): the server
+announces the round's clip norm C_t with its plan; each client clips to it and reports, beside its
+upload, b_i = 1 if its update's norm was at most C_t; the server adds N(0, sigma_b^2) to sum b_i,
+divides by M (clamped to [0, 1]: post-processing) and sets C <- C exp(-eta (b_bar - gamma)), so C
+tracks the gamma-quantile of the update norms. The update's noise is z_delta C_t with
+z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2), and the pair (sum, count) spends exactly what the sum alone
+spends with z (`update_multiplier` has the argument), so the accounting is the non-adaptive one.
+
 Noise is drawn from `noise_seed`, a secret of the party that adds it (the server for central noise,
 each client for its own): whoever knows it can subtract the noise, and two runs with one seed draw
 the same noise (never reuse one). -1 (the default) makes a random one and keeps it in the party's
@@ -47,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxblock.fed.transforms import Transform
+from jaxblock.fed.wire import WIRE_DTYPES
 
 LEVELS = ("none", "record", "client")
 NOISES = ("central", "distributed")
@@ -71,6 +81,9 @@ class DPConfig:
     accountant: str = "rdp"  # 'rdp' or 'pld' (not with record-level sampling without replacement: `check`)
     sampling: str = "without_replacement"  # record level: each step's sample, or 'poisson' (each example w.p. q)
     noise_seed: int = -1  # the noise's secret seed; -1: random, kept in the workdir's dp_secret
+    adaptive_quantile: float = 0.0  # gamma: the clip norm tracks this quantile of update norms (0: fixed C)
+    adaptive_lr: float = 0.2  # eta_C: C changes by at most exp(eta_C) a round (geometric update)
+    count_noise: float = 0.0  # sigma_b: std of the noise on the count of unclipped uploads (0: M / 20)
 
     def __post_init__(self):
         choices_of = {"level": LEVELS, "noise": NOISES, "accountant": ACCOUNTANTS, "sampling": SAMPLINGS}
@@ -92,6 +105,28 @@ class DPConfig:
             )
         if self.noise == "distributed" and self.level != "client":
             raise ValueError("dp.noise='distributed' is a client-level setting (dp.level='client')")
+        if self.adaptive:
+            self._check_adaptive()
+
+    def _check_adaptive(self) -> None:
+        if not 0 < self.adaptive_quantile < 1:
+            raise ValueError(f"dp.adaptive_quantile={self.adaptive_quantile}: must be in (0, 1) (0: off)")
+        if not self.adaptive_lr > 0 or not self.count_noise >= 0:
+            raise ValueError(f"dp.adaptive_lr={self.adaptive_lr} must be > 0 and dp.count_noise={self.count_noise} "
+                             ">= 0 (0: M / 20)")  # fmt: skip
+        if self.level != "client":
+            raise ValueError(f"dp.adaptive_quantile with dp.level={self.level!r}: record level clips each "
+                             "example's gradient, and there is no per-client clip norm to adapt; it is a "
+                             "client-level setting")  # fmt: skip
+        if self.noise == "distributed":
+            raise ValueError("dp.adaptive_quantile with dp.noise='distributed': the clients' clipped-or-not bits "
+                             "would need their own noise shares and a secure sum, as the update has; use "
+                             "dp.noise='central'")  # fmt: skip
+
+    @property
+    def adaptive(self) -> bool:
+        """Adaptive clipping (client level): the clip norm follows a quantile of the update norms."""
+        return self.on and self.adaptive_quantile != 0
 
     @property
     def on(self) -> bool:
@@ -143,11 +178,16 @@ def key_of(*words: int) -> jax.Array:
 def clip(tree: dict, clip_norm: float) -> dict:
     """The tree scaled to L2 norm (over every leaf) at most `clip_norm`; a non-finite value counts as
     0 (a diverged client sends a bounded update, not a rejection that would itself tell something)."""
+    return _clip_and_norm(tree, clip_norm)[0]
+
+
+def _clip_and_norm(tree: dict, clip_norm: float) -> tuple[dict, jax.Array]:
+    """(`clip`'s tree, the norm it had before: non-finite values as 0)."""
     tree = jax.tree.map(lambda x: jnp.where(jnp.isfinite(x), x.astype(jnp.float32), 0.0), tree)
     leaves = jax.tree.leaves(tree)
     norm = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
     scale = jnp.minimum(1.0, clip_norm / jnp.maximum(norm, 1e-12))
-    return jax.tree.map(lambda x: x.astype(jnp.float32) * scale, tree)
+    return jax.tree.map(lambda x: x.astype(jnp.float32) * scale, tree), norm
 
 
 def gaussian_like(tree: dict, key: jax.Array, std: float) -> dict:
@@ -158,6 +198,39 @@ def gaussian_like(tree: dict, key: jax.Array, std: float) -> dict:
     return treedef.unflatten(noise)
 
 
+UNCLIPPED = "dp_unclipped"  # adaptive clipping: the upload's leaf b_i (1.0: its norm was at most C_t)
+COUNT_STREAM = 0x636C6970  # the count's noise: key words (secret, round, this), apart from the update's
+
+
+def update_multiplier(z: float, count_noise: float) -> float:
+    """z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2): the update's noise multiplier under adaptive clipping,
+    so that the round's pair (noised sum, noised count) spends what the sum alone spends with z.
+
+    Andrew et al. 2021, Theorem 1, restated for our replace-one adjacency. Scale the pair by its
+    noise: u = (sum_i clip(Delta_i) / (z_delta C_t), sum_i b_i / sigma_b) plus N(0, I). Replacing one
+    client moves the sum by at most 2 C_t (two terms of norm <= C_t) and the count by at most 1
+    (b_i in {0, 1}), so u moves by at most sqrt((2 / z_delta)^2 + (1 / sigma_b)^2) = 2 sqrt(z_delta^-2
+    + (2 sigma_b)^-2) = 2 / z. A Gaussian mechanism's privacy loss depends only on that norm (N(0, I)
+    against N(v, I), rotated, is a one-dimensional pair), and 2 / z is exactly how far the
+    non-adaptive sum with noise z C moves (2C / (zC)). So a round is the same pair of distributions as
+    the non-adaptive round with z: `rounds_event` (GaussianDpEvent(z / 2) for RDP against the whole
+    move, GaussianDpEvent(z) for PLD, which doubles a replace-one sensitivity itself) describes it
+    unchanged. (The paper, under add/remove, centres the bits, b_i - 1/2, for a count sensitivity of
+    1/2 against the sum's C; replace-one needs no centring, both moves double.) C_t is a function of
+    earlier rounds' released counts: adaptive composition, which RDP and PLD composition cover. The
+    division by M, the clamp to [0, 1], the geometric update and the next plan are post-processing."""
+    if not 2 * count_noise > z:
+        raise ValueError(f"dp.count_noise={count_noise:g} (sigma_b; 0 means M / 20) must exceed z / 2 = {z / 2:g} "
+                         "for the update's noise multiplier (z^-2 - (2 sigma_b)^-2)^(-1/2) to exist: raise "
+                         "dp.count_noise or lower z")  # fmt: skip
+    return (z**-2 - (2 * count_noise) ** -2) ** -0.5
+
+
+def count_noise(dp: DPConfig, clients_per_round: int) -> float:
+    """sigma_b: `dp.count_noise`, or M / 20 (the paper's choice)."""
+    return dp.count_noise or clients_per_round / 20
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientDP(Transform):
     """Client-level DP as an update transform.
@@ -166,23 +239,51 @@ class ClientDP(Transform):
     client's seed and its upload count, kept in state['extra']['dp']). Server (`aggregate`): the
     accepted uploads summed with the fixed weights 1/M, M = the round's sampled clients (never the
     number that arrived), plus N(0, (zC)^2) / M keyed by (seed, round) for central noise.
+
+    Adaptive clipping (`adaptive_quantile` gamma > 0, central noise): C is the round's, announced by
+    the server with the plan (`announce`, `for_round`; C_0 = `clip_norm`); the client's upload gains
+    the leaf UNCLIPPED (b_i); the server's `reduce` strips it before anything reads the update, and
+    reports the noised fraction b_bar = clamp((sum of the merged uploads' b_i + N(0, sigma_b^2)) / M)
+    (noise keyed by (seed, round, COUNT_STREAM)); `observe` sets C <- C exp(-eta (b_bar - gamma)).
+    A round's C is the one current when its plan is published: with staleness s, the merges of the
+    rounds up to t - 1 - s have moved it (FedBCD, s = 0: Algorithm 1 exactly). The update's noise is
+    z_delta C (`update_multiplier`).
     """
 
     clip_norm: float = 1.0
-    noise_multiplier: float = 0.0
+    noise_multiplier: float = 0.0  # z, as accounted
     noise: str = "central"
     clients_per_round: int = 1  # M
     seed: int = 0  # the adding party's secret (the server's for central, each client's for distributed)
+    adaptive_quantile: float = 0.0  # gamma (0: C fixed)
+    adaptive_lr: float = 0.2  # eta_C
+    count_noise: float = 0.0  # sigma_b (resolved: > z / 2)
 
     @property
     def key(self) -> str:  # distributed noise counts each client's uploads (its draws); central keeps nothing
         return "dp" if self.noise == "distributed" else ""
 
+    @property
+    def adaptive(self) -> bool:
+        return self.adaptive_quantile != 0
+
+    @property
+    def update_multiplier(self) -> float:
+        """The multiplier of the update's noise: z, or z_delta with adaptive clipping."""
+        return update_multiplier(self.noise_multiplier, self.count_noise) if self.adaptive else self.noise_multiplier
+
     def settings(self) -> dict:
-        return {"dp.level": "client", "dp.noise": self.noise, "dp.clip_norm": self.clip_norm,
-                "dp.noise_multiplier": self.noise_multiplier}  # fmt: skip
+        out = {"dp.level": "client", "dp.noise": self.noise, "dp.clip_norm": self.clip_norm,
+               "dp.noise_multiplier": self.noise_multiplier}  # fmt: skip
+        if self.adaptive:
+            out.update({"dp.adaptive_quantile": self.adaptive_quantile, "dp.adaptive_lr": self.adaptive_lr,
+                        "dp.count_noise": self.count_noise})  # fmt: skip
+        return out
 
     def encode(self, state, client, block, tree):
+        if self.adaptive:  # b_i: was the update within the round's C (before clipping)
+            tree, norm = _clip_and_norm(tree, self.clip_norm)
+            return {**tree, UNCLIPPED: (norm <= self.clip_norm).astype(jnp.float32)}, state
         tree = clip(tree, self.clip_norm)
         if self.noise != "distributed":
             return tree, state
@@ -198,14 +299,64 @@ class ClientDP(Transform):
             return algorithm.reduce(uploads, fixed, clients)
         uploads = [clip(u, self.clip_norm) for u in uploads]  # clipped again: the wire's rounding may add a hair
         key = key_of(self.seed, round_)
-        std = self.noise_multiplier * self.clip_norm
+        std = self.update_multiplier * self.clip_norm
         return algorithm.private_reduce(uploads, fixed, clients, lambda like: gaussian_like(like, key, std))
+
+    # --- adaptive clipping: the server's clip norm, announced with each plan
+
+    def wire_shapes(self, like):
+        return {**like, UNCLIPPED: jax.ShapeDtypeStruct((), jnp.float32)} if self.adaptive else like
+
+    def wire_leaves(self, like, wire_dtype):
+        leaves = super().wire_leaves(like, wire_dtype)
+        if self.adaptive:
+            leaves[UNCLIPPED] = ((), WIRE_DTYPES[wire_dtype].name, None)
+        return leaves
+
+    def announce(self, server, round_):
+        if not self.adaptive:
+            return {}, server
+        now = server.get("clip_norm", self.clip_norm)  # C_0 = dp.clip_norm
+        return {"clip_norm": now}, {**server, "clip_norm": now}
+
+    def for_round(self, announced):
+        if not self.adaptive:
+            return self
+        c = announced.get("clip_norm")
+        if isinstance(c, bool) or not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0):
+            raise ValueError(f"adaptive clipping: the round's clip_norm {c!r} is not a positive number")
+        return dataclasses.replace(self, clip_norm=float(c))
+
+    def policy(self, base):  # the round's C (a fixed C: `policy` below, the same bound)
+        if self.noise != "central":
+            return base
+        bound = self.clip_norm * 1.01
+        return dataclasses.replace(base, max_delta_norm=min(base.max_delta_norm or bound, bound))
+
+    def reduce(self, uploads, like, inner, round_=0):
+        """Adaptive clipping: each upload's b_i taken off before validation and the sum see it; the
+        merge's Result reports b_bar over the uploads it merged."""
+        if not self.adaptive:
+            return super().reduce(uploads, like, inner, round_)
+        bits = {c: float(np.asarray(u[UNCLIPPED])) >= 0.5 for c, u in uploads.items()}  # a lie stays in {0, 1}
+        result = inner({c: {k: v for k, v in u.items() if k != UNCLIPPED} for c, u in uploads.items()})
+        count = sum(bits[c] for c in result.merged)
+        noise = np.random.default_rng([self.seed, round_, COUNT_STREAM]).standard_normal()
+        fraction = min(1.0, max(0.0, (count + self.count_noise * float(noise)) / self.clients_per_round))
+        return dataclasses.replace(result, report={**result.report, "unclipped": fraction})
+
+    def observe(self, server, round_, report):
+        if not self.adaptive or "unclipped" not in report:
+            return server
+        step = -self.adaptive_lr * (report["unclipped"] - self.adaptive_quantile)  # geometric: C <- C exp(step)
+        return {**server, "clip_norm": server.get("clip_norm", self.clip_norm) * math.exp(step)}
 
 
 def policy(base, dp: DPConfig):
     """The validation policy of a run: with central client-level DP, an upload's norm must be at most
-    C (1% over: the wire's bfloat16 rounding), so a client that did not clip is rejected."""
-    if dp.level != "client" or dp.noise != "central":
+    C (1% over: the wire's bfloat16 rounding), so a client that did not clip is rejected. Adaptive
+    clipping: each round's C (`ClientDP.policy`, applied per round by the server side)."""
+    if dp.level != "client" or dp.noise != "central" or dp.adaptive:
         return base
     bound = dp.clip_norm * 1.01
     return dataclasses.replace(base, max_delta_norm=min(base.max_delta_norm or bound, bound))
@@ -346,6 +497,9 @@ def budget(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, ba
         out.update(examples_per_client=[int(n) for n in client_sizes], steps_per_client=steps)
     else:
         out.update(rounds_per_client=[int(k) for k in taken])
+    if dp.adaptive:  # the same epsilon as z's (`update_multiplier`); the update's noise is z_delta C_t
+        sigma_b = count_noise(dp, len(algorithm.participants(fed, 0)))
+        out.update(count_noise=sigma_b, noise_multiplier_update=update_multiplier(z, sigma_b))
     return out
 
 

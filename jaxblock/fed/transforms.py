@@ -15,6 +15,15 @@ index bounds), so that every exchange validates an upload before it reads its va
 `aggregate(algorithm, uploads, weights, clients, round_)` may replace the algorithm's reduce of the
 accepted uploads (client-level DP: fixed weights 1/M and the server's noise).
 
+A transform may also keep server state that changes from round to round (client-level DP's adaptive
+clip norm): `announce(server, round_)` says what the server publishes with round t's plan (and its
+state after), `for_round(announced)` is the transform as round t runs it on both sides (the client
+reads the announcement from the plan), `policy(base)` the validation the round's uploads pass, its
+server-side `reduce` may report public figures of the merge in the `Result` (`report`), and
+`observe(server, round_, report)` folds them into the server state. That state is JSON, kept in the
+run state's `extra_meta['transforms']` (checkpointed with it), with every round's announcement under
+'announced'. A transform that announces nothing leaves the run state as it was.
+
 A transform is a frozen dataclass of its settings; its client state lives in the run state under
 `state['extra'][transform.key]` ({'c<client>': ...}) and is checkpointed with it. The round loop
 and the server never name a transform: top-k is one, and a test plugs in a toy one.
@@ -71,6 +80,24 @@ class Transform:
         """The shapes of what `encode` makes of a tree of shapes `like` (what the next transform sees)."""
         return like
 
+    def announce(self, server: dict, round_: int) -> tuple[dict, dict]:
+        """(what the server publishes with round `round_`'s plan, its transform state after), from its
+        transform state `server` (JSON); ({}, server): nothing."""
+        return {}, server
+
+    def for_round(self, announced: dict) -> Transform:
+        """This transform as a round runs it, given what the server announced with the round's plan
+        (the client: the plan itself); ValueError if the announcement is not one it could have made."""
+        return self
+
+    def policy(self, base):
+        """The validation policy of a round's uploads (client-level DP: at most the round's clip norm)."""
+        return base
+
+    def observe(self, server: dict, round_: int, report: dict) -> dict:
+        """The server's transform state after a merge of round `round_` whose `reduce` reported `report`."""
+        return server
+
 
 def encode(transforms, state: dict, client: int, block: int, tree: dict) -> tuple[dict, dict]:
     """(what `client` sends for `tree`, the run state's `extra` with every transform's new client state)."""
@@ -103,6 +130,54 @@ def aggregate(transforms, algorithm, uploads: list[dict], weights, clients: list
         if down is not None:
             return down
     return algorithm.reduce(uploads, weights, clients)
+
+
+def server_state(state: dict) -> dict:
+    """The transforms' server state (JSON) in a run state (a server's or the simulator's)."""
+    return state.get("extra_meta", {}).get("transforms", {})
+
+
+def with_server_state(state: dict, server: dict) -> dict:
+    """The run state holding `server` as the transforms' server state (unchanged if neither has any)."""
+    if not server and not server_state(state):
+        return state
+    return {**state, "extra_meta": {**state.get("extra_meta", {}), "transforms": server}}
+
+
+def announce(transforms, server: dict, round_: int) -> tuple[dict, dict]:
+    """(what the server publishes with round `round_`'s plan, the transforms' server state with it
+    recorded under 'announced'): nothing, and `server` as it was, unless a transform announces."""
+    announced = {}
+    for t in transforms:
+        more, server = t.announce(server, round_)
+        announced.update(more)
+    if announced:
+        server = {**server, "announced": {**server.get("announced", {}), str(round_): announced}}
+    return announced, server
+
+
+def announced(server: dict, round_: int) -> dict:
+    """What the server announced with round `round_`'s plan ({}: nothing)."""
+    return server.get("announced", {}).get(str(round_), {})
+
+
+def for_round(transforms, announced: dict) -> tuple:
+    """The transforms as a round runs them, given its announcement (or plan)."""
+    return tuple(t.for_round(announced) for t in transforms)
+
+
+def policy(transforms, base):
+    """The validation policy of a round's uploads under the round's transforms."""
+    for t in transforms:
+        base = t.policy(base)
+    return base
+
+
+def observe(transforms, server: dict, round_: int, report: dict) -> dict:
+    """The transforms' server state after a merge of round `round_` that reported `report`."""
+    for t in transforms:
+        server = t.observe(server, round_, report)
+    return server
 
 
 def wire_leaves(transforms, like: dict, wire_dtype: str) -> Leaves:

@@ -110,10 +110,20 @@ def _checked_plan(plan, t: int, fed: FedConfig, partition: Partition, keys) -> d
         and isinstance(plan.get("clients"), list)
         and all(isinstance(c, int) and 0 <= c < fed.num_clients for c in plan["clients"])
         and all(isinstance(c, int) and 0 <= c < fed.num_clients for c in plan.get("joined", []))
+        and _announces(fed, plan)
     )
     if not ok:
         raise RuntimeError(f"round {t}: the plan in the store is not the server's ({json.dumps(plan)[:120]})")
     return plan
+
+
+def _announces(fed: FedConfig, plan: dict) -> bool:
+    """The plan holds what the transforms need from it (adaptive clipping: a positive `clip_norm`)."""
+    try:
+        transforms.for_round(fed.transforms, plan)
+    except ValueError:
+        return False
+    return True
 
 
 def _release(store: Store, client: int, t: int, fed: FedConfig, joined: set[int]) -> None:
@@ -290,7 +300,8 @@ class _Client:
         if delta is not None:
             upload = self.algo.upload(block, delta)  # its model keeps this; the wire gets the transforms'
             self.replica["pending"][t] = {"block": b, "clients": [self.client], "deltas": {self.client: upload}}
-            self.sent[t], self.extra = transforms.encode(self.fed.transforms, self.extra, self.client, b, upload)
+            chain = transforms.for_round(self.fed.transforms, plan)  # as the plan sets them (its clip_norm)
+            self.sent[t], self.extra = transforms.encode(chain, self.extra, self.client, b, upload)
             if self.fed.transforms:
                 self.replica["pending"][t]["uploads"] = {self.client: self.sent[t]}  # a restart resends it
         if not self.overlap:  # FedBCD: communicate after computing, nothing overlaps

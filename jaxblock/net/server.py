@@ -77,12 +77,14 @@ def serve(
             for r in range(max(0, first - fed.effective_staleness), min(first, fed.rounds)):
                 run.protocol.agree(r, secure.parties_of({**plans[r], "joined": sorted(run.joined)}))
         for t in range(first, final_merge(fed) + 1):  # the rounds, then the final flush
-            if t < fed.rounds:
-                plan = {**plans[t], "joined": sorted(run.joined), "kind": "plan", "round": t}
+            announced = {}
+            if t < fed.rounds:  # with what the transforms announce (adaptive clipping's C_t: `clip_norm`)
+                announced, run.transforms_state = transforms.announce(fed.transforms, run.transforms_state, t)
+                plan = {**plans[t], "joined": sorted(run.joined), "kind": "plan", "round": t, **announced}
                 store.put_json(transport.plan_key(t), seal(plan))
                 if run.protocol is not None:  # its key agreement, before the merges the clients overlap it with
                     run.protocol.agree(t, secure.parties_of(plan))
-            row = {"round": t, "merged": [], "left_out": []}
+            row = {"round": t, "merged": [], "left_out": [], **announced}
             for r, due in merged_at(fed, t, plans):
                 merged, left_out = _merge(run, r, t, due)
                 row["merged"].append([r, merged])
@@ -94,6 +96,7 @@ def serve(
                 run.state["round"] = done
                 lost = {str(r): v for r, v in run.lost.items() if v and r >= done - 1}
                 run.state["extra_meta"] = {"lost": lost, "joined": sorted(run.joined)}
+                run.state = transforms.with_server_state(run.state, run.transforms_state)
                 if on_aggregate is not None:
                     on_aggregate(run.state)
     except BaseException as e:  # every failure is published: no client waits for a dead server
@@ -123,6 +126,7 @@ class _Run:
     lost: dict = dataclasses.field(default_factory=dict)
     protocol: secure.ServerSide | None = None  # secure aggregation's protocol through the store
     transforms: tuple = ()  # the run's transforms as the server runs them (secure aggregation's unmasker)
+    transforms_state: dict = dataclasses.field(default_factory=dict)  # their server state (JSON; checkpointed)
 
     def __post_init__(self):
         self.transforms = self.algo.fed.transforms
@@ -134,6 +138,7 @@ class _Run:
         meta = self.state.get("extra_meta", {})
         self.lost = {int(r): v for r, v in meta.get("lost", {}).items()}
         self.joined = set(meta["joined"]) if "joined" in meta else None  # a resumed server: as it was
+        self.transforms_state = transforms.server_state(self.state)
 
 
 def _merge(run: _Run, r: int, t: int, due: list[int]) -> tuple[list[int], dict[int, str]]:
@@ -145,7 +150,9 @@ def _merge(run: _Run, r: int, t: int, due: list[int]) -> tuple[list[int], dict[i
     published = run.resumed and _published(
         run.store, run.keys, r, t, signed, run.partition, run.state["params"], run.algo, plan
     )
-    merged, left_out, down = published or _reduce_uploads(run, r, t, due, signed)
+    merged, left_out, down, report = published or _reduce_uploads(run, r, t, due, signed)
+    if report:  # adaptive clipping's noised count, as published: a restarted server moves C as it did
+        run.transforms_state = transforms.observe(fed.transforms, run.transforms_state, r, report)
     run.lost[r] = [*run.lost.get(r, []), *left_out]
     if merged:
         run.state["params"] = run.algo.apply(run.state["params"], run.partition, plan["block"], down, fed.eta)
@@ -155,7 +162,8 @@ def _merge(run: _Run, r: int, t: int, due: list[int]) -> tuple[list[int], dict[i
 def _reduce_uploads(run: _Run, r: int, t: int, due: list[int], signed: dict):
     """Collects round r's uploads, runs the one server side (`fed.exchange.server_side`: transforms,
     validation, the algorithm's reduce) and publishes what it sends down, with who was merged and
-    who left out: (merged, left_out, down)."""
+    who left out, and what the transforms report (adaptive clipping's noised count): (merged, left_out,
+    down, report)."""
     fed, plan = run.algo.fed, run.plans[r]
     params = run.state["params"]
     never = [c for c in due if run.joined is not None and c not in run.joined]
@@ -170,17 +178,20 @@ def _reduce_uploads(run: _Run, r: int, t: int, due: list[int], signed: dict):
         return schedule.merge_weights(fed, plan["clients"], kept, run.client_sizes, [*before, *bad])
 
     like = upload_shapes(run.algo, run.partition, params, r, plan["block"], due[0])
-    server = exchange_lib.server_side(run.algo, r, like, weights_of, run.policy, run.transforms)
+    announced = transforms.announced(run.transforms_state, r)  # round r's plan's (the round's C)
+    server = exchange_lib.server_side(run.algo, r, like, weights_of, run.policy, run.transforms, announced)
     result = server({c: accepted[c] for c in due if c in accepted})  # in plan order: the sum's order
     left_out = dict(sorted({**left_out, **result.rejected}.items()))
     down = None if result.down is None else jax.device_get(result.down)
     record = {"merged": result.merged, "left_out": {str(c): why for c, why in left_out.items()}}
+    if result.report:
+        record["report"] = result.report
     keys = run.keys
     run.store.publish(
         transport.aggregate_prefix(r, t), {} if down is None else down, fed.wire_dtype, extra=record,
         seal=keys and (lambda m: keys.seal({**m, **signed})),
     )  # fmt: skip
-    return result.merged, left_out, down
+    return result.merged, left_out, down, result.report
 
 
 def _wait_for_clients(store: Store, fed, comm: CommConfig, policy, keys) -> None:
@@ -207,8 +218,8 @@ def _wait_for_clients(store: Store, fed, comm: CommConfig, policy, keys) -> None
 
 
 def _published(store: Store, keys, r: int, t: int, signed: dict, partition, params, algo, plan):
-    """(merged, left_out, aggregate) of the merge of round r at the end of round t if this server
-    published it before a restart (and it is its own), else None."""
+    """(merged, left_out, aggregate, report) of the merge of round r at the end of round t if this
+    server published it before a restart (and it is its own), else None."""
     prefix = transport.aggregate_prefix(r, t)
     manifest = store.get_json(f"{prefix}/COMMIT")
     if manifest is None:
@@ -223,7 +234,8 @@ def _published(store: Store, keys, r: int, t: int, signed: dict, partition, para
             verify(manifest)
     except (validate.BadUpdate, signing.BadSignature):
         return None  # not this server's: it merges the round anew (and overwrites it)
-    return list(manifest["merged"]), {int(c): why for c, why in manifest.get("left_out", {}).items()}, agg
+    left_out = {int(c): why for c, why in manifest.get("left_out", {}).items()}
+    return list(manifest["merged"]), left_out, agg, manifest.get("report", {})
 
 
 def _collect(algo, partition, params, r, block, clients, store: Store, comm: CommConfig, policy, keys, planned=None):

@@ -377,9 +377,14 @@ def base_config() -> ml_collections.ConfigDict:
     # 'without_replacement', or each example independently with probability batch_size / n_i
     # ('poisson': a fixed buffer with a 0/1 mask, divided by the expected batch_size; add/remove
     # adjacency). noise_seed: the noise's secret (-1: random, kept in workdir/dp_secret).
+    # adaptive_quantile gamma (client level, central noise; 0: off): the clip norm starts at clip_norm
+    # and tracks the gamma-quantile of the update norms (Andrew et al. 2021), C <- C exp(-adaptive_lr
+    # (b - gamma)), b the fraction of unclipped uploads noised with std count_noise (0: M / 20); the
+    # update's noise multiplier becomes (z^-2 - (2 count_noise)^-2)^(-1/2), the epsilon stays z's.
     config.dp = ml_collections.ConfigDict(
         {"level": "none", "noise": "central", "noise_multiplier": 0.0, "target_epsilon": 0.0, "delta": 1e-5,
-         "clip_norm": 1.0, "accountant": "rdp", "sampling": "without_replacement", "noise_seed": -1}
+         "clip_norm": 1.0, "accountant": "rdp", "sampling": "without_replacement", "noise_seed": -1,
+         "adaptive_quantile": 0.0, "adaptive_lr": 0.2, "count_noise": 0.0}
     )  # fmt: skip
     # Secure aggregation (jaxblock/fed/secagg.py, in the deployment net/secure.py): the server learns only the
     # sum of a round's uploads, each clipped to clip_norm (0: dp.clip_norm) and quantized to `bits`

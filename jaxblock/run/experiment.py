@@ -218,7 +218,17 @@ def _private(dp: privacy.DPConfig, sa, fed: FedConfig, client_sizes, batch_size:
     per_round = len(cls.participants(fed, 0))  # M: the sampled clients (a rota's one)
     chain = list(fed.transforms)
     if dp.level == "client":
-        chain.append(privacy.ClientDP(dp.clip_norm, z, dp.noise, per_round, seed))
+        adaptive = {}
+        if dp.adaptive:
+            if secure:
+                raise ValueError("dp.adaptive_quantile with secagg.on: the clients' clipped-or-not bits would need "
+                                 "a secure sum of their own, and the server could not check each upload against "
+                                 "the round's clip norm")  # fmt: skip
+            sigma_b = privacy.count_noise(dp, per_round)
+            privacy.update_multiplier(z, sigma_b)  # refused here, in one line, if sigma_b <= z / 2
+            adaptive = {"adaptive_quantile": dp.adaptive_quantile, "adaptive_lr": dp.adaptive_lr,
+                        "count_noise": sigma_b}  # fmt: skip
+        chain.append(privacy.ClientDP(dp.clip_norm, z, dp.noise, per_round, seed, **adaptive))
     if secure:
         clip = sa.clip_norm or (dp.clip_norm if dp.level == "client" else 0.0)
         if not clip > 0:
