@@ -260,6 +260,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
     # The simulator's exchanges go through the configured TensorStore (memory:// by default).
     store = transport.Store(config.comm.store) if config.comm.store else None
+    if store is not None:
+        store.check()
     trainer = run.trainer(store and net_exchange.ThroughStore(store, fed.wire_dtype), links)
     state, wall_before, final = _start_or_resume(run, trainer, config, workdir, step)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
@@ -274,7 +276,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
 
     def save(state: dict, final: bool = False) -> None:
         wall_s = wall_before + time.perf_counter() - start
-        checkpoint.save(mgr, state, fed, wall_s=wall_s, final=final, config=config.to_dict())
+        checkpoint.save(mgr, state, fed, wall_s=wall_s, final=final, config=public_config(config).to_dict())
 
     bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
     tracker = tracking.make(tracking.backends(config), workdir, config)
@@ -335,7 +337,7 @@ def _start_or_resume(run: Setup, trainer, config, workdir: str, step: int | None
         set_aside(workdir, s, f"newer than --step {step}")
     print(f"resuming {workdir} from round {state['round']} (checkpoint step {meta['round']})")
     with open(os.path.join(workdir, "config.json"), "w") as f:  # settings a resume may change (eval, ...)
-        f.write(dump_json(config))
+        f.write(dump_json(public_config(config)))
     return state, meta["wall_s"], meta["final"]
 
 
@@ -491,11 +493,19 @@ def _json(v) -> str:  # one spelling per value: a tuple and a list, as config.js
     return json.dumps(v, default=str)
 
 
+def public_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The config as files hold it (config.json, checkpoint metas): `comm.store` without its credentials."""
+    public = ml_collections.ConfigDict(config.to_dict())
+    if public.comm.get("store"):
+        public.comm.store = transport.public_store(public.comm.store)
+    return public
+
+
 def write_run_files(config: ml_collections.ConfigDict, workdir: str) -> None:
     """config.json (the resolved config) and base_model.json (what the base model was) of a new run."""
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(dump_json(config))
+        f.write(dump_json(public_config(config)))
     base_model.record(workdir, config.hf_checkpoint)
 
 
@@ -569,7 +579,8 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     if not run.algorithm.asynchronous:  # FedBuff runs its own loop (net/asynchronous.py)
         comm.check_supported(run.algorithm)
     cc = comm_config(config, store_url)
-    store = transport.Store(cc.store)
+    store = transport.Store(cc.store)  # shown as store.name: cc.store may hold credentials
+    store.check()
     settings = agreed_settings(config)
     keys = cc.load_keys()
     published = {"kind": "config", "hash": settings_hash(settings), "settings": settings}
@@ -577,9 +588,9 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     if transport.holds_a_run(store):  # a restart: the store must hold this very run, unfinished
         theirs = store.get_json("server/config") or {}
         if theirs.get("hash") != published["hash"]:
-            raise ValueError(f"--store {cc.store} holds another run (its settings differ): use an empty store")
+            raise ValueError(f"--store {store.name} holds another run (its settings differ): use an empty store")
         if store.get_json("server/done") is not None:
-            raise ValueError(f"--store {cc.store} holds a finished run: use an empty store")
+            raise ValueError(f"--store {store.name} holds a finished run: use an empty store")
         store.delete("server/error")  # the failure that stopped it: clients started anew must not stop on it
         mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
         if mgr.latest_step() is not None:
@@ -591,9 +602,9 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         resumed = 0 if state is None else state["round"]
         _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), resumed + run.fed.effective_staleness)
         _truncate_metrics(os.path.join(workdir, "arrivals.jsonl"), resumed)  # FedBuff's: judged again
-        print(f"server: resuming the run in {cc.store} after round {resumed}", file=sys.stderr, flush=True)
+        print(f"server: resuming the run in {store.name} after round {resumed}", file=sys.stderr, flush=True)
     elif os.path.isdir(checkpoint.directory(workdir)):
-        raise ValueError(f"--workdir {workdir} holds checkpoints but --store {cc.store} no run: use the run's store")
+        raise ValueError(f"--workdir {workdir} holds checkpoints but --store {store.name} no run: use the run's store")
     write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
     _keep_secret(run, workdir)
     store.put_json("server/config", keys.seal(published) if keys else published)
@@ -604,7 +615,8 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     def save(state):
         final = state["round"] == run.fed.rounds
         wall_s = time.perf_counter() - start
-        checkpoint.save(mgr, state, run.fed, wall_s=wall_s, final=final, config=config.to_dict(), mode="server")
+        public = public_config(config).to_dict()
+        checkpoint.save(mgr, state, run.fed, wall_s=wall_s, final=final, config=public, mode="server")
 
     def log_and_save(state, row):  # FedBuff's apply: durable on return, as the driver deletes what it consumed
         with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
@@ -628,7 +640,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
                 on_aggregate=save, on_merge=log, state=state, algorithm=run.algorithm,
             )  # fmt: skip
     except ValueError as e:  # TensorStore reports I/O failures as ValueError: not the user's mistake
-        raise RunFailed(f"the server failed: {e}") from e
+        raise RunFailed(f"the server failed: {store.scrub(str(e))}") from e
     finally:
         tracker.close()
         mgr.wait_until_finished()
@@ -639,7 +651,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         "num_clients": run.fed.num_clients,
         "wall_s": time.perf_counter() - start,
         "final_train_loss": train_loss(run.loss_fn, params, run.fixed_batches_fn, run.fed.num_clients),
-        "store": cc.store,
+        "store": store.name,
         **({"dp": run.budget(run.fed.rounds)} if run.dp.on else {}),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
@@ -679,9 +691,10 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     cc = comm_config(config, store_url)
     cc.load_keys()  # a missing or wrong keys directory is said now, not once the server has started
     check_local_files(config)  # so are its data and base model
-    store = transport.Store(cc.store)
+    store = transport.Store(cc.store)  # shown as store.name: cc.store may hold credentials
+    store.check()
     if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
-        raise ValueError(f"--store {cc.store} holds a finished run (server/done): start a new run on an empty store")
+        raise ValueError(f"--store {store.name} holds a finished run (server/done): start a new run on an empty store")
     held = lease.Lease(store, client_id, workdir)  # a second process with this id is refused here, at once
     try:
         return _client(config, client_id, workdir, cc, store)
@@ -730,7 +743,7 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
                 on_round=write_row, state_path=os.path.join(workdir, f"client_{client_id}", "fedbuff.json"),
             )  # fmt: skip
         except ValueError as e:  # see serve
-            raise RunFailed(f"the client failed: {e}") from e
+            raise RunFailed(f"the client failed: {store.scrub(str(e))}") from e
     # Its own state, each round (before it acks the round): rerunning the command rejoins the run.
     mgr = checkpoint.manager(os.path.join(workdir, f"client_{client_id}"), max_to_keep=2)
     resume = None
@@ -742,7 +755,7 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
         print(f"client {client_id}: rejoining the run at round {resume['round']}", file=sys.stderr, flush=True)
 
     def save(state: dict) -> None:
-        checkpoint.save(mgr, state, run.fed, wall_s=0.0, config=config.to_dict(), mode="client")
+        checkpoint.save(mgr, state, run.fed, wall_s=0.0, config=public_config(config).to_dict(), mode="client")
         mgr.wait_until_finished()
 
     try:
@@ -751,7 +764,7 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
             store, cc, link, on_round=write_row, on_state=save, resume=resume, algorithm=run.algorithm,
         )  # fmt: skip
     except ValueError as e:  # see serve
-        raise RunFailed(f"the client failed: {e}") from e
+        raise RunFailed(f"the client failed: {store.scrub(str(e))}") from e
     finally:
         mgr.close()
 
