@@ -195,3 +195,30 @@ def test_an_unusable_key_advert_is_left_out_instead_of_crashing_its_neighbours()
         assert survivors == [0, 1, 2] and total.tolist() == [3] * 8
         for side in sides.values():
             side.close()
+
+
+def test_an_upload_left_out_of_the_unmasked_sum_is_left_out_by_name_and_the_weights_renormalise():
+    """An unmasker may return fewer survivors than uploads arrived (a restarted server's ask names
+    those it asked): the missing one is rejected by name, and the algorithm's weights are computed
+    without it (before, it was neither merged nor left out, and the survivors' weights summed to 3/4)."""
+    from jaxblock.fed import exchange, validate
+
+    n = 64
+    base = sa.SecureAggregation(clip_norm=2.0, clients_per_round=4)
+    inputs = {c: sa.quantize(np.full(n, 0.1 * (c + 1)), 2.0, 4, 32, np.random.default_rng(c)) for c in range(4)}
+    transform = dataclasses.replace(base, unmasker=lambda r, masked: (sa.add([inputs[c] for c in (0, 1, 2)], 32),
+                                                                      [0, 1, 2]))  # fmt: skip
+    fed = dataclasses.replace(algorithms.configure(algorithm="fedbcd", num_clients=4), transforms=(transform,))
+    weights = []
+
+    def weights_of(kept, bad):
+        weights.append((list(kept), list(bad)))
+        return np.full(len(kept), 1 / len(kept))
+
+    like = {"w": jax.ShapeDtypeStruct((n,), np.float32)}
+    side = exchange.server_side(algorithms.make(fed), 3, like, weights_of, validate.Policy(), (transform,))
+    result = side({c: {"q": inputs[c]} for c in range(4)})
+    assert result.merged == [0, 1, 2] and list(result.rejected) == [3]
+    assert result.rejected[3].startswith("not passed on")
+    assert weights == [([0, 1, 2], [3])]
+    np.testing.assert_allclose(np.asarray(result.down["w"]), 0.2, atol=1e-6)  # the mean of 0.1, 0.2, 0.3

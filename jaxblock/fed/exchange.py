@@ -73,14 +73,20 @@ def server_side(
         policy = transforms_lib.policy(chain, policy)
     merging = transforms_lib.for_round(fed.transforms, announced) if announced else fed.transforms
 
-    def reduce(dense: dict[int, dict]) -> Result:
-        bad = validate.screen(dense, policy)
-        validate.stop_if_asked(policy, round_, bad)
-        kept = [c for c in dense if c not in bad]
-        if not kept:
-            return Result(None, [], bad)
-        uploads, weights = [dense[c] for c in kept], weights_of(kept, list(bad))
-        down = transforms_lib.aggregate(merging, algorithm, uploads, weights, kept, round_)
-        return Result(on_wire(down, fed.wire_dtype), kept, bad)
+    def server(received: dict[int, dict]) -> Result:
+        def reduce(dense: dict[int, dict]) -> Result:
+            bad = validate.screen(dense, policy)
+            validate.stop_if_asked(policy, round_, bad)
+            # An upload a transform did not pass on (secure aggregation: not in the unmasked sum) is
+            # left out by name, so that the weights renormalise over those merged.
+            bad.update({c: "not passed on: outside the round's secure aggregation" for c in received if c not in dense})
+            kept = [c for c in dense if c not in bad]
+            if not kept:
+                return Result(None, [], bad)
+            uploads, weights = [dense[c] for c in kept], weights_of(kept, list(bad))
+            down = transforms_lib.aggregate(merging, algorithm, uploads, weights, kept, round_)
+            return Result(on_wire(down, fed.wire_dtype), kept, bad)
 
-    return lambda received: transforms_lib.reduce(chain, received, like, reduce, round_)
+        return transforms_lib.reduce(chain, received, like, reduce, round_)
+
+    return server

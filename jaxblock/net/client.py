@@ -200,6 +200,8 @@ def run_client(
     finally:
         for executor in (me.uploader, me.downloader, me.cleaner):
             executor.shutdown(wait=False, cancel_futures=True)
+        if me.secure is not None:  # (after a failure: its key agreement and answers stop too)
+            me.secure.close(wait=False)
     return me.replica["params"]
 
 

@@ -147,6 +147,12 @@ class ServerSide(_Party):
             server = dataclasses.replace(server, shared=tuple(u2["clients"]))
         self.rounds[r] = server
 
+    def outside(self, r: int, clients: list[int]) -> list[int]:
+        """Of `clients`, those outside round r's U2 (they sat out the key agreement): no upload of
+        theirs could be unmasked, so the server does not wait for one."""
+        server = self.rounds.get(r)
+        return [] if server is None else [c for c in clients if c not in server.shared]
+
     def unmask(self, r: int, masked: dict[int, np.ndarray]) -> tuple[np.ndarray, list[int]]:
         """(c)-(d): asks the survivors for their shares and unmasks the sum of their inputs:
         (the sum of the survivors' quantized inputs mod 2^bits, the survivors)."""
@@ -276,8 +282,9 @@ class ClientSide(_Party):
         wire = [[p, kind, share.hex()] for p, kind, share in shares]
         self.put(f"answers/{self.me}", r, {"kind": "secagg_answers", "client": self.me, "shares": wire})
 
-    def close(self) -> None:
-        for task in self.tasks:
+    def close(self, wait: bool = True) -> None:
+        """Waits for its answers to be written (`wait`), then stops its threads."""
+        for task in self.tasks if wait else ():
             try:
                 task.result(timeout=self.comm.server_wait_s)
             except (TimeoutError, RuntimeError) as e:  # TransportTimeout too: a server that stopped asking

@@ -167,11 +167,13 @@ def _reduce_uploads(run: _Run, r: int, t: int, due: list[int], signed: dict):
     fed, plan = run.algo.fed, run.plans[r]
     params = run.state["params"]
     never = [c for c in due if run.joined is not None and c not in run.joined]
+    outside = [] if run.protocol is None else run.protocol.outside(r, [c for c in due if c not in never])
     accepted, left_out = _collect(
-        run.algo, run.partition, params, r, plan["block"], [c for c in due if c not in never], run.store, run.comm,
-        run.policy, run.keys, planned=len(due),
+        run.algo, run.partition, params, r, plan["block"], [c for c in due if c not in never + outside], run.store,
+        run.comm, run.policy, run.keys, planned=len(due),
     )  # fmt: skip
     left_out.update({c: "missing: never joined the run (no ready marker)" for c in never})
+    left_out.update({c: "missing: sat out the round's secure-aggregation key agreement" for c in outside})
     before = [*run.lost.get(r, []), *left_out]
 
     def weights_of(kept, bad):

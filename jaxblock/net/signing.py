@@ -66,7 +66,7 @@ class Keys:
         self.name = private[0][: -len(".key")]
         with open(os.path.join(directory, private[0]), "rb") as f:
             self._private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(f.read().decode().strip()))
-        self._public: dict[str, Ed25519PublicKey] = {}
+        self._public: dict[str, Ed25519PublicKey] = {self.name: self._private.public_key()}  # it reads its own too
         for f in os.listdir(directory):
             if f.endswith(".pub"):
                 with open(os.path.join(directory, f), "rb") as fh:
