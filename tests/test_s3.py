@@ -8,6 +8,7 @@ bit for bit; the bucket ends with only the run's config and `server/done`; a wro
 line naming the store; the credentials are nowhere in what the run wrote or printed."""
 
 import ctypes
+import glob
 import json
 import os
 import secrets
@@ -79,10 +80,8 @@ def seaweedfs(tmp_path_factory):
         "-s3", f"-s3.port={s3}", f"-s3.port.grpc={grpc[3]}", f"-s3.config={root / 's3.json'}",
         "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]  # fmt: skip
-    # TMPDIR: its unix sockets go in its own directory, not /tmp
-    env = {**os.environ, "TMPDIR": str(root)}
     with open(root / "weed.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     endpoint = f"http://127.0.0.1:{s3}"
     try:
         # Ready once a signed write goes through (it also creates the bucket: the identity is an admin).
@@ -103,6 +102,9 @@ def seaweedfs(tmp_path_factory):
     finally:  # its data is thrown away: no graceful stop (which takes seconds)
         proc.kill()
         proc.wait(timeout=10)
+        for port in (master, volume, filer, s3, *grpc):  # the unix sockets it leaves in /tmp
+            for sock in glob.glob(f"/tmp/seaweedfs-*-{port}.sock"):
+                os.remove(sock)
 
 
 def _spec(s3: dict, path: str, profile: str, secret: str | None = None) -> dict:
