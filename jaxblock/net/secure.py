@@ -224,25 +224,28 @@ class ClientSide(_Party):
         u1 = self.wait_server(r, "u1", "secagg_u1")
         if self.me not in u1["clients"]:
             return None
-        peers = {}
-        for v in sorted(set(u1["clients"]) & set(state.neighbors)):
-            doc = self.read(f"keys/{v}", r, signing.client_name(v), "secagg_keys")
-            if doc is None:
-                raise RuntimeError(f"round {r}: client {v}'s secure-aggregation keys are missing or not its own")
-            peers[v] = _keys_of(doc)
+        peers = self._from_peers(r, set(u1["clients"]) & set(state.neighbors), "keys", "secagg_keys", _keys_of)
         state, outbox = secagg.share_keys(state, peers)
         boxes = {str(v): sealed.hex() for v, sealed in outbox.items()}
         self.put(f"shares/{self.me}", r, {"kind": "secagg_shares", "client": self.me, "boxes": boxes})
         u2 = self.wait_server(r, "u2", "secagg_u2")
         if self.me not in u2["clients"]:
             return None
-        inbox = {}
-        for u in sorted(set(u2["clients"]) & set(state.peer_keys)):
-            doc = self.read(f"shares/{u}", r, signing.client_name(u), "secagg_shares")
-            if doc is None or str(self.me) not in doc.get("boxes", {}):
-                raise RuntimeError(f"round {r}: client {u}'s shares for client {self.me} are missing or not its own")
-            inbox[u] = bytes.fromhex(doc["boxes"][str(self.me)])
+        mine = lambda doc: _boxes_of(doc)[self.me]  # noqa: E731 - the share sealed to it
+        inbox = self._from_peers(r, set(u2["clients"]) & set(state.peer_keys), "shares", "secagg_shares", mine)
         return state, inbox
+
+    def _from_peers(self, r: int, peers, what: str, kind: str, parse) -> dict:
+        """{peer: parse(its `what` message)}, each signed by that peer (with keys); RuntimeError if one
+        the server listed is missing, not its own or unusable (the round is then sat out)."""
+        out = {}
+        for v in sorted(peers):
+            try:
+                out[v] = parse(self.read(f"{what}/{v}", r, signing.client_name(v), kind))
+            except (KeyError, TypeError, ValueError):
+                raise RuntimeError(f"round {r}: client {v}'s secure-aggregation {what} for client {self.me} are "
+                                   "missing, not its own or unusable") from None  # fmt: skip
+        return out
 
     def masked(self, r: int, upload: dict) -> dict | None:
         """(c) In the upload thread: round r's quantized upload plus its masks, or None if this
