@@ -50,13 +50,25 @@ import math
 import os
 import secrets
 
-import dp_accounting
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxblock.fed.transforms import Transform
 from jaxblock.fed.wire import WIRE_DTYPES
+
+
+class _Imported:
+    """dp_accounting, imported where it is first used: its import (scipy's signal and stats for
+    PLD) costs ~0.8 s, which every process of a run without DP would otherwise pay at startup."""
+
+    def __getattr__(self, name: str):
+        import dp_accounting as module
+
+        return getattr(module, name)
+
+
+dp_accounting = _Imported()
 
 LEVELS = ("none", "record", "client")
 NOISES = ("central", "distributed")
@@ -365,8 +377,10 @@ def policy(base, dp: DPConfig):
 # ----------------------------------------------------------------------------- accounting
 
 
-REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
-ADD_OR_REMOVE_ONE = dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+def _relations():
+    """(replace-one, add/remove-one): the two adjacencies this module states its events under."""
+    relation = dp_accounting.NeighboringRelation
+    return relation.REPLACE_ONE, relation.ADD_OR_REMOVE_ONE
 
 
 def record_event(
@@ -402,11 +416,14 @@ def _relation(event: dp_accounting.DpEvent):
     """The adjacency an event is stated under: add/remove for Poisson sampling, else replace-one."""
     while isinstance(event, dp_accounting.SelfComposedDpEvent):
         event = event.event
-    return ADD_OR_REMOVE_ONE if isinstance(event, dp_accounting.PoissonSampledDpEvent) else REPLACE_ONE
+    replace_one, add_or_remove = _relations()
+    return add_or_remove if isinstance(event, dp_accounting.PoissonSampledDpEvent) else replace_one
 
 
-def _accountant(name: str, relation=REPLACE_ONE):
-    """A fresh accountant; `check` refuses the events PLD has no analysis for before a run gets here."""
+def _accountant(name: str, relation=None):
+    """A fresh accountant (replace-one unless `relation`); `check` refuses the events PLD has no
+    analysis for before a run gets here."""
+    relation = relation or _relations()[0]
     if name == "pld":
         return dp_accounting.pld.PLDAccountant(relation, value_discretization_interval=PLD_DISCRETIZATION)
     if name != "rdp":
@@ -543,7 +560,7 @@ def _epsilon_cached(event, delta: float, accountant: str) -> float:
                         standard_deviation=base.event.noise_multiplier,
                         value_discretization_interval=PLD_DISCRETIZATION,
                         sampling_prob=base.sampling_probability,
-                        neighboring_relation=ADD_OR_REMOVE_ONE,
+                        neighboring_relation=_relations()[1],
                     )
                 run = pld.identity(PLD_DISCRETIZATION).compose(_BASE_PLD[repr(base)].self_compose(count))
                 _PLD_EPSILON[done] = float(run.get_epsilon_for_delta(delta))

@@ -5,15 +5,20 @@ from __future__ import annotations
 import math
 import textwrap
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
 COMPUTE, EXPOSED = "#4c72b0", "#c9a227"
-LEGEND = [Patch(color=COMPUTE, label="computation"), Patch(color=EXPOSED, label="exposed communication")]
 OUTLIER = 4.0  # a bar over this many times the median is cut at the axis (its total written in it)
+
+
+def _pyplot():
+    """(pyplot, the legend's handles), imported when a figure is drawn: matplotlib costs ~0.5 s at
+    startup, which a process that never plots (a client, a refused command) should not pay."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    return plt, [Patch(color=COMPUTE, label="computation"), Patch(color=EXPOSED, label="exposed communication")]
 
 
 def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds") -> None:
@@ -25,11 +30,12 @@ def runtime_bars(rows: list[dict], path: str, title: str, ylabel: str = "seconds
       ylabel: what the seconds are (e.g. 'seconds, whole run').
     """
     width = max(4.5, 1.1 * len(rows))
+    plt, legend = _pyplot()
     fig, ax = plt.subplots(figsize=(width, 4.0), layout="constrained")
     _stacked(ax, rows)
     ax.set_ylabel(ylabel)
     ax.set_title(_wrap(title, int(13 * width)), fontsize=10)  # never wider than the figure
-    fig.legend(handles=LEGEND, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.legend(handles=legend, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -44,6 +50,7 @@ def figure2(panels: dict[str, list[dict]], path: str, title: str, columns: int =
     columns = min(columns, len(panels))
     nrows = math.ceil(len(panels) / columns)
     bars = max(len(rows) for rows in panels.values())
+    plt, legend = _pyplot()
     fig, axes = plt.subplots(
         nrows, columns, figsize=(columns * max(3.2, 0.8 * bars), 2.7 * nrows + 0.8), layout="constrained", squeeze=False
     )
@@ -56,7 +63,7 @@ def figure2(panels: dict[str, list[dict]], path: str, title: str, columns: int =
     for ax in axes.flat[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
-    fig.legend(handles=LEGEND, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.legend(handles=legend, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
