@@ -252,15 +252,7 @@ def markdown(report: dict) -> str:
         p = r["paper"]
         paper_acc = f"{p['gsm8k']} ({r['paper_gsm8k_rank']})" if "gsm8k" in p else "-"
         paper_rt = f"{p['rt_min']} ({r['paper_rt_min_rank']})" if "rt_min" in p else "-"
-        if r["missing"]:
-            why = r["missing"].replace("|", "\\|")  # an error's text must not split the row
-            lines.append(f"| {r['label']} | missing: {why} | | | | {paper_acc} | {paper_rt} |")
-            continue
-        lines.append(
-            f"| {r['label']} | {len(r['seeds'])} | {cell(r, 'exact_match', pct)} | "
-            f"{cell(r, 'eval_loss', lambda x: f'{x:.3f}')} | {cell(r, 'modeled_wall_s', lambda x: f'{x:.1f}')} | "
-            f"{paper_acc} | {paper_rt} |"
-        )
+        lines.append(_row(r, cell, pct, [paper_acc, paper_rt], [paper_acc, paper_rt]))
     return "\n".join(lines + claims_and_commands(report, "the paper's claim"))
 
 
@@ -271,16 +263,26 @@ def dp_rows(report: dict, cell, pct) -> list[str]:
              "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report["rows"]:
         if r["missing"]:
-            why = r["missing"].replace("|", "\\|")  # an error's text must not split the row
-            lines.append(f"| {r['label']} | missing: {why} | | | | | | |")
+            lines.append(_row(r, cell, pct, [], ["", "", ""]))
             continue
-        lines.append(
-            f"| {r['label']} | {len(r['seeds'])} | {cell(r, 'exact_match', pct)} | "
-            f"{cell(r, 'eval_loss', lambda x: f'{x:.3f}')} | {cell(r, 'modeled_wall_s', lambda x: f'{x:.1f}')} | "
-            f"{cell(r, 'noise_multiplier', lambda x: f'{x:.3f}')} | {cell(r, 'epsilon', lambda x: f'{x:.2f}')} | "
-            f"{cell(r, 'cell_s', lambda x: f'{x:.0f}')} |"
-        )
+        z, eps = cell(r, "noise_multiplier", lambda x: f"{x:.3f}"), cell(r, "epsilon", lambda x: f"{x:.2f}")
+        lines.append(_row(r, cell, pct, [z, eps, cell(r, "cell_s", lambda x: f"{x:.0f}")], []))
     return lines
+
+
+def _row(r: dict, cell, pct, tail: list[str], missing_tail: list[str]) -> str:
+    """A table row: label, seeds, exact match, eval loss and modelled wall time, then `tail`; a row
+    that did not run says why in place of its scores, then `missing_tail`."""
+    if r["missing"]:
+        why = r["missing"].replace("|", "\\|")  # an error's text must not split the row
+        return _cells([r["label"], f"missing: {why}", "", "", "", *missing_tail])
+    scores = [cell(r, "exact_match", pct), cell(r, "eval_loss", lambda x: f"{x:.3f}"),
+              cell(r, "modeled_wall_s", lambda x: f"{x:.1f}")]  # fmt: skip
+    return _cells([r["label"], str(len(r["seeds"])), *scores, *tail])
+
+
+def _cells(values: list[str]) -> str:
+    return "|" + "".join(f" {v} |" if v else " |" for v in values)
 
 
 def claims_and_commands(report: dict, heading: str) -> list[str]:
