@@ -131,13 +131,10 @@ class ServerSide(_Party):
         once from `server/error`)."""
         setup = self.transform.setup(r, parties)
         u1 = self.read("u1", r, "server", "secagg_u1")
+        advertised = self.gather(r, parties if u1 is None else u1["clients"], "keys", "secagg_keys", _keys_of)
+        server = secagg.collect_keys(setup, advertised)  # CannotUnmask below t: the run stops, one line
         if u1 is None:
-            advertised = self.gather(r, parties, "keys", "secagg_keys", _keys_of)
-            server = secagg.collect_keys(setup, advertised)  # CannotUnmask below t: the run stops, one line
             self.put("u1", r, {"kind": "secagg_u1", "clients": sorted(server.keys)})
-        else:
-            advertised = self.gather(r, u1["clients"], "keys", "secagg_keys", _keys_of)
-            server = secagg.collect_keys(setup, advertised)
         u2 = self.read("u2", r, "server", "secagg_u2")
         if u2 is None:
             outboxes = self.gather(r, sorted(server.keys), "shares", "secagg_shares", _boxes_of)
