@@ -136,7 +136,7 @@ def main():
         from jaxblock.fed import secagg
         from jaxblock.net.protocol import CommConfig
 
-        sa = next(t for t in run.fed.transforms if isinstance(t, secagg.SecureAggregation))
+        sa = secagg.of(run.fed.transforms)
         comm = CommConfig(timeout_s=args.timeout_s, server_timeout_s=180)
         attacker = SecureAttacker(store, os.path.join(args.workdir, "keys"), args.clients - 1, rng, block_shapes,
                                   sa, comm, args.wrapped, args.outsider)  # fmt: skip
@@ -371,7 +371,7 @@ def report(args, procs, injected, starts, store_url, not_injected=0):
     algo = run.algorithm
     plans = {t: {"block": algo.choose_block(fed, t, part.num_blocks), "clients": algo.participants(fed, t)}
              for t in range(fed.rounds)}  # fmt: skip
-    sa = next((t for t in fed.transforms if isinstance(t, secagg.SecureAggregation)), None)
+    sa = secagg.of(fed.transforms)
     server_keys = signing.Keys(os.path.join(args.workdir, "keys", "server"))
 
     def chain_for(r: int, merged: list[int]) -> tuple:

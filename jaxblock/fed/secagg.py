@@ -773,6 +773,11 @@ class SecureAggregation(Transform):
         return inner(dict.fromkeys(survivors, treedef.unflatten(mean)))
 
 
+def of(transforms) -> SecureAggregation | None:
+    """The run's secure-aggregation transform, if it has one."""
+    return next((t for t in transforms if isinstance(t, SecureAggregation)), None)
+
+
 def check(fed, algorithm, policy=None) -> None:
     """ValueError, in one line saying why, for what secure aggregation cannot run with."""
     if algorithm.asynchronous:

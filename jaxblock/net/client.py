@@ -230,7 +230,7 @@ class _Client:
         self.uploads: list[concurrent.futures.Future] = []
         self.releases: list[concurrent.futures.Future] = []
         self.reported = 0  # uploads whose seconds are already in a timeline row
-        sa = next((t for t in self.fed.transforms if isinstance(t, secagg.SecureAggregation)), None)
+        sa = secagg.of(self.fed.transforms)
         self.secure = None if sa is None else secure.ClientSide(store, keys, sa, comm, client)
 
     def resume(self, state: dict) -> int:

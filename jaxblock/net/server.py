@@ -130,7 +130,7 @@ class _Run:
 
     def __post_init__(self):
         self.transforms = self.algo.fed.transforms
-        sa = next((t for t in self.transforms if isinstance(t, secagg.SecureAggregation)), None)
+        sa = secagg.of(self.transforms)
         if sa is not None:
             self.protocol = secure.ServerSide(self.store, self.keys, sa, self.comm)
             unmasker = dataclasses.replace(sa, unmasker=self.protocol.unmask)

@@ -165,7 +165,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str | None = None) -> Setu
     clients, table = client_data(config, cfg)
     sizes = np.array([len(c["tokens"]) for c in clients])
     fed, z, seed = _private(dp, config.get("secagg"), fed, sizes, config.batch_size, workdir)
-    if fed.transforms and isinstance(fed.transforms[-1], secagg.SecureAggregation):
+    if secagg.of(fed.transforms) is not None:
         secagg.check(fed, algorithms.REGISTRY[fed.algorithm], runtime.policy(config))
     algorithm = algorithms.make(fed, cfg, runtime.lora_config(config))
     shardings = layout.tree_shardings(runtime.logical_axes(config, cfg))
@@ -241,7 +241,7 @@ def _private(dp: privacy.DPConfig, sa, fed: FedConfig, client_sizes, batch_size:
 
 def _keep_secret(run: Setup, directory: str) -> None:
     """A random secret (DP noise, secure aggregation's rounding) is written once the run is checked."""
-    if run.dp.on or any(isinstance(t, secagg.SecureAggregation) for t in run.fed.transforms):
+    if run.dp.on or secagg.of(run.fed.transforms) is not None:
         privacy.keep_secret(run.dp, directory, run.noise_seed)
 
 
