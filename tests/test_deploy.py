@@ -173,3 +173,13 @@ def test_a_second_process_with_a_live_client_id_is_refused_at_once_and_the_run_g
         and not (tmp_path / "store" / "ready" / "1").exists()
         and not (tmp_path / "store" / "lease" / "1").exists()
     )
+    # The finished store holds server/done only (the server took its config away); the server rerun on it
+    # is told so in one line and touches nothing.
+    assert sorted(p.name for p in (tmp_path / "store" / "server").iterdir()) == ["done"]
+    before = sorted((tmp_path / "server").rglob("*"))
+    again = _start("server.py", *common, "--store", store, "--workdir", str(tmp_path / "server"))
+    _, err = again.communicate(timeout=120)
+    assert again.returncode == 2 and err.strip().splitlines()[-1] == (
+        f"error: --store {store} holds a finished run: use an empty store"
+    ), err[-1500:]
+    assert sorted((tmp_path / "server").rglob("*")) == before

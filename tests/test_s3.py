@@ -4,7 +4,7 @@ started and stopped here, with one S3 identity whose keys every request must be 
 
 `scripts/server.py` + two `scripts/client.py` processes exchanging through `s3://` (a spec naming the
 endpoint, the region, a credentials profile and conditional writes) give the simulator's final model
-bit for bit; the bucket ends with only the run's config and `server/done`; a wrong credential is one
+bit for bit; the bucket ends with only `server/done`; a wrong credential is one
 line naming the store; the credentials are nowhere in what the run wrote or printed."""
 
 import ctypes
@@ -196,8 +196,8 @@ def test_server_and_clients_through_seaweedfs_equal_the_simulator_and_keep_crede
     assert step_a == step_b == 2
     for x, y in zip(jax.tree.leaves(deployed), jax.tree.leaves(simulated), strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    # The clients deleted every round once both had its aggregate: the run's config and server/done are left.
-    assert _bucket_keys(seaweedfs) == ["run1/server/config", "run1/server/done"]
+    # The clients deleted every round once both had its aggregate, the server its config: server/done is left.
+    assert _bucket_keys(seaweedfs) == ["run1/server/done"]
     # config.json and the summary show the store without its credentials.
     public = {k: v for k, v in spec.items() if k != "aws_credentials"}
     with open(tmp_path / "server" / "config.json") as f:

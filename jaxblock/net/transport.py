@@ -15,6 +15,8 @@ Layout under the store:
     round/<t>/aggregate/<u>/<leaf>/   the aggregate of round t's deltas merged at the end of round u
                                       (u = t + s; several u when clients' stalenesses differ), COMMIT
     round/<u>/ack/<i>                 JSON {}: client i has applied every merge of the end of round u
+    server/config                     JSON {hash, settings}: what every client must agree to (deleted
+                                      by the server once the run is done, unless comm.keep_rounds)
     server/done                       JSON {rounds}, when the server has published every aggregate
     server/error                      JSON {message}, when the server gives up
 

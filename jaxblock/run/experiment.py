@@ -586,11 +586,11 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     published = {"kind": "config", "hash": settings_hash(settings), "settings": settings}
     state = None
     if transport.holds_a_run(store):  # a restart: the store must hold this very run, unfinished
+        if store.get_json("server/done") is not None:  # (a finished run keeps nothing else: see finish below)
+            raise ValueError(f"--store {store.name} holds a finished run: use an empty store")
         theirs = store.get_json("server/config") or {}
         if theirs.get("hash") != published["hash"]:
             raise ValueError(f"--store {store.name} holds another run (its settings differ): use an empty store")
-        if store.get_json("server/done") is not None:
-            raise ValueError(f"--store {store.name} holds a finished run: use an empty store")
         store.delete("server/error")  # the failure that stopped it: clients started anew must not stop on it
         mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
         if mgr.latest_step() is not None:
@@ -645,6 +645,8 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         tracker.close()
         mgr.wait_until_finished()
         mgr.close()
+    if not cc.keep_rounds:  # a finished run leaves only server/done, which every party checks first
+        store.delete("server/config")
     summary = {
         "algorithm": run.fed.algorithm,
         "rounds": run.fed.rounds,
@@ -694,7 +696,7 @@ def client(config: ml_collections.ConfigDict, client_id: int, workdir: str, stor
     store = transport.Store(cc.store)  # shown as store.name: cc.store may hold credentials
     store.check()
     if store.get_json("server/done") is not None:  # nothing to join: say so now, and write nothing
-        raise ValueError(f"--store {store.name} holds a finished run (server/done): start a new run on an empty store")
+        raise _finished(store)
     held = lease.Lease(store, client_id, workdir)  # a second process with this id is refused here, at once
     try:
         return _client(config, client_id, workdir, cc, store)
@@ -718,10 +720,19 @@ def check_local_files(config: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{key}={value}: no such directory (a local HF checkpoint or tokenizer)")
 
 
+def _finished(store) -> ValueError:
+    return ValueError(f"--store {store.name} holds a finished run (server/done): start a new run on an empty store")
+
+
 def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc, store) -> dict:
     link = wire.link_for(client_id, config.comm.bandwidth_mbps, config.comm.latency_ms)
     # Before anything is built: a client with other settings would train another run.
-    published = store.wait_json("server/config", cc.server_wait_s, "the server's config")
+    try:
+        published = store.wait_json("server/config", cc.server_wait_s, "the server's config")
+    except transport.TransportTimeout:
+        if store.get_json("server/done") is not None:  # it finished (and took its config away) meanwhile
+            raise _finished(store) from None
+        raise
     keys = cc.load_keys()
     if keys is not None:
         try:
