@@ -150,14 +150,15 @@ def summarize(values: list[float]) -> dict:
 
 def cells(table: paper.Table, config, config_path: str, user: list[str], seeds: list[int], root: str):
     """A table's runs: {row label: [(seed, overrides, workdir), ...]} for its rows that exist."""
-    out = {}
+    out, default = {}, load_config(config_path, []).to_dict()
     for row in table.rows:
         if row.missing:
             continue
         for seed in seeds:
             resolved = paper.resolve(row.overrides, config.rounds, config.num_clients, seed)
             overrides = [*user, *resolved, f"seed={seed}"]
-            name = paper.cell_name(load_config(config_path, overrides).to_dict(), config.to_dict())
+            cell = load_config(config_path, overrides).to_dict()
+            name = paper.find_cell(os.path.join(root, "cells"), cell, config.to_dict(), default)
             out.setdefault(row.label, []).append((seed, overrides, os.path.join(root, "cells", name)))
     return out
 

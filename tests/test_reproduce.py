@@ -243,3 +243,37 @@ def test_the_secure_aggregation_table_runs_each_method_plain_secure_and_with_dis
                 privacy.check(dp, fed, algorithms.REGISTRY[c.algorithm])
     t1 = reproduce.cells(paper.TABLES["T1"], config, tiny, [], [1], "w")["ParaBlock"]
     assert reproduce.cells(paper.TABLES["SA1"], config, tiny, [], [1], "w")["ParaBlock, plain"] == t1
+
+
+def test_a_finished_cell_written_before_a_config_key_existed_is_found_again(reproduce, tmp_path):
+    """A key added to the code since a cell ran changes cell_name's hash; a finished cell whose config
+    lacks only keys now at the config file's default is the same run and is used, not run again. A
+    cell that differs, or lacks a key the new run sets away from its default, is not."""
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    config = load_config(tiny, ["rounds=10"])
+    row = next(r for r in paper.TABLES["DP1"].rows if r.label == "FedBCD, eps=8")
+    overrides = ["rounds=10", *paper.resolve(row.overrides, 10, config.num_clients, 1), "seed=1"]
+    new = load_config(tiny, overrides).to_dict()
+    root = tmp_path / "cells"
+    slug = paper.cell_name(new, config.to_dict()).rsplit("-", 1)[0]
+
+    def earlier(name: str, edit) -> None:
+        old = json.loads(json.dumps(new, default=str))
+        edit(old)
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text(json.dumps(old))
+        (root / name / "eval.json").write_text("{}")
+
+    def find() -> str:
+        return os.path.basename(reproduce.cells(paper.TABLES["DP1"], config, tiny, ["rounds=10"], [1], str(tmp_path))[
+            "FedBCD, eps=8"][0][2])  # fmt: skip
+
+    fresh = paper.cell_name(new, config.to_dict())
+    earlier(f"{slug}-00000001", lambda c: c["dp"].update(delta=1e-6))  # another run
+    earlier(f"{slug}-00000002", lambda c: c["dp"].pop("target_epsilon"))  # lacks a key set away from its default
+    earlier(f"{slug}-00000003", lambda c: c.update(removed_since=1))  # has a key the code no longer has
+    assert find() == fresh
+    earlier(f"{slug}-00000004", lambda c: (c["dp"].pop("accountant"), c.pop("tracking")))  # keys added since
+    assert find() == f"{slug}-00000004"
+    (root / fresh).mkdir()  # a cell of today's name comes first, finished or not
+    assert find() == fresh

@@ -349,6 +349,40 @@ def cell_name(config: dict, base: dict) -> str:
     return f"{slug or 'base'}-{digest}"
 
 
+def find_cell(directory: str, config: dict, base: dict, default: dict) -> str:
+    """The name of the cell that computes `config` under `directory`: `cell_name`'s, or, when no such
+    cell exists, a finished cell of the same settings written by older code (`same_run`), so that a
+    config key added since does not orphan every archived cell."""
+    name = cell_name(config, base)
+    if os.path.exists(os.path.join(directory, name)) or not os.path.isdir(directory):
+        return name
+    slug = name.rsplit("-", 1)[0]
+    for other in sorted(os.listdir(directory)):
+        cell = os.path.join(directory, other)
+        if other.rsplit("-", 1)[0] != slug or not os.path.exists(os.path.join(cell, "eval.json")):
+            continue
+        with open(os.path.join(cell, "config.json")) as f:
+            if same_run(config, json.load(f), default):
+                return other
+    return name
+
+
+def same_run(config: dict, earlier: dict, default: dict) -> bool:
+    """True if `earlier` (a cell's config.json) describes the run `config` does: equal on every key it
+    has, and each key it lacks (added to the code since it ran) at the config file's `default`, the
+    behaviour the older code had (a new option defaults to the old behaviour). A key it has that
+    `config` lacks (removed since) is a different run."""
+    new, old, dflt = (_flat(_portable(c)) for c in (config, earlier, default))
+    return old.keys() <= new.keys() and all(new[k] == old[k] if k in old else new[k] == dflt.get(k) for k in new)
+
+
+def _portable(config: dict) -> dict:
+    """`config` as JSON gives it back (tuples as lists), without the memory and simulator levers, and
+    with paths inside this checkout relative to it."""
+    config = {k: v for k, v in config.items() if k not in ("memory", "sim")}
+    return json.loads(json.dumps(config, sort_keys=True, default=str).replace(_CHECKOUT + os.sep, ""))
+
+
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
     for k, v in d.items():
