@@ -28,7 +28,7 @@ advertises its keys only once an honest client has: one advertising the moment a
 starts the server's `timeout_s` window before honest clients, who advertise after their previous
 round's compute, and a first try that did so left them out of U1 and stopped the run in round 1.
 --wrapped adds the attack the server cannot see: uniform random words, masked and signed properly,
-which wrap the sum and turn the model to garbage (README's trust model); off by default.
+which wrap the sum and turn the model to garbage (docs/deployment.md, trust model); off by default.
 --outsider adds a round in which it sits out the key agreement and uploads signed words of the
 right shape and dtype: the server drops that upload from the sum without leaving it out, so the
 round's weights still count it (the end check reports it and exits 1; BENCHMARKS). Client

@@ -13,7 +13,7 @@ Round r's messages live under `round/<r>/secagg/` (deleted with the round):
 With `comm.keys`, every message is signed by its party (Ed25519) and checked by its readers: a
 client reads its neighbours' keys and shares as they wrote them and checks their signatures, so
 the server relays (it decides U1 and U2) but cannot substitute a key. Without keys nothing is
-authenticated (an honest-but-curious server; README's trust model says so).
+authenticated (an honest-but-curious server; docs/deployment.md's trust model says so).
 
 The client runs steps (a)-(b) in a thread of its own as soon as it reads round r's plan, beside
 its compute; (c) masks in its upload thread (ParaBlock: beside the next round's compute); (d)

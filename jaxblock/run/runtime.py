@@ -184,7 +184,7 @@ def add_config_help(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--config.KEY", metavar="VALUE", dest="config_override", default=argparse.SUPPRESS,
         help="set any key of the config, e.g. --config.algorithm=fedbcd --config.rounds=20 "
-        f"--config.comm.store=file:///tmp/store (algorithms: {', '.join(algorithms.NAMES)}; every key in README)",
+        f"--config.comm.store=file:///tmp/store (algorithms: {', '.join(algorithms.NAMES)}; keys: docs/configs.md)",
     )  # fmt: skip
 
 
