@@ -67,6 +67,32 @@ def test_client_level_epsilon_composes_each_clients_own_rounds_without_amplifica
     assert shared["epsilon_if_only_the_sum_is_seen"] == spent["epsilon"] < shared["epsilon"]
 
 
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_distributed_noise_counts_only_the_shares_of_the_uploads_in_each_sum(accountant):
+    """With distributed noise a round's sum carries one share per upload it holds: a round that lost
+    two of its 5 uploads (dropouts) has noise multiplier z sqrt(3/5), and the sum's epsilon composes
+    each round at its own noise (dp-accounting's own composition of the same events); a round that
+    released nothing spends nothing; every round in full is the central figure."""
+    fed = algorithms.configure(algorithm="fedbcd", rounds=6, num_clients=5)
+    algo = algorithms.REGISTRY["fedbcd"]
+    dp = privacy.DPConfig(level="client", noise_multiplier=2.0, noise="distributed", accountant=accountant)
+    full = privacy.budget(dp, fed, algo, 2.0, 6, [1] * 5, 1)
+    assert full == privacy.budget(dp, fed, algo, 2.0, 6, [1] * 5, 1, {t: 5 for t in range(6)})
+    short = privacy.budget(dp, fed, algo, 2.0, 6, [1] * 5, 1, {1: 3, 4: 0})
+    z = lambda m: m if accountant == "pld" else m / 2  # noqa: E731 - rounds_event's replace-one convention
+    gauss = dp_accounting.GaussianDpEvent
+    events = [dp_accounting.SelfComposedDpEvent(gauss(z(2.0)), 4), gauss(z(2.0 * np.sqrt(3 / 5)))]
+    if accountant == "rdp":
+        direct = _direct(dp_accounting.ComposedDpEvent(events), 1e-5)
+    else:
+        direct = privacy.epsilon(dp_accounting.ComposedDpEvent(events), 1e-5, "pld")
+    assert short["epsilon_if_only_the_sum_is_seen"] == pytest.approx(direct, rel=1e-9)
+    dropped = privacy.budget(dp, fed, algo, 2.0, 6, [1] * 5, 1, {1: 3})["epsilon_if_only_the_sum_is_seen"]
+    assert full["epsilon_if_only_the_sum_is_seen"] < dropped < short["epsilon"]
+    assert short["rounds_short_of_noise"] == [1, 4] and full["rounds_short_of_noise"] == []
+    assert short["epsilon"] == full["epsilon"]  # an upload's own share does not change with the others'
+
+
 def test_record_level_poisson_epsilon_is_dp_accountings_under_add_remove():
     """Poisson sampling: each step is PoissonSampledDpEvent(B / n_i, GaussianDpEvent(z)) under
     add/remove (one record more or fewer moves the clipped sum by C: z, not z / 2), for both accountants."""

@@ -44,6 +44,7 @@ workdir (`dp_secret`), so that a resumed run draws the same noise. Keys use all 
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -500,15 +501,39 @@ def events(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, ba
     return [rounds_event(share, int(k), dp.accountant) for k in taken]
 
 
-def budget(dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, batch_size: int) -> dict:
-    """summary.json's `dp`: the settings and what rounds [0, rounds) spent."""
+def sum_events(dp: DPConfig, fed, algorithm, z: float, rounds: int, summed: dict[int, int] | None = None) -> list:
+    """Distributed noise: the DP events of rounds [0, rounds)'s sums as they were released, one per
+    client. A round whose sum holds S of its M planned uploads carries S shares of the noise, the
+    multiplier z sqrt(S / M): a dropout takes its share away. `summed` {round: S}; a round not in it
+    holds all M (the plan); S = 0 released nothing. The client is counted in every round its plans
+    name it (an upper bound, as `events`)."""
+    m = len(algorithm.participants(fed, 0))
+    per_client = [collections.Counter() for _ in range(fed.num_clients)]
+    for t in range(rounds):
+        if (s := (summed or {}).get(t, m)) > 0:
+            for c in algorithm.participants(fed, t):
+                per_client[c][s] += 1
+    out = []
+    for counts in per_client:
+        parts = [rounds_event(z * math.sqrt(s / m), k, dp.accountant) for s, k in sorted(counts.items())]
+        out.append(dp_accounting.ComposedDpEvent(parts) if len(parts) > 1 else (parts or [rounds_event(z, 0)])[0])
+    return out
+
+
+def budget(
+    dp: DPConfig, fed, algorithm, z: float, rounds: int, client_sizes, batch_size: int, summed: dict | None = None
+) -> dict:
+    """summary.json's `dp`: the settings and what rounds [0, rounds) spent; `summed` {round: uploads in
+    its sum} when the server saw rounds fall short of their plan (distributed noise: `sum_events`)."""
     taken = _rounds_taken(fed, algorithm.participants, rounds)
     run = events(dp, fed, algorithm, z, rounds, client_sizes, batch_size)
     eps = [_epsilon_cached(e, dp.delta, dp.accountant) for e in run]
     out = {**dp.public(), "noise_multiplier": z, "epsilon": max(eps), "epsilon_per_client": eps}
-    if dp.noise == "distributed" and dp.level == "client":  # what the sum alone would spend (secure aggregation)
-        summed = events(dataclasses.replace(dp, noise="central"), fed, algorithm, z, rounds, client_sizes, batch_size)
-        out["epsilon_if_only_the_sum_is_seen"] = max(_epsilon_cached(e, dp.delta, dp.accountant) for e in summed)
+    if dp.noise == "distributed" and dp.level == "client":  # what the sum alone spends (secure aggregation)
+        sums = sum_events(dp, fed, algorithm, z, rounds, summed)
+        out["epsilon_if_only_the_sum_is_seen"] = max(_epsilon_cached(e, dp.delta, dp.accountant) for e in sums)
+        m = len(algorithm.participants(fed, 0))
+        out["rounds_short_of_noise"] = sorted(t for t, s in (summed or {}).items() if t < rounds and s < m)
     if dp.level == "record":
         steps = [int(k) * fed.local_steps for k in taken]
         out.update(examples_per_client=[int(n) for n in client_sizes], steps_per_client=steps)
@@ -547,6 +572,11 @@ def _epsilon_cached(event, delta: float, accountant: str) -> float:
     same base every round with one more step. PLD: a Poisson step's PLD is built once and
     self-composed as `PLDAccountant.compose` does it (the same floats); a plain Gaussian's count goes into its std
     (dp-accounting's exact composition), so it is computed afresh; each result is kept."""
+    if isinstance(event, dp_accounting.ComposedDpEvent):  # rounds of different noise (`sum_events`)
+        if accountant == "pld":
+            return epsilon(event, delta, accountant)
+        curve = sum(_rdp_curve(e.event) * e.count for e in event.events)
+        return _rdp_epsilon(curve, delta)
     count, base = (event.count, event.event) if isinstance(event, dp_accounting.SelfComposedDpEvent) else (1, event)
     if count == 0:
         return 0.0
@@ -567,13 +597,22 @@ def _epsilon_cached(event, delta: float, accountant: str) -> float:
             else:
                 _PLD_EPSILON[done] = epsilon(event, delta, accountant)
         return _PLD_EPSILON[done]
+    return _rdp_epsilon(count * _rdp_curve(base), delta)
+
+
+def _rdp_curve(base) -> np.ndarray:
+    """The RDP curve of one base event, computed once."""
     key = repr(base)
     if key not in _BASE_RDP:
         acct = _accountant("rdp", _relation(base))
         acct.compose(base)
         _BASE_RDP[key] = np.asarray(acct._rdp)  # dp-accounting keeps the curve on the accountant
+    return _BASE_RDP[key]
+
+
+def _rdp_epsilon(curve: np.ndarray, delta: float) -> float:
     orders = dp_accounting.rdp.rdp_privacy_accountant.DEFAULT_RDP_ORDERS
-    eps, _ = dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(orders, count * _BASE_RDP[key], delta)
+    eps, _ = dp_accounting.rdp.rdp_privacy_accountant.compute_epsilon(orders, curve, delta)
     return float(eps)
 
 
