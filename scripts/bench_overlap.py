@@ -10,50 +10,102 @@ but each run's first (which has no exchange to hide).
     python scripts/bench_overlap.py --config configs/tiny.py --rounds 8 --ratios 0.5,1,2 --plot runs/bench_overlap.png
 
 overlap efficiency = (T_fedbcd - T_parablock) / min(T_comp, T_comm): 1.0 when ParaBlock hides all
-of the shorter of the two. With --json the last line is
+of the shorter of the two.
+
+--device-core emulates the box ParaBlock is built for, an accelerator beside a host CPU: the
+client's XLA computation is pinned to core 0 (the "device"), its host threads (dispatch, the
+exchange) to the other cores, and the server runs in a process of its own on those cores (its
+store file:// under /dev/shm), as deployed. Without it, everything shares every core, as on a
+CPU-only box, and the server is a thread of this process. With --json the last line is
 `{"settings": [{"comm_over_comp": r, "comp_s", "comm_s", "fedbcd_s", "parablock_s", "overlap_efficiency"}, ...]}`.
 """
 
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import sys
+import time
 
 import jax
 import numpy as np
 
 from jaxblock.fed import algorithms, wire
-from jaxblock.net import comm, transport
+from jaxblock.net import comm, signing, transport
 from jaxblock.run import experiment, plots, runtime
 
 
-def run(setup, train, fed, link, rounds):
-    """Per-round timeline rows of one client (server in a thread beside it), round 0 left out."""
-    rows = []
-    comm.run_in_threads(
-        dataclasses.replace(fed, rounds=rounds), setup.params, setup.partition, train,
-        setup.batches_fn, transport.Store("memory://"), comm.CommConfig(timeout_s=600), [link], on_round=rows.append,
-    )  # fmt: skip
+def run(setup, train, fed, link, rounds, argv, split):
+    """Per-round timeline rows of one client, round 0 left out; the server in a thread beside it, or
+    (`split`) in a process of its own off the device core."""
+    rows, fed = [], dataclasses.replace(fed, rounds=rounds)
+    cc = comm.CommConfig(timeout_s=600)
+    if not split:
+        comm.run_in_threads(
+            fed, setup.params, setup.partition, train, setup.batches_fn, transport.Store("memory://"), cc, [link],
+            on_round=rows.append,
+        )  # fmt: skip
+    else:
+        url = f"file:///dev/shm/jaxblock_bench_overlap_{os.getpid()}_{time.monotonic_ns()}/"
+        server = multiprocessing.get_context("spawn").Process(target=_serve, args=(argv, fed.flat(), url))
+        server.start()
+        try:
+            comm.run_client(0, fed, setup.params, setup.partition, train, setup.batches_fn, transport.Store(url),
+                            comm.party(cc, signing.client_name(0)), link, on_round=rows.append)  # fmt: skip
+        finally:
+            server.join(60)
+            shutil.rmtree(url.removeprefix("file://"), ignore_errors=True)
+        if server.exitcode != 0:
+            raise SystemExit(f"error: the server process failed (exit code {server.exitcode})")
     return [r for r in rows if r["round"] != "flush" and r["round"] >= 1]  # round 0 has no exchange to hide
 
 
-def main():
+def _serve(argv, fed_flat, url):
+    """The server process of --device-core: off core 0, the same model as the client's."""
+    os.sched_setaffinity(0, _host_cores())
+    setup = experiment.setup(_config(argv)[0])
+    fed = algorithms.configure(**fed_flat)
+    comm.serve(
+        fed, setup.params, setup.partition, transport.Store(url), comm.party(comm.CommConfig(timeout_s=600), "server")
+    )
+
+
+def _host_cores() -> set[int]:
+    return os.sched_getaffinity(0) - {0} or {0}
+
+
+def _config(argv):
+    """The benchmark's config (one client, one block spanning every layer, so that every round
+    computes the same thing) and its arguments."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=8, help="rounds per run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating FedBCD/ParaBlock runs per setting")
     parser.add_argument("--ratios", default="0.5,1,2", help="target comm/comp ratios")
     parser.add_argument("--plot", default="runs/bench_overlap.png", help="Figure-2 style PNG ('' = none)")
+    parser.add_argument("--device-core", action="store_true", help="XLA on core 0, host work and server elsewhere")
     parser.add_argument("--json", action="store_true")
-    argv = sys.argv[1:]
     if not any(a == "--config" or a.startswith("--config=") for a in argv):
         argv = ["--config", "configs/tiny.py", *argv]
     config, args = runtime.parse_args(parser, argv)
-    # One client, and one block spanning every layer, so that every round computes the same thing.
     config.num_clients = 1
     config.blocks.layers_per_block = config.model.num_layers
     config.blocks.head_block = config.blocks.embed_block = False  # (the tiny config trains its head as a block)
+    return config, args
+
+
+def main():
+    argv = sys.argv[1:]
+    split = "--device-core" in argv
+    if split:  # before XLA starts: its executor threads take the mask of the thread that creates them
+        if len(os.sched_getaffinity(0)) < 2:
+            raise SystemExit("error: --device-core needs at least 2 cores (one for the device, one for the host)")
+        os.sched_setaffinity(0, {0})
+        jax.block_until_ready(jax.numpy.ones(1) + 1)
+        os.sched_setaffinity(0, _host_cores())  # this thread and the exchange threads it starts: the host
+    config, args = _config(argv)
     setup = experiment.setup(config)
     fed = dataclasses.replace(setup.fed, schedule="sequential")
     as_algorithm = lambda name: algorithms.configure(**{**fed.flat(), "algorithm": name})  # noqa: E731
@@ -65,7 +117,7 @@ def main():
 
     # Calibrate: compute time per round with an unlimited link (FedBCD, nothing to hide).
     train = setup.local_train()  # one executable for every run
-    calib = run(setup, train, as_algorithm("fedbcd"), wire.Link(), max(args.rounds // 2, 3))
+    calib = run(setup, train, as_algorithm("fedbcd"), wire.Link(), max(args.rounds // 2, 3), argv, split)
     comp_s = statistics.median(r["compute_s"] for r in calib)
     print(f"calibration: compute {comp_s:.3f} s/round")
 
@@ -75,8 +127,8 @@ def main():
         link = wire.Link(bandwidth_mbps=2 * block_bytes / (ratio * comp_s) / 1e6)
         fedbcd, para = [], []
         for _ in range(args.repeats):  # alternate, so that drift in machine speed hits both alike
-            fedbcd += run(setup, train, as_algorithm("fedbcd"), link, args.rounds)
-            para += run(setup, train, as_algorithm("parablock"), link, args.rounds)
+            fedbcd += run(setup, train, as_algorithm("fedbcd"), link, args.rounds, argv, split)
+            para += run(setup, train, as_algorithm("parablock"), link, args.rounds, argv, split)
         t_comp = statistics.median(r["compute_s"] for r in fedbcd)
         t_comm = statistics.median(r["comm_s"] for r in fedbcd)
         t_fedbcd = statistics.median(r["compute_s"] + r["exposed_wait_s"] for r in fedbcd)
