@@ -19,7 +19,11 @@ reported over the run's own links.
 
 `--plot` draws the paper's Figure 2 for these runs: per run, its modelled wall time split into the
 slowest client's compute and its exposed communication (FedBuff: its clock, split as its clients'
-compute and communication add up).
+compute and communication add up). `--accuracy-plot` draws exact match against modelled wall time,
+one line per run, from the evaluations made while it trained (`--config.eval.every=N`; the links
+and compute as the table's), ending at the final model's.
+
+    python scripts/bench_runs.py --runs parablock=runs/pb fedbcd=runs/bcd --accuracy-plot runs/em_vs_wall.png
 """
 
 import argparse
@@ -28,7 +32,7 @@ import json
 import os
 
 from jaxblock.run import plots
-from jaxblock.run.compare import comm_label, modeled, score
+from jaxblock.run.compare import comm_label, eval_curve, modeled, score
 
 
 def main():
@@ -38,6 +42,7 @@ def main():
     parser.add_argument("--latency", help="per-transfer latency in ms (a number or a per-client list)")
     parser.add_argument("--compute-s", type=float, help="model each participant's compute per round as this")
     parser.add_argument("--plot", help="a PNG: the runs' modelled wall time, compute vs exposed communication")
+    parser.add_argument("--accuracy-plot", help="a PNG: exact match vs modelled wall time (runs with eval.every)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     args = parser.parse_args()
     runs = []
@@ -50,6 +55,12 @@ def main():
         runs.append((name, workdir))
     parse = lambda v: None if v is None else (ast.literal_eval(v) if v[:1] in "[0123456789." else v)  # noqa: E731
     bandwidth, latency = parse(args.bandwidth), parse(args.latency)
+    curves = {}
+    for name, workdir in runs if args.accuracy_plot else []:
+        curves[name] = eval_curve(workdir, bandwidth, latency, args.compute_s)
+        if not curves[name]:
+            parser.exit(2, f"error: --accuracy-plot: run {name} ({workdir}) has no evaluations in its metrics.jsonl "
+                           "(train it with --config.eval.every=N)\n")  # fmt: skip
     summary = {}
     print(
         "modelled wall s = compute s + exposed s: per round (and the final flush) the slowest client's\n"
@@ -76,6 +87,15 @@ def main():
             bars, args.plot, f"Modelled wall time of the whole run (links: {link})", "seconds, whole run"
         )
         print(f"plot: {args.plot}")
+    if args.accuracy_plot:
+        link = comm_label(bandwidth) if bandwidth is not None else next(iter(summary.values()))["link"]
+        lines = [
+            {"label": name if name == summary[name]["algorithm"] else f"{name} ({summary[name]['algorithm']})",
+             "points": [(p["modeled_wall_s"], p["exact_match"]) for p in points]}
+            for name, points in curves.items()
+        ]  # fmt: skip
+        plots.accuracy_curves(lines, args.accuracy_plot, f"Exact match vs modelled wall time (links: {link})")
+        print(f"accuracy plot: {args.accuracy_plot}")
     if args.json:
         print(json.dumps(summary))
 

@@ -1,6 +1,6 @@
 """Experiment trackers (jaxblock/run/tracking.py): the TensorBoard event file read back holds every
-figure of metrics.jsonl and timeline.jsonl, the config without secrets and the runtime plot; an
-unknown backend is one line, exit 2, nothing written."""
+figure of metrics.jsonl and timeline.jsonl (each client's loss, the evaluations during training), the
+config without secrets and the runtime plot; an unknown backend is one line, exit 2, nothing written."""
 
 import glob
 import json
@@ -16,6 +16,10 @@ from tensorboardX.record_writer import masked_crc32c
 from test_train import ROOT, read_jsonl, small_config
 
 from jaxblock.run import experiment, tracking
+
+# Evaluation every round (eval.every): the bundled tokenizer (512 tokens) decodes 4 of the bundled problems.
+EVAL = ["eval.every=1", "model.vocab_size=512", f"data.tokenizer={os.path.join(ROOT, 'assets', 'tiny_base')}",
+        "eval.during_training_examples=4", "eval.batch_size=4", "eval.max_new_tokens=8"]  # fmt: skip
 
 
 def read_events(path):
@@ -34,10 +38,13 @@ def read_events(path):
     return events
 
 
-def jsonl_value(tag, step, metrics, timeline, rounds):
+def jsonl_value(tag, step, metrics, timeline, rounds, summary=None):
     """The value metrics.jsonl or timeline.jsonl holds for a tracker tag at a step (the tag's own reading:
-    KEY, KEY/client_<i>, KEY/<name>, KEY/count, timeline/FIELD/client_<i>; the flush's timeline at `rounds`)."""
+    KEY, KEY/client_<i>, KEY/<name>, KEY/count, timeline/FIELD/client_<i>; the flush's timeline at `rounds`,
+    and the final model's evaluation, summary.json's `final_eval`, as eval/<figure>)."""
     parts = tag.split("/")
+    if parts[0] == "eval" and step == rounds:
+        return summary["final_eval"][parts[1]]
     if parts[0] == "timeline":
         field, client = parts[1], int(parts[2].removeprefix("client_"))
         want = "flush" if step == rounds else step
@@ -56,8 +63,8 @@ def jsonl_value(tag, step, metrics, timeline, rounds):
 
 def test_tensorboard_holds_every_value_of_metrics_jsonl(tmp_path):
     workdir = str(tmp_path / "run")
-    config = small_config("rounds=2", "tracking.backends=['jsonl', 'tensorboard']", "comm.keys=/secret/dir")
-    experiment.train(config, workdir, progress=False)
+    config = small_config("rounds=2", "tracking.backends=['jsonl', 'tensorboard']", "comm.keys=/secret/dir", *EVAL)
+    summary = experiment.train(config, workdir, progress=False)
     metrics = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     timeline = read_jsonl(os.path.join(workdir, "timeline.jsonl"))
     (path,) = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
@@ -74,7 +81,7 @@ def test_tensorboard_holds_every_value_of_metrics_jsonl(tmp_path):
                 plugins[v.tag] = v.metadata.plugin_data
     # Every scalar is the JSONL's value (TensorBoard keeps float32), ...
     for (tag, step), value in scalars.items():
-        assert value == np.float32(jsonl_value(tag, step, metrics, timeline, rounds=2)), (tag, step)
+        assert value == np.float32(jsonl_value(tag, step, metrics, timeline, rounds=2, summary=summary)), (tag, step)
     # ... and every number of every row is there: the server's, each client's, each timeline row's.
     for m in metrics:
         t = m["round"]
@@ -83,8 +90,15 @@ def test_tensorboard_holds_every_value_of_metrics_jsonl(tmp_path):
         for c in m["clients"]:
             for key in ("bytes_up", "params_up", "client_compute_s"):
                 assert (f"{key}/client_{c}", t) in scalars
+        # each client's own loss (its mean over the local steps), as the row holds it; their mean is `loss`
+        assert [scalars[f"client_loss/client_{c}", t] for c in m["clients"]] == list(np.float32(m["client_loss"]))
+        assert np.mean(m["client_loss"]) == pytest.approx(m["loss"], rel=1e-6) and len(set(m["client_loss"])) == 3
+        # eval.every=1: the server model's evaluation, with the modelled wall time so far
+        for key in ("exact_match", "loss", "n", "modeled_wall_s"):
+            assert scalars[f"eval/{key}", t] == np.float32(m["eval"][key])
         assert ("rejected/count", t) in scalars and ("clients/count", t) in scalars
     assert ("aggregated_round", 1) in scalars and ("aggregated_round", 0) not in scalars  # None: not a number
+    assert scalars["eval/loss", 2] == np.float32(summary["final_eval"]["loss"])  # the model after the flush
     for r in timeline:
         step = 2 if r["round"] == "flush" else r["round"]
         for field in ("compute_s", "comm_s", "exposed_wait_s", "bytes_up", "bytes_down"):

@@ -153,6 +153,7 @@ def run_round(trainer: Trainer, state: dict) -> tuple[dict, dict]:
         "block_name": part.blocks[b].name,
         "clients": clients,
         "loss": float(losses.mean()),
+        "client_loss": [float(trained["results"][c][2].mean()) for c in clients],  # each one's mean over its steps
         "loss_first_step": float(losses[:, 0].mean()),
         "loss_last_step": float(losses[:, -1].mean()),
         "aggregated_round": merged[0][0] if merged else None,

@@ -35,16 +35,7 @@ def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None 
     compute_s: every participant's compute per round, in place of the measured one (runs made on a
     shared machine at different times compare only in their communication then).
     """
-    config = experiment.read_config(workdir)
-    fed = runtime.fed_config(config)
-    history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    if compute_s is not None and "modeled_time_s" not in history[-1]:
-        history = [{**m, "client_compute_s": {c: compute_s for c in m["clients"]}} for m in history]
-    if "modeled_time_s" in history[-1] or bandwidth is None:  # the run's own links
-        bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
-    links = [wire.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
-    partition = runtime.make_partition(config, model_config(config))
-    rows = timeline.replay(fed, partition, links, history)
+    fed, history, rows, bandwidth = _replayed(workdir, bandwidth, latency, compute_s)
     wall_compute, wall_exposed = timeline.slowest_per_round(rows)
     if "modeled_time_s" in history[-1]:  # FedBuff: its clock, split as its clients' time adds up
         clock, busy = history[-1]["modeled_time_s"], sum(r["compute_s"] for r in rows)
@@ -64,6 +55,53 @@ def modeled(workdir: str, bandwidth=None, latency=None, compute_s: float | None 
         "mb_down": sum(r["bytes_down"] for r in rows) / n / MB,
         "link": comm_label(bandwidth),
     }
+
+
+def _replayed(workdir: str, bandwidth, latency, compute_s: float | None):
+    """(fed, the run's metrics rows, their timeline rows replayed over these links, the bandwidth
+    used): the run's own links when none is given, and always for FedBuff (see `modeled`)."""
+    config = experiment.read_config(workdir)
+    fed = runtime.fed_config(config)
+    history = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if compute_s is not None and "modeled_time_s" not in history[-1]:
+        history = [{**m, "client_compute_s": {c: compute_s for c in m["clients"]}} for m in history]
+    if "modeled_time_s" in history[-1] or bandwidth is None:  # the run's own links
+        bandwidth, latency = config.comm.bandwidth_mbps, config.comm.latency_ms
+    links = [wire.link_for(c, bandwidth, latency) for c in range(fed.num_clients)]
+    partition = runtime.make_partition(config, model_config(config))
+    return fed, history, timeline.replay(fed, partition, links, history), bandwidth
+
+
+def eval_curve(workdir: str, bandwidth=None, latency=None, compute_s: float | None = None) -> list[dict]:
+    """A run's evaluations during training (`eval.every`), in order: {round, modeled_wall_s,
+    exact_match, loss}; the final model's (summary.json's `final_eval`, after ParaBlock's flush) last,
+    with round None. The wall time is the rounds' up to the evaluated one, replayed over these links
+    as `modeled` does (over the run's own links: the figure the row holds). [] = the run has none."""
+    if not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+        return []
+    _, history, rows, _ = _replayed(workdir, bandwidth, latency, compute_s)
+    if not any("eval" in m for m in history):
+        return []
+    clock = "modeled_time_s" in history[-1]  # FedBuff: its own clock, over its own links
+    points = []
+    for m in history:
+        if "eval" in m:
+            upto = [r for r in rows if r["round"] != "flush" and r["round"] <= m["round"]]
+            wall = m["modeled_time_s"] if clock else sum(timeline.slowest_per_round(upto))
+            points.append({"round": m["round"], "modeled_wall_s": float(wall), **_figures(m["eval"])})
+    summary_path = os.path.join(workdir, "summary.json")
+    if os.path.exists(summary_path):
+        with open(summary_path) as f:
+            final = json.load(f).get("final_eval")
+        if final is not None:  # the whole run's wall time, its flush included
+            points.append(
+                {"round": None, "modeled_wall_s": float(sum(timeline.slowest_per_round(rows))), **_figures(final)}
+            )
+    return points
+
+
+def _figures(e: dict) -> dict:
+    return {"exact_match": e["exact_match"], "loss": e["loss"]}
 
 
 def comm_label(bandwidth) -> str:

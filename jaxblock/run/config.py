@@ -209,6 +209,8 @@ _RULES = {
     "eval.batch_size": _int(1),
     "eval.prompt_len": _int(1),
     "eval.max_new_tokens": _int(1),
+    "eval.every": _int(0),
+    "eval.during_training_examples": _int(0),
     "lora.rank": _int(1),
     "lora.alpha": _number(0),
     "lora.init_seed": _int(0),
@@ -346,10 +348,15 @@ def base_config() -> ml_collections.ConfigDict:
             "num_sources": 4,  # synthetic only
         }
     )
-    # Held-out evaluation (scripts/eval.py): GSM8K-style exact match and eval loss.
+    # Held-out evaluation (scripts/eval.py): GSM8K-style exact match and eval loss. every N > 0: the
+    # simulator also scores the server model every N rounds and after the last (and, when a flush
+    # merges more, the final model) on the first during_training_examples problems (0: num_examples),
+    # into the round's metrics.jsonl row as `eval` with the modelled wall time so far. Evaluating
+    # never changes training; a run may change these on resume.
     config.eval = ml_collections.ConfigDict(
-        {"source": "gsm8k", "path": "", "num_examples": 0, "batch_size": 64, "prompt_len": 64, "max_new_tokens": 32}
-    )
+        {"source": "gsm8k", "path": "", "num_examples": 0, "batch_size": 64, "prompt_len": 64, "max_new_tokens": 32,
+         "every": 0, "during_training_examples": 0}
+    )  # fmt: skip
     # LoRA (fedit, ffa_lora, flora; lora.LoraConfig): adapters on `targets`, scale alpha / rank.
     # FLoRA's clients may differ in rank: client_ranks has one rank per client ([] = rank for all).
     config.lora = ml_collections.ConfigDict(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import functools
 
 import jax
 import numpy as np
@@ -25,6 +26,7 @@ def exact_match(
     prompt_len: int = 64,
     max_new_tokens: int = 32,
     desc: str = "exact match",
+    progress: bool = True,
 ) -> dict:
     """Greedy, batched, KV-cache decoding; the answer is the number after 'The answer is', else the last number.
 
@@ -33,7 +35,7 @@ def exact_match(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     records = []
-    for start in tqdm.trange(0, len(examples), batch_size, desc=desc, leave=False):
+    for start in tqdm.trange(0, len(examples), batch_size, desc=desc, leave=False, disable=not progress):
         chunk = examples[start : start + batch_size]
         n = len(chunk)
         chunk = chunk + [chunk[-1]] * (batch_size - n)  # a fixed batch shape: one executable
@@ -55,7 +57,7 @@ def exact_match(
 def eval_loss(cfg: ModelConfig, params: dict, tokenizer, examples: list[dict], *, seq_len: int, batch_size: int = 64):
     """Mean next-token loss over the reference responses' tokens (prompt tokens are not scored)."""
     data = instruct.tokenize(tokenizer, examples, seq_len)
-    loss_fn = jax.jit(local.lm_loss(cfg))
+    loss_fn = _jitted_loss(cfg)
     total, weight = 0.0, 0.0
     for start in range(0, len(examples), batch_size):
         batch = {k: v[start : start + batch_size] for k, v in data.items()}
@@ -63,6 +65,12 @@ def eval_loss(cfg: ModelConfig, params: dict, tokenizer, examples: list[dict], *
         total += float(loss_fn(params, batch)) * w
         weight += w
     return total / max(weight, 1.0)
+
+
+@functools.cache
+def _jitted_loss(cfg: ModelConfig):
+    """One jitted loss per model config: an evaluation every few rounds compiles it once."""
+    return jax.jit(local.lm_loss(cfg))
 
 
 def loss_by_token(

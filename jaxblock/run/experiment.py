@@ -4,7 +4,8 @@
 resumes from the latest orbax checkpoint; on CPU the final model is bit-identical to an
 uninterrupted run's. The workdir receives:
   checkpoints/   orbax steps (server params, pending deltas, round, data positions, ...)
-  metrics.jsonl  one JSON object per round (round, block, loss, seconds, ...)
+  metrics.jsonl  one JSON object per round (round, block, loss, client_loss, seconds, ...; with
+                 eval.every, the evaluation rounds' `eval`: exact match, eval loss, modelled wall s)
   summary.json   the run's outcome (algorithm, rounds, wall seconds, final train loss, ...)
   config.json    the resolved config
 """
@@ -255,6 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ValueError(f"--workdir {workdir} is a file, not a directory")
     run = setup(config, workdir)  # every user error is raised here, before anything is written
+    evaluator = training_evaluator(config, run.cfg)  # so is one in eval.* (eval.every > 0 only)
     _keep_secret(run, workdir)
     fed = run.fed
     links = [wire.link_for(c, config.comm.bandwidth_mbps, config.comm.latency_ms) for c in range(fed.num_clients)]
@@ -281,7 +283,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     bar = tqdm.tqdm(total=fed.rounds, initial=state["round"], desc=fed.algorithm, disable=not progress, unit="round")
     tracker = tracking.make(tracking.backends(config), workdir, config)
     try:
-        state = loop.run_rounds(trainer, state, _round_hooks(run, config, workdir, links, history, bar, save, tracker))
+        hooks = _round_hooks(run, config, workdir, links, history, bar, save, tracker, evaluator)
+        state = loop.run_rounds(trainer, state, hooks)
     except BaseException:
         tracker.close()
         raise
@@ -293,9 +296,16 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = T
     flush_rows = timeline.flush_timeline(fed, run.partition, links, history)  # rewritten on a resume: modelled
     for row in flush_rows:
         write_row(row)
-    tracker.log(fed.rounds, tracking.timeline_scalars(flush_rows))  # the step after the last round
+    final_eval = {}
+    if evaluator is not None and flush_rows:  # the flush merged more: the model the run ends with, too
+        wall_s = timeline.modeled_wall_s(os.path.join(workdir, "timeline.jsonl"), history)
+        final_eval = {**evaluator(state["params"]), "modeled_wall_s": wall_s}
+    scalars = {**tracking.timeline_scalars(flush_rows), **tracking.round_scalars({"eval": final_eval})}
+    tracker.log(fed.rounds, scalars)  # the step after the last round
     mgr.wait_until_finished()
     summary = _summary(run, config, workdir, state, history, wall_before + time.perf_counter() - start)
+    if final_eval:
+        summary["final_eval"] = final_eval
     tracker.image("runtime", os.path.join(workdir, "runtime.png"), fed.rounds)
     tracker.close()
     summary["checkpoint_step"] = int(mgr.latest_step())
@@ -341,20 +351,30 @@ def _start_or_resume(run: Setup, trainer, config, workdir: str, step: int | None
     return state, meta["wall_s"], meta["final"]
 
 
-def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, save, tracker) -> list:
-    """What the simulator does after each round: metrics.jsonl, the modelled timeline, the trackers (the
-    round's row and timeline rows), the progress bar, and a checkpoint every `checkpoint.interval` rounds
-    (the last one is the final flush's)."""
-    fed, write_row = run.fed, timeline.TimelineWriter(os.path.join(workdir, "timeline.jsonl"))
+def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, save, tracker, evaluator=None) -> list:
+    """What the simulator does after each round: the modelled timeline, with `evaluator`
+    (`training_evaluator`) every `eval.every` rounds and after the last an evaluation of the server
+    model, metrics.jsonl, the trackers (the round's row and timeline rows), the progress bar, and a
+    checkpoint every `checkpoint.interval` rounds (the last one is the final flush's)."""
+    fed, timeline_path = run.fed, os.path.join(workdir, "timeline.jsonl")
+    write_row = timeline.TimelineWriter(timeline_path)
 
     def log(state, metrics):
         if run.dp.on:  # what the run has spent so far
             metrics["epsilon"] = run.budget(state["round"])["epsilon"]
-        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
         history.append(metrics)
         for row in timeline.modeled_timeline(fed, run.partition, links, history):
             write_row(row)
+
+    def evaluate_every(state, metrics):  # after log: the timeline holds this round's rows
+        done = metrics["round"] + 1
+        if done % config.eval.every == 0 or done == fed.rounds:
+            wall_s = timeline.modeled_wall_s(timeline_path, history)  # rounds 0..t, as summary.json counts them
+            metrics["eval"] = {**evaluator(state["params"]), "modeled_wall_s": wall_s}
+
+    def write(state, metrics):
+        with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(metrics) + "\n")
 
     def track(state, metrics):  # after log: history holds this round
         rows = timeline.modeled_timeline(fed, run.partition, links, history)
@@ -364,12 +384,55 @@ def _round_hooks(run: Setup, config, workdir: str, links, history: list, bar, sa
         loss = "-" if metrics["loss"] is None else f"{metrics['loss']:.4f}"  # FedBuff: a round may train nobody
         bar.set_postfix(block=metrics["block"], loss=loss, s=f"{metrics['seconds']:.1f}")
         bar.update(1)
+        if "eval" in metrics and not bar.disable:
+            e = metrics["eval"]
+            bar.write(f"round {metrics['round']}: exact match {e['exact_match']:.1%}, eval loss {e['loss']:.4f} "
+                      f"on {e['n']}, modelled wall {e['modeled_wall_s']:.1f}s")  # fmt: skip
 
     def checkpoint_every(state, metrics):
         if state["round"] % config.checkpoint.interval == 0 and state["round"] < fed.rounds:
             save(state)
 
-    return [log, track, progress, checkpoint_every]
+    return [log, *([evaluate_every] if evaluator else []), write, track, progress, checkpoint_every]
+
+
+def training_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig):
+    """With `eval.every` > 0, a function scoring a server model as scripts/eval.py does (greedy exact
+    match, eval loss) on the first `eval.during_training_examples` problems (0: `eval.num_examples`):
+    params -> {exact_match, loss, n, seconds}. Its tokenizer and problems are loaded here, so that a
+    mistake is one line before training starts. Greedy decoding draws no random numbers: training
+    goes on exactly as without it. `eval.every` = 0: None."""
+    e = config.eval
+    every = e.get("every", 0)
+    if not every:
+        return None
+    try:
+        tokenizer = load_tokenizer(config)
+    except ValueError as err:
+        raise ValueError(f"eval.every={every}: {err}") from None
+    if len(tokenizer) > cfg.vocab_size:
+        raise ValueError(f"eval.every={every}: the tokenizer has {len(tokenizer)} tokens, the model's "
+                         f"vocab_size is {cfg.vocab_size}")  # fmt: skip
+    examples = eval_examples(config, e.get("during_training_examples", 0) or e.num_examples)
+
+    def score(params: dict) -> dict:
+        start = time.perf_counter()
+        em = evaluate.exact_match(
+            cfg, params, tokenizer, examples, batch_size=e.batch_size, prompt_len=e.prompt_len,
+            max_new_tokens=e.max_new_tokens, progress=False,
+        )  # fmt: skip
+        loss = evaluate.eval_loss(cfg, params, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+        seconds = time.perf_counter() - start
+        return {"exact_match": em["exact_match"], "loss": loss, "n": len(examples), "seconds": seconds}
+
+    return score
+
+
+def eval_examples(config: ml_collections.ConfigDict, n: int = 0) -> list[dict]:
+    """The first `n` problems (0: all) of the run's held-out set (`config.eval`)."""
+    e = config.eval
+    examples = instruct.load_examples(e.source, e.path or None, split="test", path_key="eval.path")
+    return examples[:n] if n else examples
 
 
 def _summary(run: Setup, config, workdir: str, state: dict, history: list, wall_s: float) -> dict:
@@ -857,9 +920,7 @@ def evaluate_run(
     base_params = runtime.load_model(config)[1] if base else None
     tokenizer = load_tokenizer(config)
     e = config.eval
-    examples = instruct.load_examples(e.source, e.path or None, split="test", path_key="eval.path")
-    if e.num_examples:
-        examples = examples[: e.num_examples]
+    examples = eval_examples(config, e.num_examples)
     results = {"workdir": workdir, "step": step, "eval_source": e.path or e.source, "n": len(examples)}
     for name, p in ([("base", base_params)] if base else []) + [("finetuned", params)]:
         em = evaluate.exact_match(

@@ -1,4 +1,5 @@
-"""Runtime plots in the style of the paper's Figure 2: compute vs exposed communication, stacked."""
+"""Runtime plots in the style of the paper's Figure 2 (compute vs exposed communication, stacked), and
+exact match against modelled wall time, one line per run."""
 
 from __future__ import annotations
 
@@ -64,6 +65,28 @@ def figure2(panels: dict[str, list[dict]], path: str, title: str, columns: int =
         ax.set_visible(False)
     fig.suptitle(title, fontsize=10)
     fig.legend(handles=legend, loc="outside lower center", ncol=2, fontsize=8, frameon=False)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def accuracy_curves(curves: list[dict], path: str, title: str) -> None:
+    """Exact match against modelled wall time, one line per run (its evaluations during training).
+
+    Args:
+      curves: dicts with `label` (e.g. 'pb (parablock)') and `points`: [(modelled seconds, exact
+        match in [0, 1]), ...] in the run's order.
+    """
+    plt, _ = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.0, 4.0), layout="constrained")
+    for curve in curves:
+        seconds, em = zip(*curve["points"], strict=True)
+        ax.plot(seconds, [100 * x for x in em], marker="o", markersize=3, label=curve["label"])
+    ax.set_xlabel("modelled wall time, seconds")
+    ax.set_ylabel("exact match, %")
+    ax.set_ylim(bottom=0)
+    ax.set_title(_wrap(title, 70), fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, frameon=False)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -9,9 +9,10 @@ which returns one tracker writing to every backend of `tracking.backends`:
   mlflow       an MLflow run (optional extra jaxblock[mlflow]; tracking.mlflow_uri, '' = workdir/mlflow.db)
 
 What a round logs (`round_scalars`, `timeline_scalars`): every number of its metrics.jsonl row under its key
-(`loss`, `lr_factor`, `seconds`, `epsilon`, ...), per-client values as `KEY/client_<i>` (`bytes_up`,
-`client_compute_s`, ...), a dict of counts as `KEY/<name>` (`left_out_by_reason/<reason>`), any other list as
-`KEY/count`; and each client's timeline row as `timeline/<field>/client_<i>` (compute, exposed wait, bytes, ...).
+(`loss`, `lr_factor`, `seconds`, `epsilon`, ...), per-client values as `KEY/client_<i>` (`client_loss`,
+`bytes_up`, `client_compute_s`, ...), a dict's numbers as `KEY/<name>` (`left_out_by_reason/<reason>`; with
+eval.every, `eval/exact_match`, `eval/loss`, `eval/modeled_wall_s`), any other list as `KEY/count`; and each
+client's timeline row as `timeline/<field>/client_<i>` (compute, exposed wait, bytes, ...).
 The config goes in as hyperparameters, flattened, without secrets (`hyperparameters`).
 """
 
