@@ -118,10 +118,12 @@ class Setup:
             self.loss_fn, self.optimizer, layout=self.layout, param_shardings=self.shardings, dp=dp
         )
 
-    def budget(self, rounds: int) -> dict:
-        """What rounds [0, rounds) of this DP run spent (privacy.budget)."""
+    def budget(self, rounds: int, rows: list[dict] | None = None) -> dict:
+        """What rounds [0, rounds) of this DP run spent (privacy.budget); `rows`, the run's metrics rows,
+        say how many uploads each round's sum held (distributed noise: a dropout takes its share away)."""
+        summed = None if rows is None else uploads_summed(rows)
         return privacy.budget(self.dp, self.fed, self.algorithm, self.noise_multiplier, rounds,
-                              self.client_sizes, self.batch_size)  # fmt: skip
+                              self.client_sizes, self.batch_size, summed)  # fmt: skip
 
     def trainer(self, exchange=None, links=None) -> loop.Trainer:
         return loop.Trainer(
@@ -458,8 +460,25 @@ def _summary(run: Setup, config, workdir: str, state: dict, history: list, wall_
         "modeled_wall_s": timeline.modeled_wall_s(timeline_path, history),
         "final_train_loss": train_loss(run.loss_fn, state["params"], run.fixed_batches_fn, fed.num_clients),
         "fed": fed.flat(),
-        **({"dp": run.budget(fed.rounds)} if run.dp.on else {}),
+        **({"dp": run.budget(fed.rounds, history)} if run.dp.on else {}),
     }
+
+
+def uploads_summed(rows: list[dict]) -> dict[int, int]:
+    """{round r: how many of its uploads were merged}, from metrics rows' `merged` ([[r, clients], ...])."""
+    out: dict[int, int] = {}
+    for row in rows:
+        for r, clients in row.get("merged", []):
+            out[r] = out.get(r, 0) + len(clients)
+    return out
+
+
+def read_rows(path: str) -> list[dict]:
+    """A JSONL file's rows ([] if there is none)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def train_loss(loss_fn, params: dict, batches_fn, num_clients: int, num_batches: int = 8) -> float:
@@ -717,7 +736,7 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
         "wall_s": time.perf_counter() - start,
         "final_train_loss": train_loss(run.loss_fn, params, run.fixed_batches_fn, run.fed.num_clients),
         "store": store.name,
-        **({"dp": run.budget(run.fed.rounds)} if run.dp.on else {}),
+        **({"dp": run.budget(run.fed.rounds, read_rows(f"{workdir}/metrics.jsonl"))} if run.dp.on else {}),
     }
     with open(os.path.join(workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
