@@ -186,8 +186,9 @@ def test_a_slow_client_with_its_own_staleness_holds_up_nobody(report):
         f"slow client (120 ms per transfer, ~150 ms compute per round): fast clients' mean exposed wait per round "
         f"{waits[1] * 1e3:.0f} ms with staleness 1 for all, {waits[(1, 1, 3)] * 1e3:.0f} ms with its own staleness 3"
     )
-    assert waits[1] > 0.03  # they wait for the slow upload (measured ~70 ms)
-    assert waits[(1, 1, 3)] < 0.015  # they never do (measured ~0 ms)
+    # They wait for the slow upload (measured 70-90 ms), and with its own staleness they do not (~0 ms):
+    # judged against each other, not a clock, so that a loaded machine slows both alike.
+    assert waits[1] > 0.03 and waits[(1, 1, 3)] < waits[1] / 4
 
 
 def test_keep_rounds_keeps_every_round_in_the_store(tmp_path, report):
