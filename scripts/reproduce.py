@@ -13,7 +13,9 @@ rank, the paper's number and its rank, and each claim's verdict (`jaxblock.paper
 judged); and a runtime plot per table. `--config.KEY=VALUE` overrides apply to every cell.
 DP1 and DP2 are ours, not the paper's (differential privacy: each method at each epsilon), and SA1
 (secure aggregation, alone and with distributed DP); their report shows the calibrated z and the
-epsilon spent where the paper's numbers would be.
+epsilon spent where the paper's numbers would be. G1 is ours too (issue 32: ParaBlock vs FedBCD, each
+factor of the gap alone: LM head, block size, schedule, self_weight, local learning rate); `all`
+runs the paper's tables only.
 
 A cell that fails does not stop the sweep: its one-line error goes to `cell_error.txt` in its
 workdir and to the report (on its row, if no seed of it finished), and the script exits 1 once the
@@ -218,8 +220,9 @@ def run_table(table: paper.Table, runs: dict, config_path: str, args):
         better, worse = ([s[key] for s in ran[label]["seeds"]] for label in (claim.better, claim.worse))
         n_eval = ran[claim.better]["seeds"][0]["n_eval"]
         claims.append({"text": claim.text, **paper.verdict(better, worse, claim.metric, n_eval)})
+    private = any(o.startswith(("dp.", "secagg.")) for row in table.rows for o in row.overrides)
     return {"table": table.name, "title": table.title, "link": table.bandwidth, "ours": table.ours, "rows": rows,
-            "claims": claims}  # fmt: skip
+            "claims": claims, "private": private}  # fmt: skip
 
 
 def markdown(report: dict) -> str:
@@ -243,8 +246,9 @@ def markdown(report: dict) -> str:
         "of this machine's time (train + eval).",
         "",
     ]
-    if report.get("ours"):  # our own table (DP): z and epsilon where the paper's numbers go
-        return "\n".join(lines + dp_rows(report, cell, pct) + claims_and_commands(report, "claim (ours)"))
+    if report.get("ours"):  # our own table: (DP) z and epsilon where the paper's numbers go
+        rows = dp_rows if report.get("private", True) else own_rows
+        return "\n".join(lines + rows(report, cell, pct) + claims_and_commands(report, "claim (ours)"))
     lines += [
         "| row | seeds | exact match | eval loss | modelled wall s | paper GSM8K | paper runtime (min) |",
         "|---|---|---|---|---|---|---|",
@@ -268,6 +272,16 @@ def dp_rows(report: dict, cell, pct) -> list[str]:
             continue
         z, eps = cell(r, "noise_multiplier", lambda x: f"{x:.3f}"), cell(r, "epsilon", lambda x: f"{x:.2f}")
         lines.append(_row(r, cell, pct, [z, eps, cell(r, "cell_s", lambda x: f"{x:.0f}")], []))
+    return lines
+
+
+def own_rows(report: dict, cell, pct) -> list[str]:
+    """An own table without privacy (G1): the scores and the machine's seconds per cell."""
+    lines = ["| row | seeds | exact match | eval loss | modelled wall s | machine s per cell |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for r in report["rows"]:
+        tail = [] if r["missing"] else [cell(r, "cell_s", lambda x: f"{x:.0f}")]
+        lines.append(_row(r, cell, pct, tail, [""]))
     return lines
 
 
@@ -385,7 +399,9 @@ def say(line: str) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--table", required=True, help=f"{', '.join(paper.ORDER)}, fig2 or all (the paper's: DP1, DP2 and SA1 are ours)"
+        "--table",
+        required=True,
+        help=f"{', '.join(paper.ORDER)}, fig2 or all (the paper's tables; DP1, DP2, SA1, G1 are ours)",
     )
     parser.add_argument("--seeds", type=int, default=3, help="seeds per cell: the config's seed, +1, ...")
     parser.add_argument("--workdir", default="runs/paper", help="one subdirectory per cell")

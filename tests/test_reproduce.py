@@ -277,3 +277,46 @@ def test_a_finished_cell_written_before_a_config_key_existed_is_found_again(repr
     assert find() == f"{slug}-00000004"
     (root / fresh).mkdir()  # a cell of today's name comes first, finished or not
     assert find() == fresh
+
+
+def test_the_gap_table_changes_one_factor_at_a_time(reproduce):
+    """G1 (issue 32, ours): FedBCD and ParaBlock as today (T1's cells), then each factor alone: the LM
+    head frozen, 1-layer blocks, the no-repeat schedule, ParaBlock's self_weight (ParaBlock only), the
+    local learning rate with rounds x 1/lr; every cell passes the config checks, `all` leaves it out,
+    and its report has no privacy columns."""
+    from jaxblock.run import config as config_lib
+
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    config = load_config(tiny)
+    table = paper.TABLES["G1"]
+    runs = reproduce.cells(table, config, tiny, [], [0, 1, 2], "w")
+    assert len(runs) == 18 and all(len(seeds) == 3 for seeds in runs.values())
+    assert len({w for seeds in runs.values() for _, _, w in seeds}) == 48  # lr 2e-3 is (a)'s cell
+    assert "G1" in paper.ORDER and "G1" not in [n for n in paper.ORDER if not paper.TABLES[n].ours]
+    lr_rounds = {"1e-3": (1e-3, 2 * config.rounds), "5e-4": (5e-4, 4 * config.rounds)}
+    for label, seeds in runs.items():
+        for seed, overrides, _ in seeds:
+            c = load_config(tiny, overrides)
+            config_lib.validate(c)
+            fed = runtime.fed_config(c)
+            assert fed.algorithm == ("fedbcd" if label.startswith("FedBCD") else "parablock") and c.seed == seed
+            assert c.blocks.head_block == ("(b)" not in label), label
+            assert c.blocks.layers_per_block == (1 if "(c)" in label else 2), label
+            assert fed.schedule == ("random_norepeat" if "no-repeat" in label else "random"), label
+            weight = "w" if "self_weight=w" in label else 0.0 if "self_weight=0" in label else 1.0
+            assert getattr(fed.options, "self_weight", 1.0) == weight, label
+            lr, rounds = next((v for k, v in lr_rounds.items() if k in label), (2e-3, config.rounds))
+            assert (c.optimizer.learning_rate, c.rounds) == (lr, rounds), label
+    t1 = reproduce.cells(paper.TABLES["T1"], config, tiny, [], [1], "w")
+    g1 = reproduce.cells(table, config, tiny, [], [1], "w")
+    assert g1["ParaBlock (a) as today"] == t1["ParaBlock"] and g1["FedBCD (a) as today"] == t1["FedBCD"]
+    for claim in table.claims:  # each ParaBlock variant is judged against FedBCD
+        assert claim.better.startswith("ParaBlock") and claim.metric in ("exact_match", "wall_s")
+    assert {c.better for c in table.claims} == {r.label for r in table.rows if r.label.startswith("ParaBlock")}
+    report = {"table": "G9", "title": "made up", "link": "10", "ours": True, "private": False, "claims": [], "rows": [
+        {"label": "A", "paper": {}, "missing": "", "commands": [], "seeds": [{"cell_s": 60.0}],
+         "exact_match": {"mean": 0.5, "sd": 0.1}, "cell_s": {"mean": 60.0, "sd": 0.0}},
+        {"label": "B", "paper": {}, "missing": "not run yet", "commands": [], "seeds": [], "failed": []}]}  # fmt: skip
+    md = reproduce.markdown(report)
+    assert "| A | 1 | 50.0% ± 10.0% | - | - | 60 |" in md and "| B | missing: not run yet | | | | |" in md
+    assert "epsilon" not in md

@@ -1,8 +1,9 @@
 """The federated core: pure functions and frozen settings, no store, no files, no threads.
 
 Round t (`loop.run_round`): the algorithm picks the participants and block b_t (`schedule`); each
-participant trains b_t from its lean model, the server's plus eta times its own pending deltas
-(`lean.client_params`, then `Algorithm.client_model`), for K local steps (`local`: gradients and
+participant trains b_t from its lean model, the server's plus eta times its own pending deltas,
+each weighted by `Algorithm.own_weight` (1; ParaBlock's `self_weight`) (`lean.client_params`, then
+`Algorithm.client_model`), for K local steps (`local`: gradients and
 optimizer state for the block only); what it uploads is `Algorithm.upload`, wrapped by the update
 transforms (`transforms`); the uploads due at the end of round t (ParaBlock: round t - s's) go
 through the trainer's exchange (`exchange`: in memory, or a store from `net/`) to the one server

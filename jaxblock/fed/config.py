@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-SCHEDULES = ("random", "sequential", "reverse", "cyclic", "gradient")
+SCHEDULES = ("random", "random_norepeat", "sequential", "reverse", "cyclic", "gradient")
 LR_DECAYS = ("none", "linear", "cosine")
 
 

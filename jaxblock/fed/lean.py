@@ -1,7 +1,10 @@
 """The server state as a plain pytree (orbax checkpoints it as it is), and the lean form of a
-client's model: the server model plus eta times the client's own pending deltas."""
+client's model: the server model plus eta times the client's own pending deltas (each weighted by
+the algorithm's `own_weight`: 1 in Algorithm 2, ParaBlock's `self_weight` otherwise)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -9,6 +12,8 @@ import numpy as np
 from jaxblock.fed import blocks as blocks_lib
 from jaxblock.fed.config import FedConfig
 from jaxblock.fed.merge import axpy
+
+OwnWeight = Callable[[int], float]  # round r -> the weight of a client's own pending delta of round r
 
 
 def init_state(fed: FedConfig, params: dict) -> dict:
@@ -26,22 +31,32 @@ def init_state(fed: FedConfig, params: dict) -> dict:
     }
 
 
-def client_params(state: dict, partition: blocks_lib.Partition, client: int, eta: float) -> dict:
-    """Client `client`'s model: the server model plus eta times its own pending deltas.
+def client_params(
+    state: dict, partition: blocks_lib.Partition, client: int, eta: float, own_weight: OwnWeight | None = None
+) -> dict:
+    """Client `client`'s model: the server model plus eta times its own pending deltas, the delta of
+    round r weighted by `own_weight(r)` (None: 1, Algorithm 2). When round r's aggregate is merged the
+    server model takes it and the weighted delta leaves: the client holds the server model again
+    (Algorithm 2's correction, generalised: - eta * own_weight * own delta + eta * aggregate).
 
     Only the blocks with a pending delta are new arrays; all other leaves are the server's.
     """
     params = state["params"]
-    for entry in _pending_in_order(state):
+    for r in sorted(state["pending"]):
+        entry = state["pending"][r]
         delta = entry["deltas"].get(client)
-        if delta is not None:
+        if delta is None:
+            continue
+        scale = eta if own_weight is None else eta * own_weight(r)  # eta * 1.0 is eta: Algorithm 2 bit for bit
+        if scale != 0.0:
             block, rest = partition.split(params, entry["block"])
-            params = blocks_lib.merge(axpy(block, eta, delta), rest)
+            params = blocks_lib.merge(axpy(block, scale, delta), rest)
     return params
 
 
-def _pending_in_order(state: dict) -> list[dict]:
-    return [state["pending"][r] for r in sorted(state["pending"])]
+def own_weights(algorithm, client: int, client_sizes=None) -> OwnWeight:
+    """`client_params`'s `own_weight` for `client`: round r -> `algorithm.own_weight(client, r, client_sizes)`."""
+    return lambda round_: algorithm.own_weight(client, round_, client_sizes)
 
 
 def forget(state: dict, round_: int, clients: list[int]) -> dict:

@@ -2,9 +2,10 @@
 
 The simulator keeps the lean form of `SPEC.md`: a client's model is always
 
-    server_params + eta * sum(the client's own pending deltas)
+    server_params + eta * sum_r(lambda_r * the client's own pending delta of round r)
 
-(then `Algorithm.client_model`, e.g. FLoRA's fresh adapter), where a pending delta is one the
+(lambda_r = `Algorithm.own_weight`: 1 in Algorithm 2, ParaBlock's `self_weight` otherwise; then
+`Algorithm.client_model`, e.g. FLoRA's fresh adapter), where a pending delta is one the
 client has uploaded but the server has not yet aggregated. N simulated clients therefore cost one
 model plus their pending block uploads, never N copies.
 
@@ -40,7 +41,7 @@ from jaxblock.fed import blocks as blocks_lib
 from jaxblock.fed import exchange as exchange_lib
 from jaxblock.fed import transforms as transforms_lib
 from jaxblock.fed.config import FedConfig
-from jaxblock.fed.lean import client_params, forget, init_state
+from jaxblock.fed.lean import client_params, forget, init_state, own_weights
 from jaxblock.fed.local import LossFn, make_local_train
 from jaxblock.fed.merge import apply_aggregate, weighted_sum
 from jaxblock.fed.schedule import block_gradient_norms, lr_factor, merge_weights, merges_at, split_late
@@ -198,7 +199,8 @@ def train_clients(trainer: Trainer, state: dict, t: int, b: int, clients: list[i
     results, compute_s, lr_scale = {}, {}, lr_factor(fed, t)
     for group in _groups(clients, trainer.client_batch):
         c0 = time.perf_counter()
-        splits = [part.split(algo.client_model(client_params(state, part, c, fed.eta), c, t), b) for c in group]
+        own = {c: own_weights(algo, c, trainer.client_sizes) for c in group}  # ParaBlock's self_weight
+        splits = [part.split(algo.client_model(client_params(state, part, c, fed.eta, own[c]), c, t), b) for c in group]
         batches = []
         for c in group:
             batch, positions[c] = trainer.batches_fn(c, int(positions[c]), fed.local_steps)

@@ -19,13 +19,18 @@ from jaxblock.fed.local import LossFn
 def choose_block(
     fed: FedConfig, round_: int, num_blocks: int, gradient_norms: Callable[[], np.ndarray] | None = None
 ) -> int:
-    """b_t. random: seeded, uniform with replacement (the paper's default); sequential: 0,1,..,B-1,0,..;
+    """b_t. random: seeded, uniform with replacement (the paper's default); random_norepeat: never
+    b_{t-1} again, uniform over the other B-1 blocks (see `_no_repeat`); sequential: 0,1,..,B-1,0,..;
     reverse: B-1,..,0,B-1,..; cyclic: every B rounds a fresh seeded permutation (each block once
     per cycle); gradient: the block with the largest gradient norm (`gradient_norms()`)."""
     if num_blocks == 1:  # Fed full FT and the LoRA methods: nothing to choose
         return 0
     if fed.schedule == "random":
-        return int(np.random.default_rng([fed.seed, round_, 1]).integers(num_blocks))
+        return _random(fed.seed, round_, num_blocks)
+    if fed.schedule == "random_norepeat":
+        for chunk in range(round_ // _NO_REPEAT_CHUNK + 1):  # each chunk of the path extends the one before
+            path = _no_repeat(fed.seed, num_blocks, chunk)
+        return path[round_ % _NO_REPEAT_CHUNK]
     if fed.schedule == "sequential":
         return round_ % num_blocks
     if fed.schedule == "reverse":
@@ -34,6 +39,35 @@ def choose_block(
         order = np.random.default_rng([fed.seed, round_ // num_blocks, 2]).permutation(num_blocks)
         return int(order[round_ % num_blocks])
     return int(np.argmax(gradient_norms()))
+
+
+def _random(seed: int, round_: int, num_blocks: int) -> int:
+    return int(np.random.default_rng([seed, round_, 1]).integers(num_blocks))
+
+
+_NO_REPEAT_CHUNK = 1024  # rounds of the no-repeat path computed (and cached) at once
+
+
+@functools.lru_cache(maxsize=64)
+def _no_repeat(seed: int, num_blocks: int, chunk: int) -> tuple[int, ...]:
+    """b_t of `random_norepeat` for the rounds t of `chunk` (1024 rounds each; a chunk starts from the
+    last block of the one before): the random schedule's draw, except that a draw equal
+    to b_{t-1} is redrawn uniformly among the other B-1 blocks (a stream of its own). Given
+    b_{t-1} = j, each other block then has probability 1/B + 1/B * 1/(B-1) = 1/(B-1); and every round
+    without a redraw (all but ~1/B of them) trains the block `random` trains, so the two schedules
+    differ only by the repeats. A pure function of (seed, t), as every schedule: a resumed run and
+    the server's plans see the same path."""
+    start = chunk * _NO_REPEAT_CHUNK
+    before = _no_repeat(seed, num_blocks, chunk - 1)[-1] if chunk else None  # cached: the caller asked in order
+    path = []
+    for t in range(start, start + _NO_REPEAT_CHUNK):
+        b = _random(seed, t, num_blocks)
+        if b == before:
+            other = int(np.random.default_rng([seed, t, 4]).integers(num_blocks - 1))
+            b = other if other < before else other + 1
+        path.append(b)
+        before = b
+    return tuple(path)
 
 
 def block_gradient_norms(loss_fn: LossFn, params: dict, partition: blocks_lib.Partition, batch) -> np.ndarray:

@@ -156,6 +156,7 @@ def run_client(
     on_state: Callable[[dict], None] | None = None,
     resume: dict | None = None,
     algorithm: algorithms.Algorithm | None = None,
+    client_sizes=None,
 ) -> dict:
     """Runs client `client` through every round and the final flush; returns its model replica.
 
@@ -172,13 +173,16 @@ def run_client(
     exposed_wait_s (time the compute thread sat idle waiting for communication), bytes_up,
     bytes_down, loss. Returns once its uploads and acks are written (and its cleanup done), so that
     a finished run leaves a clean store.
+
+    `client_sizes`: every client's example count, for ParaBlock's `self_weight='w'` under
+    `aggregation='samples'` (the weight its own pending delta has in its model).
     """
     algo = algorithm or algorithms.make(fed)
     check_supported(algo)
     keys = comm.load_keys()
     store.party_keys = keys
     hooks = {"on_round": on_round, "on_absorb": on_absorb, "on_state": on_state}
-    me = _Client(client, algo, partition, params, local_train, batches_fn, store, comm, link, keys, hooks)
+    me = _Client(client, algo, partition, params, local_train, batches_fn, store, comm, link, keys, hooks, client_sizes)
     first = 0 if resume is None else me.resume(resume)
     ready = {"kind": "ready", "client": client}
     store.put_json(transport.ready_key(client), keys.seal(ready) if keys else ready)
@@ -211,12 +215,15 @@ class _Client:
     the round's compute) and cleanup (acks and deletes, beside both). The main thread dispatches compute
     and applies merges; the replica and the queues are only touched there."""
 
-    def __init__(self, client, algo, partition, params, local_train, batches_fn, store, comm, link, keys, hooks):
+    def __init__(
+        self, client, algo, partition, params, local_train, batches_fn, store, comm, link, keys, hooks, client_sizes
+    ):
         self.client, self.algo, self.fed, self.partition, self.params = client, algo, algo.fed, partition, params
         self.local_train, self.batches_fn, self.store, self.comm, self.link, self.keys = (
             local_train, batches_fn, store, comm, link, keys
         )  # fmt: skip
         self.hooks = hooks
+        self.own_weight = lean.own_weights(algo, client, client_sizes)  # of its pending deltas in its model
         self.overlap = self.fed.effective_staleness >= 1  # ParaBlock; FedBCD, FedCyBGD exchange after computing
         self.replica = {"params": params, "pending": {}}  # the lean client state (lean.client_params)
         self.extra: dict = {}  # the update transforms' client state (top-k's residuals)
@@ -278,7 +285,8 @@ class _Client:
             self.catching_up = self.store.get_json(f"{at}/COMMIT") is not None
         if client not in self.plans[t]["clients"] or self.catching_up:
             return None, None, None
-        model = self.algo.client_model(lean.client_params(self.replica, self.partition, client, fed.eta), client, t)
+        own = lean.client_params(self.replica, self.partition, client, fed.eta, self.own_weight)
+        model = self.algo.client_model(own, client, t)
         block, frozen = self.partition.split(model, b)
         batches, self.position = self.batches_fn(client, self.position, fed.local_steps)
         delta, losses = self.local_train(block, frozen, batches, schedule.lr_factor(fed, t))  # dispatched

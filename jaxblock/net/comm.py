@@ -57,7 +57,7 @@ def run_in_threads(
             mine = party(comm, signing.client_name(i))
             replicas[i] = run_client(
                 i, fed, params, partition, local_train, batches_fn, transport.Store(store.source, store.context), mine,
-                links[i], on_round=on_round, on_absorb=absorbed, algorithm=algorithm,
+                links[i], on_round=on_round, on_absorb=absorbed, algorithm=algorithm, client_sizes=client_sizes,
             )  # fmt: skip
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors.append(e)

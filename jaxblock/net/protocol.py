@@ -4,7 +4,8 @@ Each runs in its own OS process (`scripts/server.py`, `scripts/client.py`) or, f
 in threads of one process. A client keeps the lean state of `loop.py`: a replica of the
 server model, advanced by applying every aggregate with the very function the server uses
 (`loop.apply_aggregate`), plus its own pending deltas. Its model is the replica plus eta x its
-pending deltas, so server and clients agree bitwise and the runtime reproduces the one-process
+pending deltas (each x `Algorithm.own_weight`: ParaBlock's self_weight, 1 by default), so server
+and clients agree bitwise and the runtime reproduces the one-process
 simulator exactly.
 
 ParaBlock round t on a client with staleness s_i (the same for all, or one per client): the main

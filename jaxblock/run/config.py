@@ -41,6 +41,8 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
 
 # Settings that take one value or a list with one value per client.
 PER_CLIENT_KEYS = ("staleness", "bandwidth_mbps", "latency_ms")
+# Settings that take a number or a word (ParaBlock's self_weight: 1, 0.5 or 'w'); validate() checks which.
+NUMBER_OR_WORD_KEYS = ("self_weight",)
 
 
 def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
@@ -64,6 +66,10 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     old = node[leaf]
     if leaf in PER_CLIENT_KEYS:
         old = None  # one value, or a list with one per client: validate() checks which
+    if leaf in NUMBER_OR_WORD_KEYS:
+        old = None
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # --config.self_weight=1 is 1.0, one cell with the default
     if isinstance(old, float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         value = float(raw)  # literal_eval has no nan/inf; validate() then says what range is allowed
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -150,6 +156,16 @@ def _int_or_list(lo: int):
     return check
 
 
+def _number_or(word: str, lo: float, hi: float):
+    """A number in [lo, hi], or the string `word`."""
+    number = _number(lo, hi, lo_open=False, hi_open=False)
+
+    def check(v):
+        return None if v == word or number(v) is None else f"{number(v)} or {word!r}"
+
+    return check
+
+
 def _list_of(check_one):
     def check(v):
         if not isinstance(v, (list, tuple)):
@@ -178,6 +194,7 @@ _RULES = {
     "staleness": _int_or_list(0),
     "staleness_weight": _optional(_number(0, lo_open=False)),
     "max_staleness": _int(0),
+    "self_weight": _number_or("w", 0, 1),
     "compression": _choice("none", "topk"),
     "topk_ratio": _number(0, 1, hi_open=False),
     "buffer_size": _int(0),
@@ -316,6 +333,10 @@ def base_config() -> ml_collections.ConfigDict:
     # behind); None = the algorithm's own (FedBuff 0.5, ParaBlock 0). Later than max_staleness: dropped.
     config.staleness_weight = None
     config.max_staleness = 0  # 0 = no limit
+    # ParaBlock: the weight of a client's own un-merged delta in its model until the round's aggregate
+    # arrives: 1 = Algorithm 2, 'w' = its aggregation weight w_i (1/M, or by sample count), 0 = none
+    # (it trains from the server model), or a number in [0, 1]. The correction stays exact.
+    config.self_weight = ml_collections.FieldReference(1.0, field_type=object)
     # Top-k compression with error feedback (ParaBlock, FedBCD): 'none' or 'topk' (the top topk_ratio
     # of each leaf of a delta goes up as int32 index + value; the client keeps the rest for next time).
     config.compression = "none"
@@ -330,7 +351,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.step_seconds = 0.1
     config.participation = 1.0  # fraction of clients sampled each round
     config.aggregation = "uniform"  # or 'samples': weights proportional to client sizes
-    config.schedule = "random"  # random, sequential, reverse, cyclic, gradient
+    # random, random_norepeat (never the previous round's block again), sequential, reverse, cyclic, gradient
+    config.schedule = "random"
     # The local learning rate across rounds (optimizer.schedule runs within a round): 'none',
     # 'linear' or 'cosine', from optimizer.learning_rate at round 0 towards lr_decay_alpha x it at round T.
     config.lr_decay = "none"

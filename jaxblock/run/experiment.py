@@ -855,6 +855,7 @@ def _client(config: ml_collections.ConfigDict, client_id: int, workdir: str, cc,
         return comm.run_client(
             client_id, run.fed, run.params, run.partition, run.local_train(), run.batches_fn,
             store, cc, link, on_round=write_row, on_state=save, resume=resume, algorithm=run.algorithm,
+            client_sizes=run.client_sizes,
         )  # fmt: skip
     except ValueError as e:  # see serve
         raise RunFailed(f"the client failed: {store.scrub(str(e))}") from e

@@ -8,6 +8,8 @@ it differs from FedBCD; `loop.run_round` is the one round loop that calls them:
     participants    who trains in round t (FedBCD: the seeded sample; FedCyBGD: client t mod N)
     choose_block    which block round t trains (FedBCD: `schedule`; FedCyBGD: the client's own)
     staleness       rounds between an upload and its aggregation (FedBCD 0, ParaBlock s or s_i)
+    own_weight      the weight of a client's own pending delta in its model until it is merged
+                    (FedBCD, Algorithm 2: 1; ParaBlock's `self_weight`)
     client_model    the model a client trains from (FLoRA: the server's plus a fresh adapter)
     upload          what a client sends up (FedBCD: its block delta)
     reduce          what the server sends down, from the uploads (FedBCD: their weighted mean)
@@ -62,6 +64,11 @@ class Algorithm:
 
     def partition(self, params: dict, layer_partition: blocks_lib.Partition) -> blocks_lib.Partition:
         return layer_partition
+
+    def own_weight(self, client: int, round_: int, client_sizes=None) -> float:
+        """lambda in the lean form: a client's model is the server's plus eta * sum_r lambda_r * its own
+        pending delta of round r (`lean.client_params`). `client_sizes`: for weights by sample count."""
+        return 1.0
 
     def client_model(self, params: dict, client: int, round_: int) -> dict:
         return params

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxblock.fed import schedule
 from jaxblock.fed.algorithms.base import Algorithm
 from jaxblock.fed.config import Options
 
@@ -18,6 +19,16 @@ class ParaBlockOptions(Options):
     # None = 0, no weights. A delta later than max_staleness (tau > max) is dropped; 0 = no limit.
     staleness_weight: float | None = None
     max_staleness: int = 0
+    # The weight of a client's own pending delta in its model until the round's aggregate is merged:
+    # 1 = Algorithm 2 (the client trains on its whole un-merged delta), 'w' = the weight that delta
+    # gets in the aggregate (w_i, e.g. 1/M: the client holds its own share of the coming aggregate),
+    # 0 = the server model (every client of a round trains from the same model), or any number in
+    # [0, 1]. The correction stays exact: it takes off self_weight * the own delta and adds the aggregate.
+    self_weight: float | str = 1.0
+
+    def __post_init__(self):
+        if isinstance(self.self_weight, int) and not isinstance(self.self_weight, bool):  # 1 is 1.0
+            object.__setattr__(self, "self_weight", float(self.self_weight))
 
     def check(self, fed) -> None:
         if isinstance(self.staleness, tuple) and len(self.staleness) != fed.num_clients:
@@ -25,6 +36,9 @@ class ParaBlockOptions(Options):
         if min(self.stalenesses(fed.num_clients)) < 1:
             raise ValueError(f"staleness={self.staleness}: ParaBlock needs staleness >= 1 (0 is FedBCD)")
         check_lateness(self)
+        w = self.self_weight
+        if w != "w" and not (isinstance(w, float) and 0.0 <= w <= 1.0):
+            raise ValueError(f"self_weight={w!r}: must be a number in [0, 1] or 'w' (the delta's aggregation weight)")
 
     def stalenesses(self, num_clients: int) -> tuple[int, ...]:
         s = self.staleness
@@ -42,8 +56,17 @@ def check_lateness(options) -> None:
 class ParaBlock(Algorithm):
     """Round r's deltas are aggregated at the end of round r + s (s = `staleness` >= 1); the client's
     correction for b_r happens then (the server model now holds the aggregate and the client drops
-    its own pending delta). After the last round a flush drains the s rounds in flight."""
+    its own pending delta, which its model held at `self_weight`). After the last round a flush
+    drains the s rounds in flight."""
 
     name = "parablock"
     Options = ParaBlockOptions
     transforms_ok = True
+
+    def own_weight(self, client: int, round_: int, client_sizes=None) -> float:
+        w = self.fed.options.self_weight
+        if w != "w":
+            return w
+        # Its weight among the round's participants (as the server will weigh it, but for uploads
+        # rejected later, which the client cannot know), with the late-delta weight if set.
+        return float(schedule.merge_weights(self.fed, self.participants(self.fed, round_), [client], client_sizes)[0])
