@@ -24,8 +24,12 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so
+# its module fixtures are built once): on 2 cores most tests wait on compiles, I/O and subprocesses.
+TEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 format: $(STAMP)
 	$(BIN)/ruff format .

@@ -10,17 +10,24 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
 
-_FIGURES: list[str] = []
-
 
 @pytest.fixture
-def report():
-    """Records a measured figure (e.g. a parity error) to print in the terminal summary."""
-    return _FIGURES.append
+def report(request):
+    """Records a measured figure (e.g. a parity error) to print in the terminal summary. It travels
+    on the test's report, so that it reaches the summary from a pytest-xdist worker too."""
+    return lambda line: request.node.user_properties.append(("figure", line))
 
 
 def pytest_terminal_summary(terminalreporter):
-    if _FIGURES:
+    figures = [
+        value
+        for reports in terminalreporter.stats.values()
+        for r in reports
+        if getattr(r, "when", None) == "call"
+        for key, value in getattr(r, "user_properties", ())
+        if key == "figure"
+    ]
+    if figures:
         terminalreporter.section("measured figures")
-        for line in _FIGURES:
+        for line in figures:
             terminalreporter.write_line(line)
