@@ -38,43 +38,42 @@ from jaxblock.net import comm, signing, transport
 from jaxblock.run import experiment, plots, runtime
 
 
-def run(setup, train, fed, link, rounds, argv, split):
+def run(setup, train, fed, link, rounds, argv, host):
     """Per-round timeline rows of one client, round 0 left out; the server in a thread beside it, or
-    (`split`) in a process of its own off the device core."""
+    (`host`: the host's cores) in a process of its own on them."""
     rows, fed = [], dataclasses.replace(fed, rounds=rounds)
     cc = comm.CommConfig(timeout_s=600)
-    if not split:
+    if not host:
         comm.run_in_threads(
             fed, setup.params, setup.partition, train, setup.batches_fn, transport.Store("memory://"), cc, [link],
             on_round=rows.append,
         )  # fmt: skip
     else:
         url = f"file:///dev/shm/jaxblock_bench_overlap_{os.getpid()}_{time.monotonic_ns()}/"
-        server = multiprocessing.get_context("spawn").Process(target=_serve, args=(argv, fed.flat(), url))
+        server = multiprocessing.get_context("spawn").Process(target=_serve, args=(argv, fed.flat(), url, host))
         server.start()
         try:
             comm.run_client(0, fed, setup.params, setup.partition, train, setup.batches_fn, transport.Store(url),
                             comm.party(cc, signing.client_name(0)), link, on_round=rows.append)  # fmt: skip
         finally:
             server.join(60)
+            if server.exitcode is None:  # the client failed, or the server hangs: nothing may outlive us
+                server.terminate()
+                server.join()
             shutil.rmtree(url.removeprefix("file://"), ignore_errors=True)
         if server.exitcode != 0:
-            raise SystemExit(f"error: the server process failed (exit code {server.exitcode})")
+            raise SystemExit(f"error: the server process failed or hung (exit code {server.exitcode})")
     return [r for r in rows if r["round"] != "flush" and r["round"] >= 1]  # round 0 has no exchange to hide
 
 
-def _serve(argv, fed_flat, url):
-    """The server process of --device-core: off core 0, the same model as the client's."""
-    os.sched_setaffinity(0, _host_cores())
+def _serve(argv, fed_flat, url, host):
+    """The server process of --device-core: on the host's cores, the same model as the client's."""
+    os.sched_setaffinity(0, host)
     setup = experiment.setup(_config(argv)[0])
     fed = algorithms.configure(**fed_flat)
     comm.serve(
         fed, setup.params, setup.partition, transport.Store(url), comm.party(comm.CommConfig(timeout_s=600), "server")
     )
-
-
-def _host_cores() -> set[int]:
-    return os.sched_getaffinity(0) - {0} or {0}
 
 
 def _config(argv):
@@ -98,13 +97,16 @@ def _config(argv):
 
 def main():
     argv = sys.argv[1:]
-    split = "--device-core" in argv
-    if split:  # before XLA starts: its executor threads take the mask of the thread that creates them
-        if len(os.sched_getaffinity(0)) < 2:
+    host = None
+    if "--device-core" in argv:  # before XLA starts: its executor threads take the mask of the thread that makes them
+        cores = os.sched_getaffinity(0)
+        if len(cores) < 2:
             raise SystemExit("error: --device-core needs at least 2 cores (one for the device, one for the host)")
-        os.sched_setaffinity(0, {0})
+        device, host = min(cores), cores - {min(cores)}
+        os.sched_setaffinity(0, {device})
         jax.block_until_ready(jax.numpy.ones(1) + 1)
-        os.sched_setaffinity(0, _host_cores())  # this thread and the exchange threads it starts: the host
+        os.sched_setaffinity(0, host)  # this thread and the exchange threads it starts: the host
+        print(f"device: core {device} (XLA); host: cores {sorted(host)} (dispatch, exchange, the server process)")
     config, args = _config(argv)
     setup = experiment.setup(config)
     fed = dataclasses.replace(setup.fed, schedule="sequential")
@@ -117,7 +119,7 @@ def main():
 
     # Calibrate: compute time per round with an unlimited link (FedBCD, nothing to hide).
     train = setup.local_train()  # one executable for every run
-    calib = run(setup, train, as_algorithm("fedbcd"), wire.Link(), max(args.rounds // 2, 3), argv, split)
+    calib = run(setup, train, as_algorithm("fedbcd"), wire.Link(), max(args.rounds // 2, 3), argv, host)
     comp_s = statistics.median(r["compute_s"] for r in calib)
     print(f"calibration: compute {comp_s:.3f} s/round")
 
@@ -127,8 +129,8 @@ def main():
         link = wire.Link(bandwidth_mbps=2 * block_bytes / (ratio * comp_s) / 1e6)
         fedbcd, para = [], []
         for _ in range(args.repeats):  # alternate, so that drift in machine speed hits both alike
-            fedbcd += run(setup, train, as_algorithm("fedbcd"), link, args.rounds, argv, split)
-            para += run(setup, train, as_algorithm("parablock"), link, args.rounds, argv, split)
+            fedbcd += run(setup, train, as_algorithm("fedbcd"), link, args.rounds, argv, host)
+            para += run(setup, train, as_algorithm("parablock"), link, args.rounds, argv, host)
         t_comp = statistics.median(r["compute_s"] for r in fedbcd)
         t_comm = statistics.median(r["comm_s"] for r in fedbcd)
         t_fedbcd = statistics.median(r["compute_s"] + r["exposed_wait_s"] for r in fedbcd)
