@@ -275,6 +275,14 @@ def test_a_finished_cell_written_before_a_config_key_existed_is_found_again(repr
     assert find() == fresh
     earlier(f"{slug}-00000004", lambda c: (c["dp"].pop("accountant"), c.pop("tracking")))  # keys added since
     assert find() == f"{slug}-00000004"
+    # A key the run sets away from the code's default (here by the user's overrides, as a config file
+    # could) is not what a cell without the key ran, whatever the config file says.
+    user = ["rounds=10", "self_weight=0.0"]
+    away = load_config(tiny, [*user, *overrides[1:]]).to_dict()
+    earlier(f"{paper.cell_name(away, load_config(tiny, user).to_dict()).rsplit('-', 1)[0]}-00000005",
+            lambda c: c.pop("self_weight"))  # fmt: skip
+    assert not paper.same_run(away, json.loads((root / f"{slug}-00000005" / "config.json").read_text()),
+                              load_config(tiny, user).to_dict())  # fmt: skip
     (root / fresh).mkdir()  # a cell of today's name comes first, finished or not
     assert find() == fresh
 

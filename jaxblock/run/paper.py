@@ -431,11 +431,15 @@ def find_cell(directory: str, config: dict, base: dict, default: dict) -> str:
 
 def same_run(config: dict, earlier: dict, default: dict) -> bool:
     """True if `earlier` (a cell's config.json) describes the run `config` does: equal on every key it
-    has, and each key it lacks (added to the code since it ran) at the config file's `default`, the
+    has, and each key it lacks (added to the code since it ran) at the code's default for it
+    (`config.base_config`; a key only config files set: the config file's `default`), which is the
     behaviour the older code had (a new option defaults to the old behaviour). A key it has that
     `config` lacks (removed since) is a different run."""
-    new, old, dflt = (_flat(_portable(c)) for c in (config, earlier, default))
-    return old.keys() <= new.keys() and all(new[k] == old[k] if k in old else new[k] == dflt.get(k) for k in new)
+    from jaxblock.run.config import base_config  # (config imports much; paper is imported by light tools)
+
+    new, old = _flat(_portable(config)), _flat(_portable(earlier))
+    ref = {**_flat(_portable(default)), **_flat(_portable(base_config().to_dict()))}
+    return old.keys() <= new.keys() and all(new[k] == old[k] if k in old else new[k] == ref.get(k) for k in new)
 
 
 def _portable(config: dict) -> dict:
