@@ -1,6 +1,7 @@
 """Issue 32's options that keep ParaBlock's overlap: the no-repeat schedule and `self_weight`, against
 NumPy references, the threaded runtime and a checkpoint round trip."""
 
+import os
 import threading
 
 import jax
@@ -9,6 +10,7 @@ import optax
 import pytest
 from scipy import stats
 from test_federated import BLOCK_KEY, BS, LR, RULES, K, numpy_sgd, toy_clients, toy_loss, toy_params
+from test_train import ROOT
 
 from jaxblock.fed import algorithms, blocks, data, lean, local, loop, schedule, wire
 from jaxblock.fed.merge import axpy
@@ -222,6 +224,27 @@ def test_self_weight_settings_and_their_errors():
     algo = algorithms.make(algorithms.configure(num_clients=4, aggregation="samples", self_weight="w"))
     assert algo.own_weight(2, 0, SIZES) == pytest.approx(36 / 78)
     assert algorithms.make(algorithms.configure(algorithm="fedbcd")).own_weight(0, 0) == 1.0
+
+
+def test_self_weight_0_from_a_config_file_or_a_flag_is_one_setting(tmp_path):
+    """An int in a config file and the same number as a flag are one setting (a float): one cell hash,
+    and a server and a client that set it the two ways agree."""
+    from jaxblock.run import experiment
+    from jaxblock.run.config import load_config
+
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    (tmp_path / "mine.py").write_text(
+        "import importlib.util\n"
+        f"spec = importlib.util.spec_from_file_location('tiny', {tiny!r})\n"
+        "tiny = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(tiny)\n\n\n"
+        "def get_config():\n    config = tiny.get_config()\n    config.self_weight = 0\n    return config\n"
+    )
+    from_file = load_config(str(tmp_path / "mine.py"))
+    from_flag = load_config(tiny, ["self_weight=0"])
+    assert from_file.self_weight == from_flag.self_weight == 0.0 and isinstance(from_file.self_weight, float)
+    assert experiment.settings_hash(experiment.agreed_settings(from_file)) == experiment.settings_hash(
+        experiment.agreed_settings(from_flag)
+    )
 
 
 # ----------------------------------------------------------------------------- resume, threads, deployment

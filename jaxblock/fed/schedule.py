@@ -48,7 +48,7 @@ def _random(seed: int, round_: int, num_blocks: int) -> int:
 _NO_REPEAT_CHUNK = 1024  # rounds of the no-repeat path computed (and cached) at once
 
 
-@functools.lru_cache(maxsize=64)
+@functools.cache  # every chunk of a path is kept: a bounded cache would recompute from chunk 0 past its size
 def _no_repeat(seed: int, num_blocks: int, chunk: int) -> tuple[int, ...]:
     """b_t of `random_norepeat` for the rounds t of `chunk` (1024 rounds each; a chunk starts from the
     last block of the one before): the random schedule's draw, except that a draw equal

@@ -36,6 +36,10 @@ def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> ml_co
     config = module.get_config()
     for item in overrides:
         apply_override(config, item)
+    for key in NUMBER_OR_WORD_KEYS:  # 1 is 1.0, from a file or a flag: one setting, one cell, one hash
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            config[key] = float(value)
     return config
 
 
@@ -67,9 +71,7 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
     if leaf in PER_CLIENT_KEYS:
         old = None  # one value, or a list with one per client: validate() checks which
     if leaf in NUMBER_OR_WORD_KEYS:
-        old = None
-        if isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)  # --config.self_weight=1 is 1.0, one cell with the default
+        old = None  # (load_config makes an int a float)
     if isinstance(old, float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         value = float(raw)  # literal_eval has no nan/inf; validate() then says what range is allowed
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
