@@ -150,8 +150,9 @@ def summarize(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def cells(table: paper.Table, config, config_path: str, user: list[str], seeds: list[int], root: str):
-    """A table's runs: {row label: [(seed, overrides, workdir), ...]} for its rows that exist."""
+def cells(table: paper.Table, config, config_path: str, user: list[str], seeds: list[int], root: str, archive=None):
+    """A table's runs: {row label: [(seed, overrides, workdir), ...]} for its rows that exist; a cell
+    finished in `archive` (a directory of cells' result files) and not under `root` is named as there."""
     out, default = {}, load_config(config_path, []).to_dict()
     for row in table.rows:
         if row.missing:
@@ -161,6 +162,9 @@ def cells(table: paper.Table, config, config_path: str, user: list[str], seeds: 
             overrides = [*user, *resolved, f"seed={seed}"]
             cell = load_config(config_path, overrides).to_dict()
             name = paper.find_cell(os.path.join(root, "cells"), cell, config.to_dict(), default)
+            if archive and not os.path.exists(os.path.join(root, "cells", name, "eval.json")):
+                kept = paper.find_cell(archive, cell, config.to_dict(), default)
+                name = kept if os.path.exists(os.path.join(archive, kept, "eval.json")) else name
             out.setdefault(row.label, []).append((seed, overrides, os.path.join(root, "cells", name)))
     return out
 
@@ -427,7 +431,11 @@ def main():
     if os.path.exists(path):
         with open(path) as f:
             reports = json.load(f)["tables"]
-    runs = {n: cells(paper.TABLES[n], config, config_path, user, seeds, args.workdir) for n in names if n != "fig2"}
+    runs = {
+        n: cells(paper.TABLES[n], config, config_path, user, seeds, args.workdir, args.archive)
+        for n in names
+        if n != "fig2"
+    }
     todo = {workdir: overrides for r in runs.values() for cell in r.values() for _, overrides, workdir in cell}
     if args.archive:
         restored = sum(unarchive(w, args.archive) for w in todo)

@@ -285,6 +285,18 @@ def test_a_finished_cell_written_before_a_config_key_existed_is_found_again(repr
                               load_config(tiny, user).to_dict())  # fmt: skip
     (root / fresh).mkdir()  # a cell of today's name comes first, finished or not
     assert find() == fresh
+    # An archive (cells' result files kept elsewhere, here from a checkout at /elsewhere) is searched
+    # the same way when the sweep has not finished the cell itself.
+    kept = tmp_path / "kept" / f"{slug}-00000009"
+    kept.mkdir(parents=True)
+    moved = json.dumps(new, default=str).replace(f'"{ROOT}{os.sep}', f'"{os.sep}elsewhere{os.sep}')
+    assert "/elsewhere/assets/" in moved  # its data and base model paths
+    old = json.loads(moved)
+    old["dp"].pop("accountant")
+    (kept / "config.json").write_text(json.dumps(old))
+    (kept / "eval.json").write_text("{}")
+    runs = reproduce.cells(paper.TABLES["DP1"], config, tiny, ["rounds=10"], [1], str(tmp_path), str(kept.parent))
+    assert os.path.basename(runs["FedBCD, eps=8"][0][2]) == kept.name
 
 
 def test_the_gap_table_changes_one_factor_at_a_time(reproduce):

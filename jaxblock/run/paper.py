@@ -444,9 +444,23 @@ def same_run(config: dict, earlier: dict, default: dict) -> bool:
 
 def _portable(config: dict) -> dict:
     """`config` as JSON gives it back (tuples as lists), without the memory and simulator levers, and
-    with paths inside this checkout relative to it."""
+    with paths inside a checkout relative to it: this one's, or another's (a cell archived from a
+    checkout elsewhere names `/elsewhere/assets/...`, read as this checkout's `assets/...`)."""
     config = {k: v for k, v in config.items() if k not in ("memory", "sim")}
-    return json.loads(json.dumps(config, sort_keys=True, default=str).replace(_CHECKOUT + os.sep, ""))
+    return _relative(json.loads(json.dumps(config, sort_keys=True, default=str).replace(_CHECKOUT + os.sep, "")))
+
+
+def _relative(value):
+    if isinstance(value, dict):
+        return {k: _relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relative(v) for v in value]
+    if isinstance(value, str) and value.startswith(os.sep):
+        parts = value.strip(os.sep).split(os.sep)
+        for i in range(1, len(parts)):  # the longest tail that names a file of this checkout
+            if os.path.exists(os.path.join(_CHECKOUT, *parts[i:])):
+                return os.path.join(*parts[i:])
+    return value
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
