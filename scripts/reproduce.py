@@ -26,6 +26,7 @@ import argparse
 import ast
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -412,6 +413,7 @@ def main():
     parser.add_argument("--compute-s", type=float, default=0.6, help="every client's modelled compute per round")
     parser.add_argument("--jobs", type=int, default=1, help="cells trained at once (each is its own process)")
     parser.add_argument("--report-only", action="store_true", help="report the finished cells; train nothing")
+    parser.add_argument("--rows", default="", help="a regex: train only the rows whose label matches (e.g. '\\(d\\)')")
     parser.add_argument(
         "--archive", default=None, help="a directory of finished cells' result files: read before, written after each"
     )
@@ -423,6 +425,10 @@ def main():
         parser.error(f"--table {args.table}: choose {', '.join(paper.ORDER)}, fig2 or all")
     if args.seeds < 1 or args.jobs < 1:
         parser.error("--seeds and --jobs must be >= 1")
+    try:
+        re.compile(args.rows)
+    except re.error as e:
+        parser.error(f"--rows {args.rows!r}: not a regular expression ({e})")
     config_path, user, _ = split_config_args(sys.argv[1:])
     seeds = [config.seed + i for i in range(args.seeds)]
     os.makedirs(args.workdir, exist_ok=True)
@@ -444,6 +450,10 @@ def main():
     cells_in_all = len(todo)
     if args.report_only:
         todo = {w: o for w, o in todo.items() if os.path.exists(os.path.join(w, "eval.json"))}
+    elif args.rows:  # train only these rows' cells; the report still lists every row (the rest: what is done)
+        chosen = {w for r in runs.values() for label, cell in r.items() if re.search(args.rows, label)
+                  for _, _, w in cell}  # fmt: skip
+        todo = {w: o for w, o in todo.items() if w in chosen or os.path.exists(os.path.join(w, "eval.json"))}
 
     failed = []
 

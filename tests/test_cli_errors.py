@@ -50,6 +50,17 @@ def test_bench_runs_bad_runs_are_one_line_exit_2(item, message):
     assert proc.stderr.strip() == f"error: {message}"
 
 
+def test_reproduce_with_a_bad_rows_regex_is_one_line_exit_2_and_writes_nothing(tmp_path):
+    proc = _run("reproduce.py", "--config", TINY, "--table", "G1", "--rows", "(d", "--workdir", str(tmp_path / "w"))
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    assert (
+        proc.stderr.strip()
+        .splitlines()[-1]
+        .endswith("error: --rows '(d': not a regular expression (missing ), unterminated subpattern at position 0)")
+    )
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_client_with_a_missing_keys_directory_says_so_at_once(tmp_path):
     """Before it waits for a server (there is none here): one line, exit 2, nothing written."""
     store = tmp_path / "store"
