@@ -688,6 +688,9 @@ def serve(config: ml_collections.ConfigDict, workdir: str, store_url: str | None
     elif os.path.isdir(checkpoint.directory(workdir)):
         raise ValueError(f"--workdir {workdir} holds checkpoints but --store {store.name} no run: use the run's store")
     write_run_files(config, workdir)  # so that eval.py and export_hf.py read a server workdir like any other
+    if config.eval.get("every", 0):
+        print(f"server: eval.every={config.eval.every} is the simulator's; the server does not evaluate during "
+              "training (score its checkpoints: scripts/eval.py --step N)", file=sys.stderr)  # fmt: skip
     _keep_secret(run, workdir)
     store.put_json("server/config", keys.seal(published) if keys else published)
     mgr = checkpoint.manager(workdir, config.checkpoint.max_to_keep)
