@@ -277,6 +277,22 @@ def test_a_silent_client_is_left_out_and_every_client_keeps_the_lean_form(stalen
     assert store.keys("round/") == [] and store.keys("ready/") == []  # clean, though client 2 never acked
 
 
+class Killed(Exception):
+    """A client killed mid-run (raised by `killed_after`'s callback)."""
+
+
+def killed_after(rounds: int, saved: dict):
+    """A client's `on_state` that keeps each checkpointed state in `saved["state"]` and kills the client
+    once it has checkpointed `rounds` rounds (before it acks or sends the last one's delta)."""
+
+    def on_state(state):
+        saved["state"] = {**state, "pending": dict(state["pending"])}
+        if state["round"] == rounds:
+            raise Killed
+
+    return on_state
+
+
 @pytest.mark.parametrize("staleness", [1, 2])
 def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical(staleness):
     """Client 1 dies right after its round-2 checkpoint (before it acks or sends the round's delta)
@@ -287,14 +303,7 @@ def test_a_client_restarted_in_time_loses_nothing_and_the_model_is_bit_identical
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     store, cc = transport.Store("memory://"), comm.CommConfig(timeout_s=20.0)
     saved, result = {}, {}
-
-    class Killed(Exception):
-        pass
-
-    def dies_after_round_2(state):
-        saved["state"] = {**state, "pending": dict(state["pending"])}
-        if state["round"] == 3:
-            raise Killed
+    dies_after_round_2 = killed_after(3, saved)
 
     def client_1():
         other = transport.Store(store.url, store.context)

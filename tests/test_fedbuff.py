@@ -74,15 +74,15 @@ def hand_fedbuff(fed, links, rounds):
 
 
 def through_checkpoint(state, fed, part, directory):
-    """The state after a real orbax checkpoint round trip (checkpoint.save, then restore)."""
+    """The state after a real orbax checkpoint round trip (checkpoint.save, then restore), and its meta."""
     mgr = checkpoint.manager(str(directory))
     checkpoint.save(mgr, state, fed, wall_s=0.0)
     mgr.wait_until_finished()
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state["params"])
-    restored, _ = checkpoint.restore(mgr, target, part)
+    restored, meta = checkpoint.restore(mgr, target, part)
     mgr.close()
-    return restored
+    return restored, meta
 
 
 @pytest.mark.parametrize("lr_decay", ["none", "cosine"])
@@ -136,7 +136,7 @@ def test_resume_from_a_checkpointed_state_is_bitwise(fedbuff_blocks, speeds, tmp
     full, history, _ = run(trainer, state, fed.rounds, links)
     half, _, _ = run(trainer, state, 3, links)
     assert bool(half["extra"]) == bool(speeds)  # in flight: ASYNC's deltas; equal speeds: nobody
-    restored = through_checkpoint(half, fed, trainer.partition, tmp_path)
+    restored, _ = through_checkpoint(half, fed, trainer.partition, tmp_path)
     resumed, resumed_history, _ = run(trainer, restored, 4, links)
     jax.tree.map(np.testing.assert_array_equal, resumed["params"], full["params"])
     assert resumed["extra_meta"] == full["extra_meta"]

@@ -9,13 +9,14 @@ import numpy as np
 import optax
 import pytest
 from scipy import stats
+from test_comm import Killed, killed_after
+from test_fedbuff import through_checkpoint
 from test_federated import BLOCK_KEY, BS, LR, RULES, K, numpy_sgd, toy_clients, toy_loss, toy_params
 from test_train import ROOT
 
 from jaxblock.fed import algorithms, blocks, data, lean, local, loop, schedule, wire
 from jaxblock.fed.merge import axpy
 from jaxblock.net import comm, transport
-from jaxblock.run import checkpoint
 
 SIZES = np.array([24, 12, 36, 6])  # examples per client, for aggregation='samples'
 
@@ -250,19 +251,6 @@ def test_self_weight_0_from_a_config_file_or_a_flag_is_one_setting(tmp_path):
 # ----------------------------------------------------------------------------- resume, threads, deployment
 
 
-def through_checkpoint(state, fed, part, directory):
-    """The state after a real orbax round trip (checkpoint.save, then restore), as a resumed run sees it."""
-    mgr = checkpoint.manager(str(directory))
-    checkpoint.save(mgr, state, fed, wall_s=0.0)
-    mgr.wait_until_finished()
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state["params"])
-    restored, meta = checkpoint.restore(mgr, target, part)
-    mgr.close()
-    assert meta["fed"]["self_weight"] == fed.options.self_weight and meta["fed"]["schedule"] == fed.schedule
-    return restored
-
-
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
     """No-repeat schedule, self_weight='w' by sample count, staleness 2: 3 rounds, an orbax checkpoint
     round trip (the schedule's cache emptied, as in a new process), 4 more and the flush: the blocks,
@@ -278,7 +266,8 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path):
         state, trace = lean.init_state(fed, params), []
         for _ in range(fed.rounds):
             if state["round"] == stop:
-                state = through_checkpoint(state, fed, part, tmp_path / "ckpt")
+                state, meta = through_checkpoint(state, fed, part, tmp_path / "ckpt")  # as a resumed run sees it
+                assert (meta["fed"]["self_weight"], meta["fed"]["schedule"]) == (fed.options.self_weight, fed.schedule)
                 schedule._no_repeat.cache_clear()
             state, m = loop.run_round(trainer, state)
             trace.append((m["block"], state["params"]))
@@ -341,14 +330,7 @@ def test_a_deployment_client_restarted_with_self_weight_w_loses_nothing():
     train, batches = local.make_local_train(toy_loss, optax.sgd(0.1)), data.make_batches_fn(clients, BS)
     store, cc = transport.Store("memory://"), comm.CommConfig(timeout_s=20.0)
     saved, errors = {}, []
-
-    class Killed(Exception):
-        pass
-
-    def dies_after_round_2(state):
-        saved["state"] = {**state, "pending": dict(state["pending"])}
-        if state["round"] == 3:
-            raise Killed
+    dies_after_round_2 = killed_after(3, saved)
 
     def client(i):
         other = transport.Store(store.url, store.context)
