@@ -419,15 +419,20 @@ def training_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig):
 
     def score(params: dict) -> dict:
         start = time.perf_counter()
-        em = evaluate.exact_match(
-            cfg, params, tokenizer, examples, batch_size=e.batch_size, prompt_len=e.prompt_len,
-            max_new_tokens=e.max_new_tokens, progress=False,
-        )  # fmt: skip
-        loss = evaluate.eval_loss(cfg, params, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+        em, loss = _score(config, cfg, params, tokenizer, examples, progress=False)
         seconds = time.perf_counter() - start
         return {"exact_match": em["exact_match"], "loss": loss, "n": len(examples), "seconds": seconds}
 
     return score
+
+
+def _score(config, cfg: ModelConfig, params: dict, tokenizer, examples: list[dict], **progress) -> tuple[dict, float]:
+    """(exact_match's result, eval loss) of `params` on `examples`, with the run's `eval` settings:
+    what scripts/eval.py and evaluation during training both report."""
+    e = config.eval
+    em = evaluate.exact_match(cfg, params, tokenizer, examples, batch_size=e.batch_size, prompt_len=e.prompt_len,
+                              max_new_tokens=e.max_new_tokens, **progress)  # fmt: skip
+    return em, evaluate.eval_loss(cfg, params, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
 
 
 def eval_examples(config: ml_collections.ConfigDict, n: int = 0) -> list[dict]:
@@ -946,11 +951,7 @@ def evaluate_run(
     examples = eval_examples(config, e.num_examples)
     results = {"workdir": workdir, "step": step, "eval_source": e.path or e.source, "n": len(examples)}
     for name, p in ([("base", base_params)] if base else []) + [("finetuned", params)]:
-        em = evaluate.exact_match(
-            cfg, p, tokenizer, examples, batch_size=e.batch_size, prompt_len=e.prompt_len,
-            max_new_tokens=e.max_new_tokens, desc=f"{name}: exact match",
-        )  # fmt: skip
-        loss = evaluate.eval_loss(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
+        em, loss = _score(config, cfg, p, tokenizer, examples, desc=f"{name}: exact match")
         results[name] = {"exact_match": em["exact_match"], "eval_loss": loss, "samples": em["records"][:5]}
         if loss_by_token:
             rows = evaluate.loss_by_token(cfg, p, tokenizer, examples, seq_len=config.seq_len, batch_size=e.batch_size)
