@@ -22,6 +22,7 @@ import threading
 import time
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
 from jaxblock.flower import settings
@@ -121,8 +122,9 @@ class Dispatcher:
         if node is None:
             return
         if reply.has_error():
-            if again:
-                self._later(node, f"SuperNode {node}: {reply.error.reason.strip().splitlines()[-1]}")
+            if again:  # gone offline: sent again once it is back among the grid's (online) nodes
+                offline = reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                self._later(node, f"SuperNode {node}: {reply.error.reason.strip().splitlines()[-1]}", first=offline)
             return
         record = reply.content[settings.RECORD]
         if record["status"] == "done":
@@ -132,8 +134,8 @@ class Dispatcher:
         elif again:
             self._later(node, f"SuperNode {node}: refused: {record['reason']}")
 
-    def _later(self, node: int, why: str) -> None:
-        wait = self.retry.get(node, (0.0, RETRY_S[0]))[1]
+    def _later(self, node: int, why: str, first: bool = False) -> None:
+        wait = RETRY_S[0] if first else self.retry.get(node, (0.0, RETRY_S[0]))[1]
         self.retry[node] = (time.monotonic() + wait, min(2 * wait, RETRY_S[1]))
         _say(f"{why}; sending it the run again in {wait:.0f}s")
 
