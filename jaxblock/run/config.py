@@ -72,6 +72,8 @@ def apply_override(config: ml_collections.ConfigDict, item: str) -> None:
         old = None  # one value, or a list with one per client: validate() checks which
     if leaf in NUMBER_OR_WORD_KEYS:
         old = None  # (load_config makes an int a float)
+    if isinstance(old, str) and isinstance(value, dict):
+        value = raw  # a setting holding a JSON object as text (data.partitioner_args)
     if isinstance(old, float) and raw.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         value = float(raw)  # literal_eval has no nan/inf; validate() then says what range is allowed
     if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -366,6 +368,10 @@ def base_config() -> ml_collections.ConfigDict:
             "sample": 0,  # draw this many examples with the seed (0 = all); the paper: 50,000 of MathInstruct
             "tokenizer": "",  # default: the tokenizer saved with hf_checkpoint
             "partition": "dirichlet",  # or 'iid'
+            # or a flwr-datasets partitioner ('DirichletPartitioner', 'PathologicalPartitioner', ...; pip install
+            # 'jaxblock[flower]'), given num_clients, seed, alpha, min_client_size and partitioner_args (JSON)
+            "partitioner": "",
+            "partitioner_args": "",
             "alpha": 0.6,  # Dirichlet concentration over the label (MathInstruct: source)
             "min_client_size": 8,
             "examples_per_client": 256,  # synthetic only

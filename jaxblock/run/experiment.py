@@ -63,6 +63,8 @@ def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[li
     """
     d = config.data
     if d.source == "synthetic":
+        if d.get("partitioner"):
+            raise ValueError(f"data.partitioner={d.partitioner}: partitions instruction data, not synthetic data")
         clients = data.synthetic_clients(
             config.num_clients, d.examples_per_client, config.seq_len, cfg.vocab_size,
             num_sources=d.num_sources, seed=config.seed,
@@ -73,8 +75,14 @@ def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[li
     if len(tokenizer) > cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, the model's vocab_size is {cfg.vocab_size}")
     arrays = instruct.tokenize(tokenizer, examples, config.seq_len)
-    labels = [e["label"] for e in examples]
-    if d.partition == "dirichlet":
+    labels, how = [e["label"] for e in examples], d.partition
+    if d.get("partitioner"):  # a flwr-datasets partitioner, as a Flower user would partition
+        parts = instruct.flower_partition(
+            d.partitioner, labels, config.num_clients, alpha=d.alpha, seed=config.seed,
+            min_size=d.min_client_size, args=d.get("partitioner_args", ""),
+        )  # fmt: skip
+        how = f"flwr-datasets {d.partitioner}{' ' + d.partitioner_args if d.get('partitioner_args') else ''}"
+    elif d.partition == "dirichlet":
         parts = instruct.dirichlet_partition(
             labels, config.num_clients, d.alpha, seed=config.seed, min_size=d.min_client_size
         )
@@ -82,7 +90,7 @@ def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[li
         parts = instruct.iid_partition(len(examples), config.num_clients, seed=config.seed)
     else:
         raise ValueError(f"data.partition={d.partition!r}: choose 'dirichlet' or 'iid'")
-    table = f"{len(examples)} examples of {d.source} over {config.num_clients} clients ({d.partition}):\n"
+    table = f"{len(examples)} examples of {d.source} over {config.num_clients} clients ({how}):\n"
     table += instruct.partition_table(labels, parts)
     return [{k: v[np.asarray(idx)] for k, v in arrays.items()} for idx in parts], table
 

@@ -11,6 +11,7 @@ a bad row is a one-line ValueError naming the file, the line and the problem.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -296,6 +297,49 @@ def iid_partition(n: int, num_clients: int, *, seed: int = 0) -> list[list[int]]
         )
     order = np.random.default_rng(seed).permutation(n)
     return [sorted(chunk.tolist()) for chunk in np.array_split(order, num_clients)]
+
+
+def flower_partition(name: str, labels: list, num_clients: int, *, alpha: float, seed: int, min_size: int,
+                     args: str = "") -> list[list[int]]:  # fmt: skip
+    """Client index lists drawn by a flwr-datasets partitioner (`data.partitioner`, e.g.
+    'DirichletPartitioner'), as a Flower user partitions a dataset: it partitions a `datasets.Dataset`
+    of the examples' labels. The run's settings fill the arguments it takes (num_partitions, seed,
+    partition_by='label', alpha, min_partition_size); `args`, a JSON object, adds or replaces any
+    (e.g. '{"num_classes_per_partition": 2}' for PathologicalPartitioner)."""
+    try:
+        import datasets
+        from flwr_datasets import partitioner as partitioners
+    except ImportError:
+        raise ValueError(f"data.partitioner={name}: needs flwr-datasets: pip install 'jaxblock[flower]'") from None
+    known = sorted(n for n, c in vars(partitioners).items() if isinstance(c, type)
+                   and issubclass(c, partitioners.Partitioner) and c is not partitioners.Partitioner)  # fmt: skip
+    if name not in known:
+        raise ValueError(f"data.partitioner={name}: not a flwr-datasets partitioner (one of: {', '.join(known)})")
+    cls = getattr(partitioners, name)
+    try:
+        extra = json.loads(args) if args else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"data.partitioner_args={args}: not a JSON object ({e.msg})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"data.partitioner_args={args}: must be a JSON object of {name}'s arguments")
+    settings = {"num_partitions": num_clients, "partition_by": "label", "alpha": alpha, "seed": seed,
+                "min_partition_size": max(min_size, 1)}  # fmt: skip
+    taken = inspect.signature(cls).parameters
+    try:
+        partitioner = cls(**{k: v for k, v in settings.items() if k in taken}, **extra)
+        partitioner.dataset = datasets.Dataset.from_dict({"label": [str(x) for x in labels],
+                                                          "index": list(range(len(labels)))})  # fmt: skip
+        if partitioner.num_partitions != num_clients:
+            raise ValueError(f"it makes {partitioner.num_partitions} partitions for num_clients={num_clients}")
+        parts = [sorted(partitioner.load_partition(i)["index"]) for i in range(num_clients)]
+    except (TypeError, ValueError, KeyError) as e:
+        raise ValueError(f"data.partitioner={name}: {str(e).strip().splitlines()[0]}") from None
+    empty = [i for i, p in enumerate(parts) if not p]
+    if empty:
+        raise ValueError(
+            f"data.partitioner={name}: clients {empty} got no example (a client without data cannot train)"
+        )
+    return parts
 
 
 def partition_table(labels: list, parts: list[list[int]]) -> str:
