@@ -219,3 +219,38 @@ def test_superlink_with_tls_and_node_auth_survives_a_killed_supernode_and_equals
     assert "left out 0" in out and "left out 1" not in out, out[-3000:]  # every update of every round merged
     report(f"flwr run on a SuperLink (TLS, node auth) + 2 SuperNodes, one killed after round 1 and back in "
            f"{back_s:.0f}s: final model bitwise the simulator's ({rounds} rounds); an unregistered key refused")  # fmt: skip
+
+
+def test_a_flwr_datasets_partitioner_replaces_jaxblocks_partition(report):
+    """Issue 31 item 4: data.partitioner=DirichletPartitioner partitions the bundled math data as
+    flwr-datasets itself does (its own call, here, on the same labels), and partition.txt's table says so;
+    a name that is not a partitioner, or arguments it does not take, are one-line errors."""
+    import datasets
+    from flwr_datasets.partitioner import DirichletPartitioner
+
+    from jaxblock.run import config as config_lib
+    from jaxblock.run import experiment, instruct, runtime
+
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"),
+                                    ["data.partitioner=DirichletPartitioner", "num_clients=4", "data.alpha=0.5"])  # fmt: skip
+    clients, table = experiment.client_data(config, runtime.model_config(config))
+    labels = [e["label"] for e in instruct.load_examples("mathinstruct", config.data.path, seed=config.seed)]
+    theirs = DirichletPartitioner(num_partitions=4, partition_by="label", alpha=0.5, seed=config.seed,
+                                  min_partition_size=config.data.min_client_size)  # fmt: skip
+    theirs.dataset = datasets.Dataset.from_dict({"label": labels, "index": list(range(len(labels)))})
+    sizes = [theirs.load_partition(i).num_rows for i in range(4)]
+    assert [len(c["tokens"]) for c in clients] == sizes and len(set(sizes)) > 1  # non-IID, as flwr-datasets drew it
+    assert "(flwr-datasets DirichletPartitioner)" in table.splitlines()[0]
+    assert [int(line.split()[-1]) for line in table.splitlines()[2:]] == sizes
+    for extra, says in (
+        (["data.partitioner=Nope"], "data.partitioner=Nope: not a flwr-datasets partitioner (one of: "),
+        (
+            ["data.partitioner=IidPartitioner", 'data.partitioner_args={"bogus": 1}'],
+            "unexpected keyword argument 'bogus'",
+        ),
+    ):
+        bad = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"), extra)
+        with pytest.raises(ValueError, match=None) as e:
+            experiment.client_data(bad, runtime.model_config(bad))
+        assert says in str(e.value) and "\n" not in str(e.value)
+    report(f"data.partitioner=DirichletPartitioner: client sizes {sizes}, those of flwr-datasets' own draw")
