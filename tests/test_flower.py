@@ -254,3 +254,37 @@ def test_a_flwr_datasets_partitioner_replaces_jaxblocks_partition(report):
             experiment.client_data(bad, runtime.model_config(bad))
         assert says in str(e.value) and "\n" not in str(e.value)
     report(f"data.partitioner=DirichletPartitioner: client sizes {sizes}, those of flwr-datasets' own draw")
+
+
+def test_run_config_and_node_config_mistakes_are_one_line_errors(tmp_path):
+    """What `flwr run --run-config` and `--node-config` can get wrong is said in one line, naming the key."""
+    from jaxblock.flower import settings
+
+    tiny = os.path.join(ROOT, "configs", "tiny.py")
+    run = settings.from_run_config({"config-file": tiny, "overrides": "rounds=3 --config.seed=2", "config.lr_decay": "cosine",
+                                    "workdir": str(tmp_path), "store": ""})  # fmt: skip
+    assert run.overrides == ("rounds=3", "seed=2", "lr_decay=cosine")
+    assert run.store_url == f"file://{tmp_path}/store"
+    config = settings.load(run, ("num_clients=4",))
+    assert (config.rounds, config.seed, config.lr_decay, config.num_clients) == (3, 2, "cosine", 4)
+    assert settings.from_record(run.record()) == settings.FlowerRun(tiny, run.overrides, str(tmp_path), run.store_url)
+    cases = [
+        (lambda: settings.from_run_config({"config-file": tiny, "rounds": 3}), "run-config rounds: unknown (keys: "),
+        (lambda: settings.from_run_config({"config-file": ""}), "run-config config-file is empty"),
+        (
+            lambda: settings.from_run_config({"config-file": tiny, "overrides": "rounds"}),
+            "run-config overrides rounds: ",
+        ),
+        (lambda: settings.load(settings.FlowerRun(tiny, ("roundz=3",))), "unknown config key"),
+        (lambda: settings.load(settings.FlowerRun(str(tmp_path / "no.py"))), "no such file"),
+        (lambda: settings.client_id({}, 2), "start it with --node-config 'client-id=<i>'"),
+        (lambda: settings.client_id({"client-id": 2}, 2), "node-config client-id=2: the run has clients 0..1"),
+        (lambda: settings.client_id({"partition-id": "0"}, 2), "node-config partition-id='0'"),
+    ]
+    for call, says in cases:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert settings.client_id({"partition-id": 1, "num-partitions": 2}, 2) == 1
+    assert settings.client_workdir(run, {"workdir": "/w"}) == "/w"
+    assert settings.client_workdir(run, {}) == os.path.join(str(tmp_path), "clients")

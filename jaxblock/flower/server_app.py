@@ -37,9 +37,14 @@ GRACE_S = 120.0  # after the server's last round: how long the clients' replies 
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = settings.from_run_config(context.run_config)
-    run = dataclasses.replace(run, workdir=os.path.join(run.workdir, str(grid.run.run_id)))
-    summary = serve(grid, run, settings.load(run))
+    try:
+        run = settings.from_run_config(context.run_config)
+        run = dataclasses.replace(run, workdir=os.path.join(run.workdir, str(grid.run.run_id)))
+        config = settings.load(run)
+    except ValueError as e:  # the user's run-config or config file: one line, before anything starts
+        _say(f"error: {e}")
+        raise
+    summary = serve(grid, run, config)
     _say(f"done: {summary['rounds']} rounds of {summary['algorithm']} in {summary['wall_s']:.1f}s; the final model "
          f"is the last checkpoint in {os.path.abspath(os.path.join(run.workdir, 'server'))}")  # fmt: skip
 
