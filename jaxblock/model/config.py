@@ -165,6 +165,8 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         )
     out = dict(
         model_type=cfg.model_type,
+        # What transformers' save_pretrained writes too: servers (vLLM, `transformers serve`) pick the class by it.
+        architectures=[{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[cfg.model_type]],
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
