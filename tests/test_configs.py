@@ -15,8 +15,10 @@ from jaxblock.run import runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
-# Published sizes: Llama 3.2 3B 3.21B, Llama 3 8B 8.03B, Qwen2.5 1.5B 1.54B.
+# Published sizes: Llama 3.2 3B 3.21B, Llama 3 8B 8.03B, Qwen2.5 1.5B 1.54B; each config's hub model.
 PUBLISHED = {"llama3_2_3b": 3.21e9, "llama3_8b": 8.03e9, "qwen2_5_1_5b": 1.54e9}
+HUB_MODEL = {"llama3_2_3b": "llama3_2_3b", "llama3_8b": "llama3_8b", "qwen2_5_1_5b": "qwen2_5_1_5b",
+             "llama3_2_3b_alpaca": "llama3_2_3b", "llama3_8b_alpaca": "llama3_8b"}  # fmt: skip
 
 
 def _name(path):
@@ -24,7 +26,7 @@ def _name(path):
 
 
 def test_the_expected_configs_ship():
-    assert {"tiny", *PUBLISHED} <= {_name(p) for p in CONFIGS}
+    assert {"tiny", *HUB_MODEL} <= {_name(p) for p in CONFIGS}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_name)
@@ -34,18 +36,19 @@ def test_config_loads_and_has_the_published_size(path, report):
     shapes = jax.eval_shape(lambda: model.init(cfg, jax.random.key(0)))  # no memory allocated
     n = model.count_params(shapes)
     name = _name(path)
-    if name in PUBLISHED:
-        report(f"params {name}: {n / 1e9:.4f}B vs published {PUBLISHED[name] / 1e9:.2f}B")
-        assert abs(n - PUBLISHED[name]) / PUBLISHED[name] <= 0.005
+    if name in HUB_MODEL:
+        published = PUBLISHED[HUB_MODEL[name]]
+        report(f"params {name}: {n / 1e9:.4f}B vs published {published / 1e9:.2f}B")
+        assert abs(n - published) / published <= 0.005
     else:
         assert 1e6 <= n <= 2e7, f"{name}: {n} params is not a small CPU model"
     runtime.make_layout(config, jax.devices()[:1])  # the mesh and rules of the config are valid
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED))
+@pytest.mark.parametrize("name", sorted(HUB_MODEL))
 def test_config_dims_equal_the_real_config_json(name):
     """The hub config.json (old `rope_scaling` layout) parses to exactly the shipped model section."""
-    with open(os.path.join(ROOT, "tests", "data", "hf_configs", f"{name}.json")) as f:
+    with open(os.path.join(ROOT, "tests", "data", "hf_configs", f"{HUB_MODEL[name]}.json")) as f:
         hf = json.load(f)
     config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
     ours = config_lib.model_config(config)
@@ -112,23 +115,37 @@ def test_cli_errors_are_one_line(capsys):
     assert config.model.num_layers == 3
 
 
-# The paper's settings per shipped hub config (Section 6.1, Table 1, Table 6, Table 11: MathInstruct column):
-# (hub checkpoint, blocks, rounds, ParaBlock's learning rate).
+# The paper's settings per shipped hub config (Section 6.1, Table 1, Table 6, Table 11: ParaBlock's learning
+# rate in the experiment's column): (experiment, hub checkpoint, blocks, rounds, learning rate).
 PAPER = {
-    "llama3_2_3b": ("meta-llama/Llama-3.2-3B", 14, 28, 3e-5),
-    "llama3_8b": ("meta-llama/Meta-Llama-3-8B", 16, 32, 3e-6),
-    "qwen2_5_1_5b": ("Qwen/Qwen2.5-1.5B-Instruct", 14, 28, 1e-5),  # not in Table 11
+    "llama3_2_3b": ("math", "meta-llama/Llama-3.2-3B", 14, 28, 3e-5),
+    "llama3_8b": ("math", "meta-llama/Meta-Llama-3-8B", 16, 32, 3e-6),
+    "qwen2_5_1_5b": ("math", "Qwen/Qwen2.5-1.5B-Instruct", 14, 28, 1e-5),  # not in Table 11
+    "llama3_2_3b_alpaca": ("alpaca", "meta-llama/Llama-3.2-3B", 14, 28, 1e-6),
+    "llama3_8b_alpaca": ("alpaca", "meta-llama/Meta-Llama-3-8B", 16, 32, 1e-5),
+}
+# Each experiment's data (source, path, sample, partition, Dirichlet alpha) and eval (source, path):
+# 50,000 of MathInstruct by Dirichlet(0.6) over `source`, GSM8K; all of Alpaca-GPT4 by Dirichlet(0.1)
+# over text clusters, MT-Bench.
+EXPERIMENT = {
+    "math": (("mathinstruct", "", 50_000, "dirichlet", 0.6), ("gsm8k", "")),
+    "alpaca": (("alpaca_gpt4", "", 0, "dirichlet", 0.1), ("mt_bench", "")),
 }
 
 
+def test_every_hub_config_is_checked_against_the_paper():
+    assert set(PAPER) == set(HUB_MODEL)
+
+
 @pytest.mark.parametrize("name", sorted(PAPER))
-def test_hub_configs_train_and_evaluate_on_the_papers_math_experiment(name):
+def test_hub_configs_train_and_evaluate_on_the_papers_experiments(name):
     """Data, partition, eval, clients, blocks, rounds, optimizer and seed as the paper's Section 6.1."""
     config = config_lib.load_config(os.path.join(ROOT, "configs", f"{name}.py"))
-    repo, num_blocks, rounds, lr = PAPER[name]
+    experiment, repo, num_blocks, rounds, lr = PAPER[name]
+    data, evaluation = EXPERIMENT[experiment]
     d = config.data
-    assert (d.source, d.path, d.sample, d.partition, d.alpha) == ("mathinstruct", "", 50_000, "dirichlet", 0.6)
-    assert (config.eval.source, config.eval.path, config.eval.num_examples) == ("gsm8k", "", 0)
+    assert (d.source, d.path, d.sample, d.partition, d.alpha) == data
+    assert (config.eval.source, config.eval.path, config.eval.num_examples, config.eval.every) == (*evaluation, 0, 0)
     assert config.hf_checkpoint == repo and config.seed == 42
     assert (config.algorithm, config.schedule, config.num_clients, config.rounds) == ("parablock", "random", 10, rounds)
     assert (config.batch_size, config.optimizer.name, config.optimizer.learning_rate) == (4, "adamw", lr)
@@ -136,3 +153,7 @@ def test_hub_configs_train_and_evaluate_on_the_papers_math_experiment(name):
     partition = runtime.make_partition(config, config_lib.model_config(config))
     assert partition.num_blocks == num_blocks
     assert not config.blocks.embed_block and not config.blocks.head_block  # the paper's frozen embeddings / head
+    config_lib.validate(config)
+    with open(os.path.join(ROOT, "configs", f"{name}.py")) as f:
+        title = f.read().split('"""')[1].splitlines()[0]
+    assert {"math": " on MathInstruct, ", "alpaca": " on Alpaca-GPT4, "}[experiment] in title  # names its experiment

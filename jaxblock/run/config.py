@@ -225,7 +225,7 @@ _RULES = {
     "data.min_client_size": _int(1),  # a client without data cannot train its block
     "data.examples_per_client": _int(1),
     "data.num_sources": _int(1),
-    "eval.source": _choice("gsm8k"),
+    "eval.source": _choice("gsm8k", "mt_bench"),
     "eval.num_examples": _int(0),
     "eval.batch_size": _int(1),
     "eval.prompt_len": _int(1),
@@ -287,10 +287,12 @@ def model_section(**fields) -> ml_collections.ConfigDict:
 
 
 # The paper's Section 6.1 math task: 50,000 MathInstruct examples, split over clients by
-# Dirichlet(0.6) over their `source`, scored by GSM8K exact match. (Its other task, Alpaca-GPT4
-# with Dirichlet(0.1) over text clusters, is scored by MT-Bench with a GPT-4o judge, which
-# scripts/eval.py does not have; data.source=alpaca_gpt4 trains on it.)
+# Dirichlet(0.6) over their `source`, scored by GSM8K exact match.
 PAPER_MATH = {"source": "mathinstruct", "path": "", "sample": 50_000, "partition": "dirichlet", "alpha": 0.6}
+# Its instruction-following task: all of Alpaca-GPT4 (52,002 examples: the paper samples only
+# MathInstruct), split over clients by Dirichlet(0.1) over a text-cluster label (instruct.cluster_labels),
+# scored by MT-Bench with a GPT-4o judge (scripts/eval.py --bench mt_bench, jaxblock/run/mt_bench.py).
+PAPER_ALPACA = {"source": "alpaca_gpt4", "path": "", "sample": 0, "partition": "dirichlet", "alpha": 0.1}
 
 
 def paper_math(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -298,6 +300,14 @@ def paper_math(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     config.seed = 42  # "The random seeds for all libraries is 42"
     config.data.update(PAPER_MATH)
     config.eval.update(source="gsm8k", path="")
+    return config
+
+
+def paper_alpaca(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Sets `config.data`, `config.eval` and the seed to the paper's instruction-following experiment."""
+    config.seed = 42
+    config.data.update(PAPER_ALPACA)
+    config.eval.update(source="mt_bench", path="")
     return config
 
 
@@ -378,11 +388,12 @@ def base_config() -> ml_collections.ConfigDict:
             "num_sources": 4,  # synthetic only
         }
     )
-    # Held-out evaluation (scripts/eval.py): GSM8K-style exact match and eval loss. every N > 0: the
-    # simulator also scores the server model every N rounds and after the last (and, when a flush
-    # merges more, the final model) on the first during_training_examples problems (0: num_examples),
-    # into the round's metrics.jsonl row as `eval` with the modelled wall time so far. Evaluating
-    # never changes training; a run may change these on resume.
+    # Held-out evaluation (scripts/eval.py): source 'gsm8k', GSM8K-style exact match and eval loss,
+    # or 'mt_bench', answered and graded by a judge after training (scripts/eval.py --bench mt_bench).
+    # every N > 0 (gsm8k only): the simulator also scores the server model every N rounds and after
+    # the last (and, when a flush merges more, the final model) on the first during_training_examples
+    # problems (0: num_examples), into the round's metrics.jsonl row as `eval` with the modelled wall
+    # time so far. Evaluating never changes training; a run may change these on resume.
     config.eval = ml_collections.ConfigDict(
         {"source": "gsm8k", "path": "", "num_examples": 0, "batch_size": 64, "prompt_len": 64, "max_new_tokens": 32,
          "every": 0, "during_training_examples": 0}
