@@ -188,6 +188,25 @@ def test_exported_chat_template_gives_the_ids_jaxblock_trains_and_evaluates_on(t
         assert f.read() == assets.CHAT_TEMPLATE  # the bundled file is what make_assets.py writes
 
 
+def test_conversation_ids_continue_the_prompt_turn_after_turn(tokenizer):
+    """MT-Bench's second turn: the template over both turns; one turn is exactly `prompt_ids`, with or
+    without a chat template (the Alpaca form writes each reply with EOS, as training does)."""
+    first = {"instruction": "What is 2 + 1?"}
+    turns = [{"role": "user", "content": "What is 2 + 1?"}, {"role": "assistant", "content": "It is 3."},
+             {"role": "user", "content": "And 3 + 1?"}]  # fmt: skip
+    ids = instruct.conversation_ids(tokenizer, turns)
+    assert instruct.conversation_ids(tokenizer, turns[:1]) == instruct.prompt_ids(tokenizer, first)
+    assert ids == tokenizer.apply_chat_template(turns, add_generation_prompt=True)["input_ids"]
+    assert tokenizer.decode(ids).endswith("<|user|>And 3 + 1?<|end|><|assistant|>")
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(os.path.join(ASSETS, "tiny_base"))
+    plain.chat_template = None  # a base model's tokenizer
+    alpaca = plain.decode(instruct.conversation_ids(plain, turns))
+    assert instruct.conversation_ids(plain, turns[:1]) == instruct.prompt_ids(plain, first)
+    assert alpaca.endswith("### Response:\nIt is 3.<|end|>\n\n### Instruction:\nAnd 3 + 1?\n\n### Response:\n"), alpaca
+
+
 def test_alpaca_template_for_base_models():
     class NoTemplate:
         chat_template = None

@@ -416,6 +416,9 @@ def training_evaluator(config: ml_collections.ConfigDict, cfg: ModelConfig):
     every = e.get("every", 0)
     if not every:
         return None
+    if e.source == "mt_bench":
+        raise ValueError(f"eval.every={every}: eval.source=mt_bench needs a judge and is scored after training "
+                         "(scripts/eval.py --bench mt_bench): set eval.every=0")  # fmt: skip
     try:
         tokenizer = load_tokenizer(config)
     except ValueError as err:
@@ -947,12 +950,21 @@ def evaluate_run(
     base: bool = True,
     base_dir: str | None = None,
     loss_by_token: bool = False,
+    source: str | None = None,
     log=print,
 ) -> dict:
     """Exact match and eval loss of the run's model (and of its base model) on `config.eval`; writes
     eval.json and predictions_{base,finetuned}.jsonl (every question, output, extracted and gold answer).
-    `loss_by_token`: also the reference tokens that carry most of the eval loss (`evaluate.loss_by_token`)."""
+    `loss_by_token`: also the reference tokens that carry most of the eval loss (`evaluate.loss_by_token`).
+    `source`: another held-out set than the run's `eval.source` ('gsm8k': the hub's, for a run scored
+    by MT-Bench; MT-Bench itself is `mt_bench.evaluate_run`)."""
+    config = read_config(workdir)
+    if (source or config.eval.source) != "gsm8k":
+        raise ValueError(f"eval.source={source or config.eval.source}: exact match needs gsm8k "
+                         "(MT-Bench: scripts/eval.py --bench mt_bench)")  # fmt: skip
     config, cfg, params, step = restore_model(workdir, step, base_dir=base_dir, log=log)
+    if source and source != config.eval.source:  # the hub's set: the run's eval.path holds its own source's rows
+        config.eval.update(source=source, path="")
     base_params = runtime.load_model(config)[1] if base else None
     tokenizer = load_tokenizer(config)
     e = config.eval

@@ -218,6 +218,28 @@ def prompt_ids(tokenizer, example: dict) -> list[int]:
     return tokenizer(prompt_text(tokenizer, example), add_special_tokens=True)["input_ids"]
 
 
+def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The ids of a conversation that ends with a user message, ready for the assistant's reply.
+
+    `messages` alternate {'role': 'user' | 'assistant', 'content'}. With a chat template: exactly
+    `apply_chat_template(messages, add_generation_prompt=True)`'s ids, as `prompt_ids`. Without one:
+    the Alpaca prompt of the first message, then each reply followed by EOS (as training writes a
+    response) and the next message as another `### Instruction:` / `### Response:` pair. One user
+    message gives `prompt_ids` of that instruction, in both cases.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)
+        return list(out["input_ids"])
+    text = ALPACA_PROMPT.format(instruction=messages[0]["content"])
+    for reply, user in zip(messages[1::2], messages[2::2], strict=False):
+        text += (
+            reply["content"]
+            + (tokenizer.eos_token or "")
+            + f"\n\n### Instruction:\n{user['content']}\n\n### Response:\n"
+        )
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
 def response_text(tokenizer, example: dict) -> str:
     end = getattr(tokenizer, "eos_token", None) or ""
     return example["output"] + end
