@@ -279,6 +279,10 @@ def test_client_request_format_retries_and_one_line_errors(fake):
     handler.script = [(200, "<html>not json</html>", {})]
     with pytest.raises(ChatError, match="the reply is not a chat completion"):
         client.complete([{"role": "user", "content": "hi"}])
+    with pytest.raises(ValueError, match=r"^--judge-url 127.0.0.1:8000: expected an http:// or https:// URL$"):
+        ChatClient("127.0.0.1:8000", "judge-x")
+    with pytest.raises(ValueError, match=r"need a timeout > 0, retries >= 0"):
+        ChatClient(url, "judge-x", retries=-1)
     closed = ChatClient(f"http://127.0.0.1:{_free_port()}/v1", "judge-x", retries=1, backoff_s=0.01)
     with pytest.raises(ChatError, match=r"no reply \(.*Connection refused.*\) after 2 tries") as e:
         closed.complete([{"role": "user", "content": "hi"}])

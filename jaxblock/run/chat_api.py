@@ -61,6 +61,13 @@ class ChatClient:
     backoff_s: float = 2.0
     max_backoff_s: float = 60.0
 
+    def __post_init__(self):
+        if not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"--judge-url {self.url}: expected an http:// or https:// URL")
+        if self.timeout_s <= 0 or self.retries < 0 or self.backoff_s < 0:
+            raise ValueError(f"judge timeout {self.timeout_s} s, retries {self.retries}, backoff {self.backoff_s} s: "
+                             "need a timeout > 0, retries >= 0 and backoff >= 0")  # fmt: skip
+
     @property
     def endpoint(self) -> str:
         url = self.url.rstrip("/")
