@@ -46,12 +46,24 @@ def from_run_config(run_config: dict) -> FlowerRun:
     overrides = split_overrides(str(run_config.get("overrides", "")))
     overrides += tuple(f"{k[len('config.') :]}={_toml_value(v)}" for k, v in sorted(run_config.items()) if
                        k.startswith("config."))  # fmt: skip
+    store = str(run_config.get("store", ""))
+    if store.startswith("memory://"):
+        raise ValueError("run-config store=memory:// lives in one process: the clients could not reach it")
     return FlowerRun(
         config_file=str(run_config["config-file"]),
         overrides=overrides,
         workdir=str(run_config.get("workdir") or "runs/flower"),
-        store=str(run_config.get("store", "")),
+        store=store,
     )
+
+
+def for_run(run: FlowerRun, run_id: int) -> FlowerRun:
+    """The run's own places: `<workdir>/<run id>/`, and a store URL with `/<run id>` appended (a store
+    holds one run; a TensorStore spec, JSON or @file, is used as given)."""
+    store = run.store
+    if "://" in store and not store.lstrip().startswith(("{", "@")):
+        store = f"{store.rstrip('/')}/{run_id}"
+    return dataclasses.replace(run, workdir=os.path.join(run.workdir, str(run_id)), store=store)
 
 
 def from_record(record) -> FlowerRun:
@@ -70,7 +82,8 @@ def split_overrides(text: str) -> tuple[str, ...]:
 
 
 def _toml_value(value) -> str:
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    """A TOML value as an override's text: True, 3, 0.5 or '3' keep their type (`config.apply_override`)."""
+    return repr(value)
 
 
 def load(run: FlowerRun, extra: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
