@@ -7,7 +7,7 @@ sends every SuperNode one message, "be client i of this run"; its ClientApp runs
 (`experiment.client`) for the whole run, and replies when the run is over. Blocks and aggregates
 travel through the store exactly as in `scripts/server.py` / `scripts/client.py`, so ParaBlock's
 overlap, signatures, validation, restarts and every algorithm are those of jaxblock's deployment,
-and the final model is bitwise the simulator's.
+and a round-based algorithm's final model is bitwise the simulator's.
 
 `APP_DIR` is the Flower App's directory (its pyproject.toml): `flwr run $(python -m jaxblock.flower)`.
 """
