@@ -375,7 +375,7 @@ def train(msg: Message, context: Context) -> Message:
 '''
 
 
-def peer_inputs(tmp: str, rounds: int) -> dict:
+def peer_inputs(tmp: str, rounds: int, extra: tuple[str, ...] = ()) -> dict:
     """The peer's app directory and data: each client's batches of each round, as jaxblock's `batches_fn`
     draws them (every client trains every round in Fed full FT), and the optimizer's settings."""
     import numpy as np
@@ -383,7 +383,7 @@ def peer_inputs(tmp: str, rounds: int) -> dict:
     from jaxblock.run import config as config_lib
     from jaxblock.run import experiment, runtime
 
-    config = config_lib.load_config(CONFIG, ("num_clients=2", f"rounds={rounds}"))
+    config = config_lib.load_config(CONFIG, ("num_clients=2", f"rounds={rounds}", *extra))
     config_lib.validate(config)
     run = experiment.setup(config)
     data = os.path.join(tmp, "peer_data")
@@ -420,7 +420,8 @@ def _rates(run: dict, k: int, clients: int, rounds: int) -> dict:
 
 
 def peer(args, tmp: str) -> dict:
-    inputs = peer_inputs(tmp, args.rounds)
+    extra = (f"local_steps={args.local_steps}",) if args.local_steps else ()
+    inputs = peer_inputs(tmp, args.rounds, extra)
     k, clients = inputs["K"], inputs["clients"]
     print(f"peer: K={k}, batch {inputs['batch']}x{inputs['seq_len']}, {clients} clients, {args.rounds} rounds, "
           f"AdamW {inputs['optimizer']}", flush=True)  # fmt: skip
@@ -441,7 +442,8 @@ def peer(args, tmp: str) -> dict:
                     run = flwr_run(home, connection, inputs["app"], run_config, rows, f"{work}.log", fed_config, root)
                     detail = _read_rows(rows)
                 else:
-                    overrides = ["num_clients=2", f"rounds={args.rounds}", f"algorithm={system}", "comm.timeout_s=300"]
+                    overrides = ["num_clients=2", f"rounds={args.rounds}", f"algorithm={system}", "comm.timeout_s=300",
+                                 *extra]  # fmt: skip
                     run = flwr_run(home, connection, APP, _run_config(overrides, work),
                                    f"{work}/*/server/metrics.jsonl", f"{work}.log", fed_config, root)  # fmt: skip
                     detail = _read_rows(glob.glob(f"{work}/*/clients/timeline.jsonl")[0])
@@ -492,6 +494,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=8, help="rounds per run")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs of each cell")
     parser.add_argument("--ratios", default="0.5,1,2", help="overlap: target comm/comp ratios")
+    parser.add_argument("--local-steps", type=int, default=0,
+                        help="peer: K local steps per round for every system (default: the config's)")  # fmt: skip
     parser.add_argument("--keep", default="", help="keep the runs' files here (default: a temporary directory)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
