@@ -11,10 +11,12 @@ export TOKENIZERS_PARALLELISM := false
 
 install: $(STAMP)
 
+# --no-compile: Python compiles what it imports (a first import writes its .pyc); compiling every file of
+# ray, torch and the rest at install took a minute of make test's budget.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[test,flower]'
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-compile -c constraints.txt -e '.[test,flower]'
 	touch $@
 
 demo: $(STAMP)
