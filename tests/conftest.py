@@ -31,17 +31,3 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.section("measured figures")
         for line in figures:
             terminalreporter.write_line(line)
-
-
-# The test files that take longest, slowest first (fresh-clone `make test`, --durations): collected
-# first, so that pytest-xdist (--dist loadfile hands out files in collection order as workers free up)
-# starts them early and no long file is left to run alone at the end. The rest keep their order.
-SLOW_FILES = (
-    "test_deploy.py", "test_flower_deploy.py", "test_flower.py", "test_reproduce.py", "test_dp.py",
-    "test_train.py", "test_plan.py", "test_comm.py", "test_local.py", "test_mt_bench.py",
-)  # fmt: skip
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's tests in order
