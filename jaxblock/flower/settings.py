@@ -89,15 +89,9 @@ def _toml_value(value) -> str:
 def load(run: FlowerRun, extra: tuple[str, ...] = ()) -> ml_collections.ConfigDict:
     """The jaxblock config of the run, validated as scripts/train.py validates it (a bad key or value
     is a one-line ValueError); `extra`: a party's own overrides after the run's (its keys directory)."""
-    from jaxblock.run import config as config_lib
     from jaxblock.run import runtime
 
-    path = os.path.expanduser(run.config_file)
-    config = config_lib.load_config(path, (*run.overrides, *extra))
-    config_lib.validate(config)
-    runtime.optimizer_config(config)
-    runtime.fed_config(config)
-    return config
+    return runtime.load_checked(os.path.expanduser(run.config_file), (*run.overrides, *extra))
 
 
 def client_id(node_config: dict, num_clients: int) -> int:

@@ -188,6 +188,17 @@ def add_config_help(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def load_checked(path: str, overrides=()) -> ml_collections.ConfigDict:
+    """The config file with its overrides, every section validated now (a one-line ValueError), not
+    deep inside a jit or rounds into the run: what every command and the Flower apps start from."""
+    config = load_config(path, overrides)
+    validate(config)
+    optimizer_config(config)
+    fed_config(config)
+    make_partition(config, model_config(config))
+    return config
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     """Parses `--config FILE [--config.key=value ...]` plus the parser's own flags.
 
@@ -199,12 +210,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
     if path is None:
         parser.exit(2, f"{parser.prog}: error: --config FILE is required (e.g. --config configs/tiny.py)\n")
     try:
-        config = load_config(path, overrides)
-        # Validate the sections now, not deep inside a jit or rounds into the run.
-        validate(config)
-        optimizer_config(config)
-        fed_config(config)
-        make_partition(config, model_config(config))
+        config = load_checked(path, overrides)
     except ValueError as e:  # one line, as README promises (parser.error would print the usage first)
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     return config, args
