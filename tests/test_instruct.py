@@ -162,6 +162,27 @@ def test_tokenize_masks_exactly_the_response(tokenizer):
     assert mask[0].sum() > mask[1].sum() and not mask[1, 0] and mask[1, -1]  # left-padded
 
 
+@pytest.mark.parametrize("chat", [True, False])
+def test_tokenize_in_one_batch_gives_each_example_s_own_ids(tokenizer, chat):
+    """tokenize encodes all prompts and responses at once: the same ids as prompt_ids and a response
+    encoded one example at a time, with the chat template and with the Alpaca one (a base model's)."""
+    tok = tokenizer if chat else _without_template(tokenizer)
+    examples = instruct.load_examples("mathinstruct", os.path.join(ASSETS, "data", "math_train.jsonl"))[:40]
+    arrays = instruct.tokenize(tok, examples, 256)
+    for i, e in enumerate(examples):
+        ids = instruct.prompt_ids(tok, e) + tok(instruct.response_text(tok, e), add_special_tokens=False)["input_ids"]
+        assert arrays["tokens"][i, : len(ids)].tolist() == ids[:256]
+        assert arrays["loss_mask"][i].sum() == min(len(ids), 256) - len(instruct.prompt_ids(tok, e))
+
+
+def _without_template(tokenizer):
+    import copy
+
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = None
+    return tok
+
+
 def test_exported_chat_template_gives_the_ids_jaxblock_trains_and_evaluates_on(tokenizer, tmp_path):
     """A transformers user's prompt, apply_chat_template(add_generation_prompt=True) on the tokenizer as
     export_hf saves it, is token for token what training and eval/generation use: BOS once, first.
@@ -335,3 +356,26 @@ def test_rationale_tokens_match_the_pretraining_text(tokenizer):
         for part in f"{stated} {answer}".split(", and "):  # two_step states two facts
             known = tokenizer(f"We know {part}", add_special_tokens=False)["input_ids"][skip:]
             assert any(response[i : i + len(known)] == known for i in range(len(response))), (e, part)
+
+
+def test_run_tokenizer_is_what_autotokenizer_loads(tokenizer, tmp_path):
+    """experiment.load_tokenizer skips AutoTokenizer's import for a generic local tokenizer: the same
+    class, ids, chat template and special tokens; any other class still goes through AutoTokenizer."""
+    from jaxblock.run import config as config_lib
+    from jaxblock.run import experiment
+
+    config = config_lib.load_config(os.path.join(ROOT, "configs", "tiny.py"))
+    fast = experiment.load_tokenizer(config)
+    assert type(fast) is type(tokenizer)
+    chat = [{"role": "user", "content": "What is 12 + 30?"}, {"role": "assistant", "content": "42"}]
+    for t in ("Natalia sold 48 clips.", "  spaces\tand\nlines ", "<|user|>x<|end|>"):
+        assert fast(t)["input_ids"] == tokenizer(t)["input_ids"]
+    assert fast.apply_chat_template(chat, tokenize=False) == tokenizer.apply_chat_template(chat, tokenize=False)
+    assert fast.all_special_tokens == tokenizer.all_special_tokens and fast.eos_token_id == tokenizer.eos_token_id
+    # A tokenizer of a model's own class is not taken for the generic one.
+    other = tmp_path / "other"
+    tokenizer.save_pretrained(other)
+    conf = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**conf, "tokenizer_class": "Qwen2Tokenizer"}))
+    assert experiment._tokenizer_class(str(other)) == "Qwen2Tokenizer"
+    assert experiment._tokenizer_class(str(tmp_path / "absent")) is None

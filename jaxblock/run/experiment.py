@@ -41,17 +41,39 @@ from jaxblock.run import base_model, checkpoint, evaluate, instruct, plots, runt
 from jaxblock.run import config as config_lib
 from jaxblock.run.config import dump_json
 
+# tokenizer_config.json's tokenizer_class values that name transformers' generic tokenizers-library
+# tokenizer (one class in transformers 5): AutoTokenizer would pick that very class.
+GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
 
 def load_tokenizer(config: ml_collections.ConfigDict):
-    """The run's tokenizer: `data.tokenizer`, else the one saved with `hf_checkpoint`."""
-    from transformers import AutoTokenizer
+    """The run's tokenizer: `data.tokenizer`, else the one saved with `hf_checkpoint`.
 
+    A local tokenizer of the generic class (the bundled ones, Llama 3's) is loaded as that class
+    directly: importing AutoTokenizer imports every model's config and with them PyTorch where it is
+    installed, ~6 s of each process's start for the class AutoTokenizer would pick anyway. Any other
+    tokenizer (a hub id, Qwen2's own class) goes through AutoTokenizer."""
     path = config.data.tokenizer or config.hf_checkpoint
     if not path:
         raise ValueError("data.tokenizer is empty and there is no hf_checkpoint to take a tokenizer from")
     setting = "data.tokenizer" if config.data.tokenizer else "hf_checkpoint"
     with hf_io.hub_errors(setting, path, "--config.data.tokenizer=/local/dir (a saved tokenizer)"):
+        if _tokenizer_class(path) in GENERIC_TOKENIZERS:
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        from transformers import AutoTokenizer
+
         return AutoTokenizer.from_pretrained(path)
+
+
+def _tokenizer_class(path: str) -> str | None:
+    """tokenizer_config.json's tokenizer_class for a local tokenizer directory (None otherwise)."""
+    file = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(file):
+        return None
+    with open(file) as f:
+        return json.load(f).get("tokenizer_class")
 
 
 def client_data(config: ml_collections.ConfigDict, cfg: ModelConfig) -> tuple[list[dict[str, np.ndarray]], str]:

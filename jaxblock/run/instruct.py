@@ -218,6 +218,17 @@ def prompt_ids(tokenizer, example: dict) -> list[int]:
     return tokenizer(prompt_text(tokenizer, example), add_special_tokens=True)["input_ids"]
 
 
+def _prompts_ids(tokenizer, examples: list[dict]) -> list[list[int]]:
+    """`prompt_ids` of every example, encoded as one batch (what apply_chat_template does per
+    conversation: render the template, then encode without special tokens)."""
+    chat = bool(getattr(tokenizer, "chat_template", None))  # the template writes its own special tokens
+    return _encode(tokenizer, [prompt_text(tokenizer, e) for e in examples], special=not chat)
+
+
+def _encode(tokenizer, texts: list[str], *, special: bool) -> list[list[int]]:
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=special)["input_ids"]] if texts else []
+
+
 def conversation_ids(tokenizer, messages: list[dict]) -> list[int]:
     """The ids of a conversation that ends with a user message, ready for the assistant's reply.
 
@@ -253,9 +264,8 @@ def tokenize(tokenizer, examples: list[dict], seq_len: int) -> dict[str, np.ndar
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = np.full((len(examples), seq_len), pad, np.int32)
     mask = np.zeros((len(examples), seq_len), np.float32)
-    for i, e in enumerate(examples):
-        p = prompt_ids(tokenizer, e)
-        r = tokenizer(response_text(tokenizer, e), add_special_tokens=False)["input_ids"]
+    responses = _encode(tokenizer, [response_text(tokenizer, e) for e in examples], special=False)
+    for i, (p, r) in enumerate(zip(_prompts_ids(tokenizer, examples), responses, strict=True)):
         if len(p) >= seq_len:
             raise ValueError(f"example {i}: its prompt is {len(p)} tokens, seq_len={seq_len}: raise seq_len")
         ids = (p + r)[:seq_len]
