@@ -295,14 +295,25 @@ def test_a_stopped_dp_run_resumes_with_the_same_noise_model_and_epsilon(tmp_path
          "gradient", "flora", "norm_ratio", "adaptive_record", "adaptive_distributed", "adaptive_secagg",
          "adaptive_count_noise"],
 )  # fmt: skip
-def test_a_combination_whose_guarantee_would_not_hold_is_one_line_exit_2(tmp_path, extra, line):
+def test_a_combination_whose_guarantee_would_not_hold_is_refused_before_anything_is_written(tmp_path, extra, line):
+    """experiment.setup, where every run (train.py, server, client, the Flower apps) is built, refuses
+    it with one line and writes nothing (the CLI's exit 2 path: the test below)."""
+    workdir = tmp_path / "run"
+    with pytest.raises(ValueError) as e:
+        experiment.setup(small_config(*extra), str(workdir))
+    assert line in str(e.value) and "\n" not in str(e.value)
+    assert not workdir.exists()
+
+
+def test_a_refused_combination_is_one_line_exit_2_from_train_py(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "scripts", "train.py"), "--config", os.path.join(ROOT, "configs/tiny.py")]
+    extra = ["algorithm=fedbuff", "dp.level=client", "dp.noise_multiplier=1"]
     cmd += [f"--config.{o}" for o in [*SMALL, *extra]] + ["--workdir", str(tmp_path / "run")]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 2, proc.stderr[-1500:]
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and line in lines[0] and "Traceback" not in proc.stderr, proc.stderr[-1500:]
+    assert len(lines) == 1 and "an asynchronous buffer merges" in lines[0] and "Traceback" not in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
