@@ -28,10 +28,11 @@ lint: $(STAMP)
 
 # Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so
 # its module fixtures are built once): on 2 cores most tests wait on compiles, I/O and subprocesses.
+# Files go out in collection order, the longest first (tests/conftest.py: SLOW_FILES).
 TEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 format: $(STAMP)
 	$(BIN)/ruff format .
