@@ -28,7 +28,7 @@ lint: $(STAMP)
 
 # Test files are spread over TEST_WORKERS processes (pytest-xdist; a file's tests stay together, so
 # its module fixtures are built once): on 2 cores most tests wait on compiles, I/O and subprocesses.
-# Files go out in collection order, the longest first (tests/conftest.py: SLOW_FILES).
+# Files go out in collection order (tests/conftest.py: the SuperLink file, then most tests first).
 TEST_WORKERS ?= 2
 
 test: lint

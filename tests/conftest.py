@@ -33,17 +33,16 @@ def pytest_terminal_summary(terminalreporter):
             terminalreporter.write_line(line)
 
 
-# The test files that take longest, longest first (per-file sums of --durations in `make test` runs).
-# With `--no-loadscope-reorder` (Makefile) pytest-xdist hands out files in collection order as workers
-# free up, so the long ones start early and none is left to run alone at the end. (xdist's default
-# orders files by their number of tests, which put the one-test SuperLink file last: 2.5 min alone.)
-SLOW_FILES = (
-    "test_deploy.py", "test_dp.py", "test_plan.py", "test_lora.py", "test_train.py", "test_flower_deploy.py",
-    "test_flower.py", "test_reproduce.py", "test_comm.py", "test_mt_bench.py", "test_eval.py",
-    "test_fedbuff_deploy.py",
-)  # fmt: skip
+# pytest-xdist (--dist loadfile) hands out files in collection order as workers free up. Its default
+# order, most tests first, sent the one-test SuperLink file (2.5 min, mostly waiting out Flower's
+# heartbeat window) last, to run alone; all longest-first (the heavy multi-process files side by side)
+# was slower still in a fresh-clone run (25:03 against 23:03). So: that file first, then xdist's
+# order (Makefile: --no-loadscope-reorder, so that this order is the one used).
+FIRST = ("test_flower_deploy.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FILES)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FILES)))  # stable: a file's tests in order
+    counts = {}
+    for item in items:
+        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    items.sort(key=lambda item: (item.path.name not in FIRST, -counts[item.path.name]))  # stable within a file
