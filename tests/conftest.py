@@ -1,5 +1,6 @@
 """Test setup: JAX on CPU with 8 fake devices (for the sharding tests), and no hub access."""
 
+import collections
 import os
 
 # Must happen before jax is imported anywhere.
@@ -42,7 +43,5 @@ FIRST = ("test_flower_deploy.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    counts = {}
-    for item in items:
-        counts[item.path.name] = counts.get(item.path.name, 0) + 1
+    counts = collections.Counter(item.path.name for item in items)
     items.sort(key=lambda item: (item.path.name not in FIRST, -counts[item.path.name]))  # stable within a file

@@ -164,15 +164,24 @@ def test_tokenize_masks_exactly_the_response(tokenizer):
 
 @pytest.mark.parametrize("chat", [True, False])
 def test_tokenize_in_one_batch_gives_each_example_s_own_ids(tokenizer, chat):
-    """tokenize encodes all prompts and responses at once: the same ids as prompt_ids and a response
-    encoded one example at a time, with the chat template and with the Alpaca one (a base model's)."""
+    """tokenize and encode_prompts encode all prompts (and responses) at once: each example's ids are
+    apply_chat_template's (with the chat template) or the Alpaca prompt's with special tokens (a base
+    model's), and its response encoded on its own."""
     tok = tokenizer if chat else _without_template(tokenizer)
     examples = instruct.load_examples("mathinstruct", os.path.join(ASSETS, "data", "math_train.jsonl"))[:40]
     arrays = instruct.tokenize(tok, examples, 256)
+    prompts, prompt_mask = instruct.encode_prompts(tok, examples, 96)
     for i, e in enumerate(examples):
-        ids = instruct.prompt_ids(tok, e) + tok(instruct.response_text(tok, e), add_special_tokens=False)["input_ids"]
+        if chat:
+            out = tok.apply_chat_template(instruct._messages(e), add_generation_prompt=True, return_dict=True)
+            prompt = list(out["input_ids"])
+        else:
+            prompt = tok(instruct.prompt_text(tok, e), add_special_tokens=True)["input_ids"]
+        assert instruct.prompt_ids(tok, e) == prompt
+        ids = prompt + tok(instruct.response_text(tok, e), add_special_tokens=False)["input_ids"]
         assert arrays["tokens"][i, : len(ids)].tolist() == ids[:256]
-        assert arrays["loss_mask"][i].sum() == min(len(ids), 256) - len(instruct.prompt_ids(tok, e))
+        assert arrays["loss_mask"][i].sum() == min(len(ids), 256) - len(prompt)
+        assert prompts[i][prompt_mask[i]].tolist() == prompt[-96:]
 
 
 def _without_template(tokenizer):

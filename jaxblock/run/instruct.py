@@ -212,15 +212,12 @@ def prompt_ids(tokenizer, example: dict) -> list[int]:
     users do gives the ids the model was trained and evaluated on. The Alpaca text gets the
     tokenizer's special tokens (BOS where it adds one).
     """
-    if getattr(tokenizer, "chat_template", None):
-        out = tokenizer.apply_chat_template(_messages(example), add_generation_prompt=True, return_dict=True)
-        return list(out["input_ids"])
-    return tokenizer(prompt_text(tokenizer, example), add_special_tokens=True)["input_ids"]
+    return prompts_ids(tokenizer, [example])[0]
 
 
-def _prompts_ids(tokenizer, examples: list[dict]) -> list[list[int]]:
-    """`prompt_ids` of every example, encoded as one batch (what apply_chat_template does per
-    conversation: render the template, then encode without special tokens)."""
+def prompts_ids(tokenizer, examples: list[dict]) -> list[list[int]]:
+    """`prompt_ids` of every example, encoded as one batch. With a chat template this is what
+    apply_chat_template does per conversation: render the template, then encode without special tokens."""
     chat = bool(getattr(tokenizer, "chat_template", None))  # the template writes its own special tokens
     return _encode(tokenizer, [prompt_text(tokenizer, e) for e in examples], special=not chat)
 
@@ -265,7 +262,7 @@ def tokenize(tokenizer, examples: list[dict], seq_len: int) -> dict[str, np.ndar
     tokens = np.full((len(examples), seq_len), pad, np.int32)
     mask = np.zeros((len(examples), seq_len), np.float32)
     responses = _encode(tokenizer, [response_text(tokenizer, e) for e in examples], special=False)
-    for i, (p, r) in enumerate(zip(_prompts_ids(tokenizer, examples), responses, strict=True)):
+    for i, (p, r) in enumerate(zip(prompts_ids(tokenizer, examples), responses, strict=True)):
         if len(p) >= seq_len:
             raise ValueError(f"example {i}: its prompt is {len(p)} tokens, seq_len={seq_len}: raise seq_len")
         ids = (p + r)[:seq_len]
@@ -279,8 +276,8 @@ def encode_prompts(tokenizer, examples: list[dict], length: int) -> tuple[np.nda
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     tokens = np.full((len(examples), length), pad, np.int32)
     mask = np.zeros((len(examples), length), bool)
-    for i, e in enumerate(examples):
-        ids = prompt_ids(tokenizer, e)[-length:]
+    for i, ids in enumerate(prompts_ids(tokenizer, examples)):
+        ids = ids[-length:]
         tokens[i, length - len(ids) :] = ids
         mask[i, length - len(ids) :] = True
     return tokens, mask
