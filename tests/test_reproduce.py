@@ -302,8 +302,8 @@ def test_a_finished_cell_written_before_a_config_key_existed_is_found_again(repr
 def test_the_gap_table_changes_one_factor_at_a_time(reproduce):
     """G1 (issue 32, ours): FedBCD and ParaBlock as today (T1's cells), then each factor alone: the LM
     head frozen, 1-layer blocks, the no-repeat schedule, ParaBlock's self_weight (ParaBlock only), the
-    local learning rate with rounds x 1/lr, and the best combination (h: no-repeat at 1e-3); every cell passes the config checks, `all` leaves it out,
-    and its report has no privacy columns."""
+    local learning rate with rounds x 1/lr, and the best combination (h: no-repeat at 1e-3); every cell
+    passes the config checks, `all` leaves it out, and its report has no privacy columns."""
     from jaxblock.run import config as config_lib
 
     tiny = os.path.join(ROOT, "configs", "tiny.py")
