@@ -9,15 +9,7 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-import ml_collections  # noqa: E402
 import pytest  # noqa: E402
-
-from jaxblock.run import runtime  # noqa: E402
-
-# The persistent compilation cache, as every run of scripts/train.py has it (the user cache): a test
-# that builds the same program again (a fresh closure, another test's shapes, the other xdist worker)
-# loads its executable instead of compiling it. Set before any compile: JAX checks the setting once.
-runtime.setup_jax(ml_collections.ConfigDict())
 
 
 @pytest.fixture
