@@ -15,8 +15,7 @@ DP1 and DP2 are ours, not the paper's (differential privacy: each method at each
 (secure aggregation, alone and with distributed DP); their report shows the calibrated z and the
 epsilon spent where the paper's numbers would be. G1 is ours too (issue 32: ParaBlock vs FedBCD, each
 factor of the gap alone: LM head, block size, schedule, self_weight, local learning rate; then
-combinations); `all`
-runs the paper's tables only.
+combinations); `all` runs the paper's tables only.
 
 A cell that fails does not stop the sweep: its one-line error goes to `cell_error.txt` in its
 workdir and to the report (on its row, if no seed of it finished), and the script exits 1 once the
